@@ -1,0 +1,124 @@
+# procpool: build, test and tooling. `make help` lists the targets.
+
+LUA        ?= lua5.4
+LUA_PC     ?= lua5.4
+CC         ?= cc
+PREFIX     ?= /usr/local
+LUA_VER    := 5.4
+LUA_CFLAGS := $(shell pkg-config --cflags $(LUA_PC) 2>/dev/null || echo -I/usr/include/lua5.4)
+BUSTED     ?= busted --lua=$(LUA)
+TIMEOUT    ?= 280
+
+WARN   = -Wall -Wextra -Wshadow -Wundef -Wmissing-prototypes -Wstrict-prototypes \
+         -Wwrite-strings -Wno-unused-parameter
+CSTD   = -std=c99
+OPT   ?= -O2 -g -fno-plt
+CFLAGS_ALL = $(CSTD) $(OPT) -fPIC -fvisibility=hidden $(WARN) $(LUA_CFLAGS) $(CFLAGS)
+LDLIBS_ALL = -lpthread $(LDLIBS)
+
+SRCS := $(sort $(wildcard src/*.c))
+HDRS := $(wildcard src/*.h)
+LUA_MODS := $(wildcard lua/procpool/*.lua)
+
+BUILD ?= build
+OBJS   = $(SRCS:src/%.c=$(BUILD)/obj/%.o)
+SO     = $(BUILD)/procpool/core.so
+
+.PHONY: all test check ctest asan valgrind fuzz bench format format-check lint clean deps \
+        demo install uninstall help
+
+all: $(SO)
+
+$(BUILD)/obj/%.o: src/%.c $(HDRS) Makefile
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -c $< -o $@
+
+$(SO): $(OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) -shared $(CFLAGS_ALL) -o $@ $(OBJS) $(LDFLAGS) $(LDLIBS_ALL)
+
+# --- tests ---------------------------------------------------------------
+
+CTESTS := $(patsubst spec/c/%.c,$(BUILD)/ctest/%,$(wildcard spec/c/test_*.c))
+CTEST_SRCS := $(filter-out src/procpool.c,$(SRCS))
+
+$(BUILD)/ctest/%: spec/c/%.c $(SRCS) $(HDRS) spec/c/ctest.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CSTD) $(OPT) $(WARN) -Isrc $(LUA_CFLAGS) $(CFLAGS) -o $@ $< \
+	  $(SRCS) $(LDFLAGS) $(shell pkg-config --libs $(LUA_PC) 2>/dev/null || echo -llua5.4) -lm -lpthread
+
+ctest: $(CTESTS)
+
+test: all $(CTESTS)
+	@LUA="$(LUA)" BUSTED="$(BUSTED)" BUILD="$(BUILD)" TIMEOUT="$(TIMEOUT)" \
+	  sh spec/run.sh $(CTESTS)
+
+check: test
+
+# ASan + UBSan: the module is instrumented, the interpreter is not, so the
+# sanitizer runtime is preloaded.
+ASAN_FLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+asan:
+	$(MAKE) BUILD=build-asan OPT="-O1 -g $(ASAN_FLAGS)" LDFLAGS="$(ASAN_FLAGS)" all ctest
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	PROCPOOL_SANITIZED=1 LUA="$(LUA)" BUSTED="$(BUSTED)" BUILD=build-asan TIMEOUT=600 \
+	  sh spec/run.sh $(patsubst spec/c/%.c,build-asan/ctest/%,$(wildcard spec/c/test_*.c))
+
+VALGRIND = valgrind -q --error-exitcode=99 --leak-check=no --track-fds=no \
+           --suppressions=spec/valgrind.supp
+valgrind: all $(CTESTS)
+	PROCPOOL_SANITIZED=1 LUA="$(VALGRIND) $(LUA)" BUSTED="$(VALGRIND) $(LUA) /usr/bin/busted" \
+	  BUILD="$(BUILD)" TIMEOUT=1500 CTEST_WRAP="valgrind -q --error-exitcode=99 --leak-check=full" \
+	  sh spec/run.sh $(CTESTS)
+
+# libFuzzer on the decoder; FUZZ_SECONDS bounds the run.
+FUZZ_SECONDS ?= 60
+FUZZ_CC      ?= clang
+fuzz: $(BUILD)/fuzz_decode
+	@mkdir -p $(BUILD)/fuzz-corpus
+	$(BUILD)/fuzz_decode -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -timeout=10 \
+	  -rss_limit_mb=2048 -print_final_stats=1 $(BUILD)/fuzz-corpus spec/fuzz/corpus
+
+$(BUILD)/fuzz_decode: spec/fuzz/fuzz_decode.c $(SRCS) $(HDRS)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined -DPP_FUZZ_NO_FINALIZERS -Isrc $(LUA_CFLAGS) -o $@ \
+	  spec/fuzz/fuzz_decode.c $(filter-out src/engine.c src/future.c src/proc.c src/worker.c \
+	  src/channel.c,$(SRCS)) \
+	  $(shell pkg-config --libs $(LUA_PC) 2>/dev/null || echo -llua5.4) -lm -lpthread
+
+bench: all
+	@sh bench/run.sh
+
+format:
+	clang-format -i $(SRCS) $(HDRS) spec/c/*.c spec/c/*.h spec/fuzz/*.c
+
+format-check:
+	clang-format --dry-run --Werror $(SRCS) $(HDRS) spec/c/*.c spec/c/*.h spec/fuzz/*.c
+
+lint:
+	cppcheck --quiet --force --error-exitcode=1 --enable=warning,performance,portability \
+	  --suppress=missingIncludeSystem -Isrc $(LUA_CFLAGS) src
+	@if command -v luacheck >/dev/null; then luacheck lua spec bench examples; \
+	  else echo "luacheck not installed; skipped"; fi
+
+clean:
+	rm -rf build build-asan
+
+# Debian packages needed to build, test and run the examples.
+DEB_PKGS = $(shell grep -v '^\#' .ci/packages)
+deps:
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends $(DEB_PKGS)
+
+help:
+	@echo "make            build $(SO)"
+	@echo "make test       C tests + busted specs; ends with 'N passed, M failed'"
+	@echo "make asan       the same under ASan+UBSan"
+	@echo "make valgrind   the same under valgrind"
+	@echo "make fuzz       libFuzzer on the decoder (FUZZ_SECONDS=$(FUZZ_SECONDS))"
+	@echo "make bench      benchmarks beside Python's pools"
+	@echo "make deps       apt-get the Debian packages"
+	@echo "make install    PREFIX=$(PREFIX)"

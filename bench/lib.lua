@@ -1,0 +1,63 @@
+-- Shared helpers for the benchmarks: timing, tables, running Python.
+local core = require "procpool.core"
+local B = {}
+
+B.now = core.monotonic
+
+--- Best (minimum) wall time of `fn` over `reps` runs, after a warm-up;
+-- garbage is collected before each run, outside the timing.
+function B.best(fn, reps)
+  reps = reps or 5
+  fn()
+  local best = math.huge
+  for _ = 1, reps do
+    collectgarbage()
+    collectgarbage()
+    local t = B.now()
+    fn()
+    t = B.now() - t
+    if t < best then best = t end
+  end
+  return best
+end
+
+--- Print rows as an aligned table. rows[1] is the header.
+function B.table(rows)
+  local w = {}
+  for _, r in ipairs(rows) do
+    for i, c in ipairs(r) do w[i] = math.max(w[i] or 0, #tostring(c)) end
+  end
+  for k, r in ipairs(rows) do
+    local out = {}
+    for i, c in ipairs(r) do
+      c = tostring(c)
+      out[i] = i == 1 and c .. (" "):rep(w[i] - #c) or (" "):rep(w[i] - #c) .. c
+    end
+    print("| " .. table.concat(out, " | ") .. " |")
+    if k == 1 then
+      local sep = {}
+      for i = 1, #w do sep[i] = (i == 1 and "" or "") .. ("-"):rep(w[i]) end
+      print("|-" .. table.concat(sep, "-|-") .. "-|")
+    end
+  end
+end
+
+function B.fmt(x, unit)
+  if x == nil then return "n/a" end
+  if x >= 1e6 then return string.format("%.2fM%s", x / 1e6, unit or "")
+  elseif x >= 1e3 then return string.format("%.1fk%s", x / 1e3, unit or "")
+  elseif x >= 10 then return string.format("%.0f%s", x, unit or "")
+  else return string.format("%.2f%s", x, unit or "") end
+end
+
+--- Run a command, return its stdout (nil on failure).
+function B.capture(cmd)
+  local p = io.popen(cmd)
+  local out = p:read("a")
+  local ok = p:close()
+  return ok and out or nil
+end
+
+B.bin = os.getenv("PROCPOOL_BENCH_BIN") or "build/bench"
+
+return B

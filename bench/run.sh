@@ -1,0 +1,16 @@
+#!/bin/sh
+# Runs the benchmarks (BENCHES="codec executor ..." to choose).
+set -e
+BUILD=${BUILD:-build}
+mkdir -p "$BUILD/bench"
+CC=${CC:-cc}
+for c in bench/c/*.c; do
+  $CC -O2 -o "$BUILD/bench/$(basename "$c" .c)" "$c" -lpthread
+done
+export LUA_PATH="./?.lua;lua/?.lua;lua/?/init.lua;;"
+export LUA_CPATH="$BUILD/?.so;;"
+export PROCPOOL_BENCH_BIN="$BUILD/bench"
+for b in ${BENCHES:-codec}; do
+  lua5.4 "bench/$b.lua"
+  echo
+done

@@ -1,0 +1,35 @@
+package = "procpool"
+version = "scm-1"
+source = {
+  url = "git+https://github.com/procpool/procpool.git",
+}
+description = {
+  summary = "Process pools with futures for Lua 5.4",
+  detailed = [[
+procpool runs Lua functions in worker processes: a ProcessPoolExecutor with
+futures (concurrent.futures style) and a multiprocessing-style Pool, over a
+C engine with an I/O thread per pool. Closures with upvalues travel by
+value, modules and C functions by name; a crash in a task cannot take the
+host down; waits yield inside coroutines (cqueues, luv, or any scheduler).
+]],
+  homepage = "https://github.com/procpool/procpool",
+  license = "MIT",
+}
+dependencies = {
+  "lua >= 5.4, < 5.5",
+}
+build = {
+  type = "builtin",
+  modules = {
+    ["procpool.core"] = {
+      sources = {
+        "src/buf.c",
+        "src/codec.c",
+        "src/procpool.c",
+      },
+      incdirs = { "src" },
+      libraries = { "pthread" },
+    },
+    procpool = "lua/procpool/init.lua",
+  },
+}

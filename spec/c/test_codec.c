@@ -1,0 +1,108 @@
+/* test_codec.c: the codec and byte buffers, driven from C. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
+#include "buf.h"
+#include "codec.h"
+#include "ctest.h"
+
+int luaopen_procpool_core(lua_State *L);
+
+static void test_varint(void) {
+  unsigned char b[16];
+  uint64_t vals[] = {0, 1, 127, 128, 16383, 16384, UINT32_MAX, UINT64_MAX};
+  int ok = 1;
+  for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++) {
+    uint64_t v;
+    size_t n = pp_varint_put(b, vals[i]);
+    ok &= pp_varint_get(b, n, &v) == n && v == vals[i];
+    ok &= pp_varint_get(b, n - 1, &v) == 0; /* truncated */
+  }
+  CHECK(ok, "varints round-trip and reject truncation");
+  unsigned char overlong[] = {0x80, 0x00};
+  uint64_t v;
+  CHECK(pp_varint_get(overlong, 2, &v) == 0, "overlong varint rejected");
+  unsigned char over[11];
+  memset(over, 0xff, 10);
+  over[9] = 0x02;
+  CHECK(pp_varint_get(over, 10, &v) == 0, "64-bit overflow rejected");
+}
+
+static int encode_decode(lua_State *L) {
+  pp_wbuf *b = lua_touserdata(L, lua_upvalueindex(1));
+  int n = lua_gettop(L);
+  pp_encode(L, 1, n, b, 0, "args", 0);
+  size_t used;
+  int m = pp_decode(L, b->p, b->n, &used, 0, 0);
+  lua_pushinteger(L, (lua_Integer)used);
+  return m + 1;
+}
+
+static void test_lists(lua_State *L) {
+  pp_wbuf b = PP_WBUF_INIT;
+  lua_pushlightuserdata(L, &b);
+  lua_pushcclosure(L, encode_decode, 1);
+  lua_pushinteger(L, 42);
+  lua_pushnil(L);
+  lua_pushstring(L, "hi");
+  int rc = lua_pcall(L, 3, LUA_MULTRET, 0);
+  CHECK(rc == LUA_OK, "encode+decode without header");
+  CHECK(lua_gettop(L) == 4 && lua_tointeger(L, 1) == 42 && lua_isnil(L, 2) &&
+            strcmp(lua_tostring(L, 3), "hi") == 0 && (size_t)lua_tointeger(L, 4) == b.n,
+        "values and consumed length come back");
+  lua_settop(L, 0);
+  /* two lists back to back: `used` stops at the first */
+  size_t first = b.n;
+  lua_pushinteger(L, 7);
+  pp_encode(L, 1, 1, &b, 0, "args", 0);
+  lua_settop(L, 0);
+  size_t used;
+  int m = pp_decode(L, b.p, b.n, &used, 0, 0);
+  CHECK(m == 3 && used == first, "decode stops at the end of one list");
+  lua_settop(L, 0);
+  pp_wbuf_free(&b);
+}
+
+static void test_memfd(void) {
+  pp_wbuf b;
+  pp_wbuf_init(&b, 4096);
+  int ok = 1;
+  for (int i = 0; i < 1000 && ok; i++) {
+    ok = pp_wbuf_reserve(&b, 1024) == 0;
+    memset(b.p + b.n, (char)i, 1024);
+    b.n += 1024;
+  }
+  CHECK(ok && b.fd >= 0, "a buffer past its threshold moves into a memfd");
+  CHECK(b.p[0] == 0 && b.p[1024 * 999] == (char)999, "contents survive the move and growth");
+  int fd = dup(b.fd);
+  size_t n = b.n;
+  pp_blob *bl = pp_blob_from_wbuf(&b);
+  CHECK(bl && bl->mapped && bl->n == n && b.p == NULL, "a memfd buffer becomes a mapped blob");
+  int err = 0;
+  pp_blob *m = pp_blob_map(fd, n, &err);
+  CHECK(m && memcmp(m->p, bl->p, n) == 0, "the memfd maps read-only in another owner");
+  pp_blob *bad = pp_blob_map(fd, n * 4, &err);
+  CHECK(bad == NULL && err == EPROTO, "a memfd shorter than announced is refused");
+  pp_blob_unref(m);
+  pp_blob_unref(bl);
+  close(fd);
+}
+
+int main(void) {
+  lua_State *L = luaL_newstate();
+  luaL_openlibs(L);
+  luaL_requiref(L, "procpool.core", luaopen_procpool_core, 0);
+  lua_settop(L, 0);
+  test_varint();
+  test_lists(L);
+  test_memfd();
+  lua_close(L);
+  return CTEST_DONE();
+}

@@ -1,0 +1,75 @@
+-- Shared helpers for the specs. Loaded with require "spec.helper".
+local H = {}
+
+--- Count this process's open file descriptors.
+function H.fd_count()
+  local n = 0
+  local p = io.popen("ls /proc/" .. H.pid() .. "/fd")
+  for _ in p:lines() do n = n + 1 end
+  p:close()
+  return n - 1 -- the listing's own pipe
+end
+
+local pid
+function H.pid()
+  if not pid then
+    local f = io.open("/proc/self/stat")
+    pid = tonumber(f:read("*l"):match("^(%d+)"))
+    f:close()
+  end
+  return pid
+end
+
+--- Pids of this process's children (zombies included), from /proc.
+function H.children(of)
+  of = of or H.pid()
+  local kids = {}
+  local f = io.open("/proc/" .. of .. "/task/" .. of .. "/children")
+  if f then
+    for p in f:read("*a"):gmatch("%d+") do kids[#kids + 1] = tonumber(p) end
+    f:close()
+  end
+  return kids
+end
+
+--- State letter of a process ("Z" for a zombie), or nil if gone.
+function H.proc_state(p)
+  local f = io.open("/proc/" .. p .. "/stat")
+  if not f then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s:match("%) (%a)")
+end
+
+--- Wait (polling) until fn() is true or `timeout` seconds pass.
+function H.eventually(fn, timeout)
+  local core = require "procpool.core"
+  local deadline = core.monotonic and core.monotonic() + (timeout or 5) or os.time() + (timeout or 5)
+  while true do
+    if fn() then return true end
+    local now = core.monotonic and core.monotonic() or os.time()
+    if now > deadline then return false end
+    if core.sleep then core.sleep(0.01) else os.execute("sleep 0.01") end
+  end
+end
+
+--- Run a Lua snippet in a fresh lua5.4 process; returns ok, stdout, stderr.
+function H.run_lua(code, timeout)
+  local tmp = os.tmpname()
+  local f = io.open(tmp, "w")
+  f:write(code)
+  f:close()
+  local lua = os.getenv("PROCPOOL_LUA") or "lua5.4"
+  local errf = tmp .. ".err"
+  local p = io.popen(string.format("timeout %d %s %s 2>%s", timeout or 30, lua, tmp, errf))
+  local out = p:read("*a")
+  local ok, _, code_ = p:close()
+  local ef = io.open(errf)
+  local err = ef:read("*a")
+  ef:close()
+  os.remove(tmp)
+  os.remove(errf)
+  return ok, out, err, code_
+end
+
+return H

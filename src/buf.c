@@ -1,0 +1,167 @@
+/* buf.c: growable byte buffers (heap, or a memfd once large) and blobs. */
+#define _GNU_SOURCE
+#include "buf.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define PP_WBUF_MIN 256
+#define PP_WBUF_KEEP (1u << 20) /* reset keeps at most this much heap */
+
+void pp_wbuf_init(pp_wbuf *b, size_t memfd_at) {
+  b->p = NULL;
+  b->n = b->cap = 0;
+  b->memfd_at = memfd_at;
+  b->fd = -1;
+}
+
+static size_t page_round(size_t n) {
+  size_t pg = 4096;
+  return (n + pg - 1) & ~(pg - 1);
+}
+
+/* Move into (or grow) a memfd mapping of at least `need` bytes. */
+static int grow_memfd(pp_wbuf *b, size_t need) {
+  size_t cap = page_round(need + need / 2);
+  if (b->fd < 0) {
+    int fd = memfd_create("procpool", MFD_CLOEXEC);
+    if (fd < 0) return errno;
+    if (ftruncate(fd, (off_t)cap) != 0) {
+      int e = errno;
+      close(fd);
+      return e;
+    }
+    void *m = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (m == MAP_FAILED) {
+      int e = errno;
+      close(fd);
+      return e;
+    }
+    if (b->n) memcpy(m, b->p, b->n);
+    free(b->p);
+    b->p = m;
+    b->fd = fd;
+    b->cap = cap;
+    return 0;
+  }
+  if (ftruncate(b->fd, (off_t)cap) != 0) return errno;
+  void *m = mremap(b->p, b->cap, cap, MREMAP_MAYMOVE);
+  if (m == MAP_FAILED) return errno;
+  b->p = m;
+  b->cap = cap;
+  return 0;
+}
+
+int pp_wbuf_grow(pp_wbuf *b, size_t extra) {
+  if (extra > SIZE_MAX / 2 - b->n) return ENOMEM;
+  size_t need = b->n + extra;
+  if (need <= b->cap) return 0;
+  if (b->fd >= 0 || (b->memfd_at && need > b->memfd_at)) return grow_memfd(b, need);
+  size_t cap = b->cap ? b->cap : PP_WBUF_MIN;
+  while (cap < need) cap = (cap > SIZE_MAX / 2) ? need : cap * 2;
+  char *p = realloc(b->p, cap);
+  if (!p) return ENOMEM;
+  b->p = p;
+  b->cap = cap;
+  return 0;
+}
+
+void pp_wbuf_free(pp_wbuf *b) {
+  if (b->fd >= 0) {
+    munmap(b->p, b->cap);
+    close(b->fd);
+  } else {
+    free(b->p);
+  }
+  b->p = NULL;
+  b->n = b->cap = 0;
+  b->fd = -1;
+}
+
+void pp_wbuf_reset(pp_wbuf *b) {
+  if (b->fd >= 0 || b->cap > PP_WBUF_KEEP) pp_wbuf_free(b);
+  b->n = 0;
+}
+
+pp_blob *pp_blob_from_wbuf(pp_wbuf *b) {
+  pp_blob *bl = malloc(sizeof *bl);
+  if (!bl) return NULL;
+  bl->refs = 1;
+  bl->n = b->n;
+  if (b->fd >= 0) {
+    bl->mapped = 1;
+    bl->p = b->p;
+    bl->maplen = b->cap;
+    close(b->fd);
+  } else {
+    bl->mapped = 0;
+    bl->maplen = 0;
+    bl->p = b->p; /* may be NULL when n == 0 */
+  }
+  b->p = NULL;
+  b->n = b->cap = 0;
+  b->fd = -1;
+  return bl;
+}
+
+pp_blob *pp_blob_adopt(char *p, size_t n) {
+  pp_blob *bl = malloc(sizeof *bl);
+  if (!bl) return NULL;
+  bl->refs = 1;
+  bl->mapped = 0;
+  bl->maplen = 0;
+  bl->p = p;
+  bl->n = n;
+  return bl;
+}
+
+pp_blob *pp_blob_new(const void *p, size_t n) {
+  char *c = malloc(n ? n : 1);
+  if (!c) return NULL;
+  if (n) memcpy(c, p, n);
+  pp_blob *bl = pp_blob_adopt(c, n);
+  if (!bl) free(c);
+  return bl;
+}
+
+pp_blob *pp_blob_map(int fd, size_t n, int *err) {
+  pp_blob *bl = malloc(sizeof *bl);
+  if (!bl) {
+    *err = ENOMEM;
+    return NULL;
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0 || st.st_size < 0 || (uint64_t)st.st_size < n) {
+    /* a short memfd would fault (SIGBUS) when read past its end */
+    *err = EPROTO;
+    free(bl);
+    return NULL;
+  }
+  size_t len = page_round(n ? n : 1);
+  void *m = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+  if (m == MAP_FAILED) {
+    *err = errno;
+    free(bl);
+    return NULL;
+  }
+  bl->refs = 1;
+  bl->mapped = 1;
+  bl->p = m;
+  bl->n = n;
+  bl->maplen = len;
+  return bl;
+}
+
+void pp_blob_unref(pp_blob *b) {
+  if (!b) return;
+  if (__atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
+  if (b->mapped)
+    munmap(b->p, b->maplen);
+  else
+    free(b->p);
+  free(b);
+}

@@ -1,0 +1,51 @@
+/* codec.h: the value codec: Lua values <-> bytes. */
+#ifndef PP_CODEC_H
+#define PP_CODEC_H
+
+#include <lua.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "buf.h"
+
+#define PP_CODEC_VERSION 1
+#define PP_CODEC_HEADER 4 /* "\x1bPP" + version */
+
+/* Deepest nesting of tables/functions either direction accepts. The codec
+ * works iteratively (no C recursion), so this bounds the Lua stack only. */
+#define PP_CODEC_MAX_DEPTH 100000
+
+/* Encode the `n` values at stack index `first`... and append them to `out`
+ * as a value list (count + values); with `header`, prefix the format
+ * header (a whole message). `root` names the values in error paths
+ * ("args" gives args[1], args[2]; "fn" a single value named fn).
+ * On failure raises a SerializationError naming the path to the value;
+ * `out` then holds partial output, which the caller discards: it must be
+ * Lua-owned (a box) or freed by the caller when this raises.
+ * `gather` (stack index of a table, or 0): strings of 32 KiB and more are
+ * not copied into `out`; their buffer position and the string are
+ * appended to that table instead, for the caller to splice in. */
+void pp_encode(lua_State *L, int first, int n, pp_wbuf *out, int header, const char *root,
+               int gather);
+
+/* Decode a value list from s[0..len) and push its values; returns how
+ * many. With `header`, expect the message header first. When `used` is
+ * NULL the input must be consumed exactly; otherwise *used receives the
+ * bytes read. Raises a SerializationError on any malformed input.
+ * `fncache` (stack index or 0): a table in which functions with no
+ * per-call state are cached by bytecode, so they are not load()ed again. */
+int pp_decode(lua_State *L, const char *s, size_t len, size_t *used, int header, int fncache);
+
+/* Push package.loaded[name], requiring it if needed. On failure returns 0
+ * with *err set (the message is on the stack). */
+int pp_push_module(lua_State *L, const char *name, size_t len, const char **err);
+/* Push the function named "mod:fn", "mod.fn" (split at the last dot) or
+ * "global". On failure returns 0 with *err set. */
+int pp_resolve_name(lua_State *L, const char *name, size_t len, const char **err);
+
+/* Varint helpers shared with the frame code. */
+size_t pp_varint_put(unsigned char *p, uint64_t v);
+/* Returns bytes read, 0 on truncated/overlong input. */
+size_t pp_varint_get(const unsigned char *p, size_t avail, uint64_t *v);
+
+#endif

@@ -1,0 +1,28 @@
+/* pp.h: declarations shared by the Lua-facing C files of procpool.core. */
+#ifndef PP_PP_H
+#define PP_PP_H
+
+#include <lua.h>
+#include <lauxlib.h>
+
+#if defined(__GNUC__)
+#define PP_NORETURN __attribute__((noreturn))
+#define PP_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define PP_NORETURN
+#define PP_PRINTF(a, b)
+#endif
+
+/* Error objects (procpool.c): tables {name=, message=, ...} with the
+ * shared "procpool.Error" metatable. */
+void pp_error_push(lua_State *L, const char *name, const char *msg);
+PP_NORETURN void pp_error_raise(lua_State *L, const char *name, const char *fmt, ...);
+
+/* Per-file registration, called in order by luaopen_procpool_core with the
+ * module table on top of the stack. */
+void pp_codec_open(lua_State *L);
+void pp_future_open(lua_State *L);
+void pp_engine_open(lua_State *L);
+void pp_worker_open(lua_State *L);
+
+#endif
