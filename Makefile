@@ -14,7 +14,7 @@ WARN   = -Wall -Wextra -Wshadow -Wundef -Wmissing-prototypes -Wstrict-prototypes
 CSTD   = -std=c99
 OPT   ?= -O2 -g -fno-plt
 CFLAGS_ALL = $(CSTD) $(OPT) -fPIC -fvisibility=hidden $(WARN) $(LUA_CFLAGS) $(CFLAGS)
-LDLIBS_ALL = -lpthread $(LDLIBS)
+LDLIBS_ALL = -lpthread -ldl $(LDLIBS)
 
 SRCS := $(sort $(wildcard src/*.c))
 HDRS := $(wildcard src/*.h)
@@ -45,7 +45,7 @@ CTEST_SRCS := $(filter-out src/procpool.c,$(SRCS))
 $(BUILD)/ctest/%: spec/c/%.c $(SRCS) $(HDRS) spec/c/ctest.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CSTD) $(OPT) $(WARN) -Isrc $(LUA_CFLAGS) $(CFLAGS) -o $@ $< \
-	  $(SRCS) $(LDFLAGS) $(shell pkg-config --libs $(LUA_PC) 2>/dev/null || echo -llua5.4) -lm -lpthread
+	  $(SRCS) $(LDFLAGS) $(shell pkg-config --libs $(LUA_PC) 2>/dev/null || echo -llua5.4) -lm -lpthread -ldl
 
 ctest: $(CTESTS)
 
@@ -84,8 +84,7 @@ fuzz: $(BUILD)/fuzz_decode
 $(BUILD)/fuzz_decode: spec/fuzz/fuzz_decode.c $(SRCS) $(HDRS)
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined -DPP_FUZZ_NO_FINALIZERS -Isrc $(LUA_CFLAGS) -o $@ \
-	  spec/fuzz/fuzz_decode.c $(filter-out src/engine.c src/future.c src/proc.c src/worker.c \
-	  src/channel.c,$(SRCS)) \
+	  spec/fuzz/fuzz_decode.c $(SRCS) \
 	  $(shell pkg-config --libs $(LUA_PC) 2>/dev/null || echo -llua5.4) -lm -lpthread
 
 bench: all

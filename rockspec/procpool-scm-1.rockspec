@@ -24,11 +24,17 @@ build = {
     ["procpool.core"] = {
       sources = {
         "src/buf.c",
+        "src/channel.c",
         "src/codec.c",
+        "src/engine.c",
+        "src/executor.c",
+        "src/future.c",
+        "src/proc.c",
         "src/procpool.c",
+        "src/worker.c",
       },
       incdirs = { "src" },
-      libraries = { "pthread" },
+      libraries = { "pthread", "dl" },
     },
     procpool = "lua/procpool/init.lua",
   },

@@ -87,16 +87,20 @@ void pp_wbuf_reset(pp_wbuf *b) {
   b->n = 0;
 }
 
-pp_blob *pp_blob_from_wbuf(pp_wbuf *b) {
+pp_blob *pp_blob_from_wbuf(pp_wbuf *b, int keep_fd) {
   pp_blob *bl = malloc(sizeof *bl);
   if (!bl) return NULL;
   bl->refs = 1;
   bl->n = b->n;
+  bl->fd = -1;
   if (b->fd >= 0) {
     bl->mapped = 1;
     bl->p = b->p;
     bl->maplen = b->cap;
-    close(b->fd);
+    if (keep_fd)
+      bl->fd = b->fd;
+    else
+      close(b->fd);
   } else {
     bl->mapped = 0;
     bl->maplen = 0;
@@ -113,6 +117,7 @@ pp_blob *pp_blob_adopt(char *p, size_t n) {
   if (!bl) return NULL;
   bl->refs = 1;
   bl->mapped = 0;
+  bl->fd = -1;
   bl->maplen = 0;
   bl->p = p;
   bl->n = n;
@@ -150,6 +155,7 @@ pp_blob *pp_blob_map(int fd, size_t n, int *err) {
   }
   bl->refs = 1;
   bl->mapped = 1;
+  bl->fd = -1;
   bl->p = m;
   bl->n = n;
   bl->maplen = len;
@@ -163,5 +169,6 @@ void pp_blob_unref(pp_blob *b) {
     munmap(b->p, b->maplen);
   else
     free(b->p);
+  if (b->fd >= 0) close(b->fd);
   free(b);
 }

@@ -34,21 +34,28 @@ static inline int pp_wbuf_reserve(pp_wbuf *b, size_t extra) {
  * Results and task payloads live in blobs so that several owners (a job,
  * its future, a chunk) can share them without copies. */
 typedef struct pp_blob {
-  int refs; /* guarded by the owner's lock, or single-threaded use */
+  int refs; /* atomic */
   int mapped;
+  int fd; /* the memfd behind a mapping, kept to pass it on; else -1 */
   char *p;
   size_t n;
   size_t maplen;
 } pp_blob;
 
 /* Take over the contents of `b` (heap or memfd) as a blob; `b` is left
- * empty. For a memfd buffer the mapping is kept and the fd closed.
- * Returns NULL on allocation failure (b unchanged). */
-pp_blob *pp_blob_from_wbuf(pp_wbuf *b);
+ * empty. For a memfd buffer the mapping is kept, and the fd too when
+ * `keep_fd` (else it is closed). Returns NULL on allocation failure (b
+ * unchanged). */
+pp_blob *pp_blob_from_wbuf(pp_wbuf *b, int keep_fd);
+static inline pp_blob *pp_blob_ref(pp_blob *b) {
+  __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED);
+  return b;
+}
 pp_blob *pp_blob_new(const void *p, size_t n);
 /* Adopt `p` (malloc'ed, n bytes) without copying. */
 pp_blob *pp_blob_adopt(char *p, size_t n);
-/* Map `n` bytes of memfd `fd` read-only. Does not close fd. */
+/* Map `n` bytes of memfd `fd` read-only. Does not close fd (the blob does
+ * not keep it). */
 pp_blob *pp_blob_map(int fd, size_t n, int *err);
 void pp_blob_unref(pp_blob *b);
 

@@ -23,6 +23,5 @@ PP_NORETURN void pp_error_raise(lua_State *L, const char *name, const char *fmt,
 void pp_codec_open(lua_State *L);
 void pp_future_open(lua_State *L);
 void pp_engine_open(lua_State *L);
-void pp_worker_open(lua_State *L);
 
 #endif

@@ -1,5 +1,6 @@
 /* procpool.c: luaopen_procpool_core, error objects, and the module table. */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <string.h>
@@ -129,8 +130,17 @@ int luaopen_procpool_core(lua_State *L) {
     lua_setfield(L, -2, "__serialize");
   }
   lua_pop(L, 1);
+  /* Pin this library: engines run an I/O thread inside it that may
+   * outlive the lua_State (an executor dropped with wait = false), and a
+   * pthread_atfork handler lives here; neither may be unmapped by the
+   * dlclose in lua_close. */
+  Dl_info info;
+  if (dladdr((void *)luaopen_procpool_core, &info) && info.dli_fname)
+    (void)dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
   lua_newtable(L);
   luaL_setfuncs(L, fns, 0);
   pp_codec_open(L);
+  pp_future_open(L);
+  pp_engine_open(L);
   return 1;
 }

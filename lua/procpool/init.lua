@@ -1,21 +1,427 @@
---- procpool: process pools for Lua 5.4.
+--- procpool: process pools with futures for Lua 5.4.
+--
+-- `ProcessPoolExecutor` (concurrent.futures style) and `Pool`
+-- (multiprocessing style) over a C engine: tasks run in worker processes,
+-- futures are userdata, every wait goes through one C primitive that can
+-- yield inside coroutines (see `set_waiter`).
 -- @module procpool
 local core = require "procpool.core"
 
 local M = {}
 
+--- Version of procpool.
 M.VERSION = "0.1.0"
 
---- Serialize any number of values into one string.
--- @function serialize
-M.serialize = core.serialize
+M.FIRST_COMPLETED = "FIRST_COMPLETED"
+M.FIRST_EXCEPTION = "FIRST_EXCEPTION"
+M.ALL_COMPLETED = "ALL_COMPLETED"
 
---- Deserialize a string made by `serialize`; returns the values.
--- @function deserialize
-M.deserialize = core.deserialize
+local now, await = core.monotonic, core.await
+local Future = core.Future.__index
+local Executor = core.Executor.__index
 
---- True if `e` is a procpool error object (of name `name`, if given).
--- @function is_error
+---------------------------------------------------------------------------
+-- helpers
+
+local function raise(name, msg, fields)
+  error(core.error(name, msg, fields), 0)
+end
+
+local function argerror(n, fname, msg)
+  error(string.format("bad argument #%d to '%s' (%s)", n, fname, msg), 3)
+end
+
+local function deadline_of(timeout, fname)
+  if timeout == nil then return nil end
+  if type(timeout) ~= "number" or timeout ~= timeout then
+    error(string.format("bad timeout to '%s' (number of seconds expected, got %s)", fname,
+      type(timeout)), 3)
+  end
+  return now() + (timeout > 0 and timeout or 0)
+end
+
+local function check_opts(opts, allowed, fname)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then
+    error(string.format("bad argument to '%s' (options table expected, got %s)", fname,
+      type(opts)), 3)
+  end
+  for k in pairs(opts) do
+    if not allowed[k] then
+      error(string.format("unknown option '%s' to '%s'", tostring(k), fname), 3)
+    end
+  end
+  return opts
+end
+
+local function is_int(v) return math.type(v) == "integer" end
+
+local function is_future(v)
+  return getmetatable(v) == core.Future
+end
+
+local function check_fn(fn, n, fname)
+  local t = type(fn)
+  if t ~= "function" and t ~= "string" then
+    argerror(n, fname, "function or \"module.name\" string expected, got " .. t)
+  end
+end
+
+--- Iterate an iterable: a sequence table (1..t.n or #t) or a function
+-- called until it returns nil. Returns next() -> has, value, and the
+-- length when known.
+local function items_of(iterable, n, fname)
+  local t = type(iterable)
+  if t == "table" then
+    local len = iterable.n or #iterable
+    local i = 0
+    return function()
+      if i >= len then return false end
+      i = i + 1
+      return true, iterable[i]
+    end, len
+  elseif t == "function" then
+    local done = false
+    return function()
+      if done then return false end
+      local v = iterable()
+      if v == nil then
+        done = true
+        return false
+      end
+      return true, v
+    end
+  end
+  argerror(n, fname, "table or iterator function expected, got " .. t)
+end
+
 M.is_error = core.is_error
+M.serialize = core.serialize
+M.deserialize = core.deserialize
+M.cpu_count = core.cpu_count
+M.current_worker = core.current_worker
+
+--- Install the waiter used by blocking calls inside coroutines.
+-- `fn(fd, timeout)` is called from the waiting coroutine; it should return
+-- once `fd` is readable or `timeout` seconds (nil: no limit) have passed,
+-- typically by yielding to a scheduler. `nil` removes it.
+function M.set_waiter(fn)
+  if fn ~= nil and type(fn) ~= "function" then
+    argerror(1, "set_waiter", "function or nil expected, got " .. type(fn))
+  end
+  core.set_waiter(fn)
+end
+
+---------------------------------------------------------------------------
+-- Future
+
+local function finish(ok, ...)
+  if ok then return ... end
+  error((...), 0)
+end
+
+--- All the values the task returned; raises its error unchanged,
+-- `TimeoutError` when not done in time, `CancelledError` if cancelled.
+function Future:result(timeout)
+  local d = deadline_of(timeout, "result")
+  if not await(self, d) then
+    raise("TimeoutError", string.format("the future did not finish within %g seconds", timeout))
+  end
+  return finish(self:_outcome())
+end
+
+--- The task's error value, or nil if it succeeded.
+function Future:exception(timeout)
+  local d = deadline_of(timeout, "exception")
+  if not await(self, d) then
+    raise("TimeoutError", string.format("the future did not finish within %g seconds", timeout))
+  end
+  local ok, err = self:_outcome()
+  if ok then return nil end
+  if self:cancelled() then error(err, 0) end
+  return err
+end
+
+---------------------------------------------------------------------------
+-- waiting on many futures
+
+local function unique_futures(fs, fname)
+  if type(fs) ~= "table" then argerror(1, fname, "table of futures expected, got " .. type(fs)) end
+  local list, seen = {}, {}
+  for i = 1, fs.n or #fs do
+    local f = fs[i]
+    if not is_future(f) then
+      argerror(1, fname, "item " .. i .. " is not a future (" .. type(f) .. ")")
+    end
+    if not seen[f] then
+      seen[f] = true
+      list[#list + 1] = f
+    end
+  end
+  return list
+end
+
+local WAIT_MODES = {
+  [M.ALL_COMPLETED] = "all", [M.FIRST_COMPLETED] = "any", [M.FIRST_EXCEPTION] = "exc",
+}
+
+--- Wait for futures; returns `done, not_done` (arrays, input order, each
+-- future once). Never raises TimeoutError: on timeout it returns the split.
+function M.wait(fs, opts)
+  opts = check_opts(opts, { timeout = true, return_when = true }, "wait")
+  local list = unique_futures(fs, "wait")
+  local mode = WAIT_MODES[opts.return_when or M.ALL_COMPLETED]
+  if not mode then
+    error("Invalid return condition: " .. tostring(opts.return_when), 2)
+  end
+  local d = deadline_of(opts.timeout, "wait")
+  if #list > 0 then await(list, d, mode) end
+  local done, not_done = {}, {}
+  for _, f in ipairs(list) do
+    if f:done() then done[#done + 1] = f else not_done[#not_done + 1] = f end
+  end
+  return done, not_done
+end
+
+--- Iterate futures as they complete (already-done ones first). The
+-- timeout counts from this call; when it passes with futures left, the
+-- iterator raises TimeoutError.
+function M.as_completed(fs, timeout)
+  local pending = unique_futures(fs, "as_completed")
+  local total = #pending
+  local d = deadline_of(timeout, "as_completed")
+  local ready, finished = {}, false
+  local function collect()
+    local keep = {}
+    for _, f in ipairs(pending) do
+      if f:done() then ready[#ready + 1] = f else keep[#keep + 1] = f end
+    end
+    pending = keep
+  end
+  collect()
+  return function()
+    if finished then return nil end
+    while true do
+      if #ready > 0 then return table.remove(ready, 1) end
+      if #pending == 0 then
+        finished = true
+        return nil
+      end
+      if not await(pending, d, "any") then
+        finished = true
+        local left = #pending
+        pending = {}
+        raise("TimeoutError", string.format("%d (of %d) futures unfinished", left, total))
+      end
+      collect()
+    end
+  end
+end
+
+---------------------------------------------------------------------------
+-- ProcessPoolExecutor
+
+local EXEC_OPTS = {
+  max_workers = true, context = true, initializer = true, initargs = true,
+  max_tasks_per_child = true, task_timeout = true, on_worker_lost = true,
+}
+
+--- Create an executor.
+-- @tparam[opt] table opts `max_workers`, `context` ("fork"), `initializer`,
+--   `initargs`, `max_tasks_per_child`, `task_timeout`, `on_worker_lost`
+--   ("replace" or "break").
+function M.ProcessPoolExecutor(opts)
+  opts = check_opts(opts, EXEC_OPTS, "ProcessPoolExecutor")
+  local mw = opts.max_workers
+  if mw == nil then mw = core.cpu_count() end
+  if not is_int(mw) or mw < 1 then error("max_workers must be greater than 0", 2) end
+  local ctx = opts.context or "fork"
+  if ctx ~= "fork" then
+    error("unknown context '" .. tostring(ctx) .. "' (supported: \"fork\")", 2)
+  end
+  local init = opts.initializer
+  if init ~= nil and type(init) ~= "function" and type(init) ~= "string" then
+    error("initializer must be a callable (a function or a \"module.name\" string)", 2)
+  end
+  if opts.initargs ~= nil and type(opts.initargs) ~= "table" then
+    error("initargs must be a table", 2)
+  end
+  local mt = opts.max_tasks_per_child
+  if mt ~= nil and (not is_int(mt) or mt < 1) then
+    error("max_tasks_per_child must be an integer >= 1", 2)
+  end
+  local tt = opts.task_timeout
+  if tt ~= nil and (type(tt) ~= "number" or not (tt > 0)) then
+    error("task_timeout must be a number of seconds > 0", 2)
+  end
+  local owl = opts.on_worker_lost
+  if owl ~= nil and owl ~= "replace" and owl ~= "break" then
+    error("on_worker_lost must be \"replace\" or \"break\"", 2)
+  end
+  return core.executor_new({
+    max_workers = mw, initializer = init, initargs = opts.initargs,
+    max_tasks_per_child = mt, task_timeout = tt, on_worker_lost = owl,
+  })
+end
+
+M.Executor = M.ProcessPoolExecutor
+
+--- Run `fn(...)` in a worker; returns a Future.
+function Executor:submit(fn, ...)
+  check_fn(fn, 1, "submit")
+  return self:_submit(nil, fn, ...)
+end
+
+--- As submit, with per-task options: `timeout` (a deadline in seconds;
+-- past it the worker is stopped and the future fails with
+-- DeadlineExceeded).
+function Executor:submit_with(opts, fn, ...)
+  opts = check_opts(opts, { timeout = true }, "submit_with")
+  local t = opts.timeout
+  if t ~= nil and (type(t) ~= "number" or not (t > 0)) then
+    error("bad timeout to 'submit_with' (number of seconds > 0 expected)", 2)
+  end
+  check_fn(fn, 2, "submit_with")
+  return self:_submit(t, fn, ...)
+end
+
+local function map_impl(ex, fn, iterable, opts, star, fname)
+  check_fn(fn, 1, fname)
+  local nexti, len = items_of(iterable, 2, fname)
+  opts = check_opts(opts, { timeout = true, chunksize = true, buffersize = true }, fname)
+  local d = deadline_of(opts.timeout, fname)
+  local cs_fixed, bs_fixed = opts.chunksize, opts.buffersize
+  if cs_fixed ~= nil and (not is_int(cs_fixed) or cs_fixed < 1) then
+    error("chunksize must be >= 1.", 3)
+  end
+  if bs_fixed ~= nil and (not is_int(bs_fixed) or bs_fixed < 1) then
+    error("buffersize must be an integer >= 1", 3)
+  end
+  if ex:_state() ~= "running" then
+    local _, broken = ex:_state()
+    if broken then raise("BrokenProcessPool", broken) end
+    raise("InvalidStateError", "cannot schedule new futures after shutdown")
+  end
+  local nw = ex:_nworkers()
+  local chunks, head, tail = {}, 1, 0
+  local ahead, exhausted, closed, yielded = 0, false, false, 0
+
+  local function chunksize()
+    if cs_fixed then return cs_fixed end
+    local ns = ex:_item_ns()
+    local cs = ns == 0 and 1 or math.max(1, math.min(4096, 2000000 // ns))
+    if len then cs = math.max(1, math.min(cs, -(-len // (4 * nw)))) end
+    return cs
+  end
+
+  local function fill()
+    while not exhausted do
+      local cs = chunksize()
+      if ahead >= (bs_fixed or 4 * nw * cs) then return end
+      local items, k = {}, 0
+      while k < cs do
+        local has, v = nexti()
+        if not has then
+          exhausted = true
+          break
+        end
+        k = k + 1
+        items[k] = v
+      end
+      if k == 0 then return end
+      local fut = ex:_submit_chunk(fn, items, 1, k, star)
+      tail = tail + 1
+      chunks[tail] = { fut = fut, n = k, pos = 0 }
+      ahead = ahead + k
+    end
+  end
+
+  local function cancel_rest()
+    closed = true
+    for i = head, tail do
+      chunks[i].fut:cancel()
+      chunks[i] = nil
+    end
+    head, tail = 1, 0
+  end
+
+  local function iter()
+    if closed then return nil end
+    fill()
+    local c = chunks[head]
+    if not c then
+      closed = true
+      return nil
+    end
+    if not await(c.fut, d) then
+      cancel_rest()
+      raise("TimeoutError", string.format("%s did not finish within %g seconds", fname,
+        opts.timeout))
+    end
+    c.pos = c.pos + 1
+    local ok, v = c.fut:_item(c.pos)
+    if c.pos == c.n then
+      chunks[head] = nil
+      head = head + 1
+    end
+    ahead = ahead - 1
+    yielded = yielded + 1
+    if not ok then
+      cancel_rest()
+      error(v, 0)
+    end
+    return yielded, v
+  end
+
+  local closer = setmetatable({}, { __close = function() cancel_rest() end })
+  return iter, nil, nil, closer
+end
+
+--- Lazy parallel map: `for i, v in ex:map(fn, items) do`. Yields `i, v`
+-- in input order; raises the first task error when iteration reaches it.
+-- @tparam[opt] table opts `timeout` (whole map), `chunksize`, `buffersize`.
+function Executor:map(fn, iterable, opts)
+  return map_impl(self, fn, iterable, opts, false, "map")
+end
+
+--- As `map`, each item a table of arguments.
+function Executor:starmap(fn, iterable, opts)
+  return map_impl(self, fn, iterable, opts, true, "starmap")
+end
+
+--- Shut down: `wait` (default true) blocks until all work is done and the
+-- workers have exited; `cancel_futures` cancels tasks not yet started.
+function Executor:shutdown(opts)
+  opts = check_opts(opts, { wait = true, cancel_futures = true }, "shutdown")
+  self:_shutdown(opts.cancel_futures == true)
+  if opts.wait ~= false then
+    await(self, nil)
+    self:_join()
+  end
+  core.drain()
+end
+
+function Executor:close()
+  self:shutdown()
+end
+
+local function stop(self, sig)
+  self:_kill(sig)
+  await(self, nil)
+  self:_join()
+  core.drain()
+end
+
+--- Send SIGTERM to every worker; unfinished futures fail with
+-- BrokenProcessPool; the executor is shut down.
+function Executor:terminate_workers() stop(self, 15) end
+
+--- As terminate_workers, with SIGKILL.
+function Executor:kill_workers() stop(self, 9) end
+
+core.Executor.__close = function(self) self:shutdown() end
+core.Executor.__tostring = function(self)
+  return string.format("procpool.Executor: %s (%d workers)", (self:_state()), self:_nworkers())
+end
 
 return M

@@ -83,7 +83,7 @@ static void test_memfd(void) {
   CHECK(b.p[0] == 0 && b.p[1024 * 999] == (char)999, "contents survive the move and growth");
   int fd = dup(b.fd);
   size_t n = b.n;
-  pp_blob *bl = pp_blob_from_wbuf(&b);
+  pp_blob *bl = pp_blob_from_wbuf(&b, 0);
   CHECK(bl && bl->mapped && bl->n == n && b.p == NULL, "a memfd buffer becomes a mapped blob");
   int err = 0;
   pp_blob *m = pp_blob_map(fd, n, &err);

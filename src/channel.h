@@ -1,0 +1,124 @@
+/* channel.h: framed messages over a socket, with memfd payloads passed as fds. */
+#ifndef PP_CHANNEL_H
+#define PP_CHANNEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "buf.h"
+
+/*
+ * A frame is an 8-byte header (u32 body length, u8 type, u8 flags, u16 0)
+ * and a body, little-endian. With PP_FF_FD the frame also owns the next fd
+ * passed on the socket (SCM_RIGHTS): a memfd holding its large payload.
+ *
+ * TASK (parent -> worker):
+ *   u64 seq0, u32 count, u32 flags, then
+ *   inline: u32 fnlen, fn, items (u32 len, bytes) * count
+ *   FD:     u64 fnoff, u32 fnlen, u64 itemsoff, u64 itemslen (ranges of the memfd)
+ * RESULT (worker -> parent):
+ *   u64 seq0, u32 count, u32 0, u64 elapsed_ns, then
+ *   inline: (u8 status, u32 len, bytes) * count
+ *   FD:     u8 status, u64 len (count is 1; the bytes are the memfd)
+ * INITFAIL (worker -> parent): the initializer's (error, traceback) list.
+ */
+#define PP_FRAME_HDR 8
+#define PP_PROTO_VERSION 1
+
+enum { PP_FR_TASK = 1, PP_FR_RESULT = 2, PP_FR_INITFAIL = 3 };
+enum { PP_FF_FD = 0x01 };
+enum { PP_TASK_TIMED = 0x01 }; /* worker records each item's start time */
+enum { PP_RES_OK = 1, PP_RES_ERROR = 2 };
+
+/* Zygote control messages (a SOCK_SEQPACKET pair). SPAWNED carries the
+ * worker's channel, its pidfd (or none) and its progress page (a memfd). */
+enum { PP_Z_SPAWN = 1, PP_Z_SPAWNED, PP_Z_SPAWNFAIL, PP_Z_EXITED };
+typedef struct pp_zmsg {
+  uint32_t type, slot, gen;
+  int32_t pid, status, err, nfds;
+} pp_zmsg;
+
+/* Payloads at least this large travel in a memfd, not through the socket. */
+#define PP_MEMFD_MIN (256u << 10)
+
+/* Shared page per worker: what it is running, so a death or a deadline is
+ * charged to the right item. Written by the worker, read by the parent. */
+typedef struct pp_page {
+  uint64_t started;    /* seq of the item last started (0: none yet) */
+  uint64_t started_ns; /* CLOCK_MONOTONIC of that start, when timed */
+} pp_page;
+
+static inline void pp_put32(unsigned char *p, uint32_t v) {
+  p[0] = (unsigned char)v;
+  p[1] = (unsigned char)(v >> 8);
+  p[2] = (unsigned char)(v >> 16);
+  p[3] = (unsigned char)(v >> 24);
+}
+static inline void pp_put64(unsigned char *p, uint64_t v) {
+  pp_put32(p, (uint32_t)v);
+  pp_put32(p + 4, (uint32_t)(v >> 32));
+}
+static inline uint32_t pp_get32(const unsigned char *p) {
+  return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static inline uint64_t pp_get64(const unsigned char *p) {
+  return (uint64_t)pp_get32(p) | (uint64_t)pp_get32(p + 4) << 32;
+}
+
+/* Append a frame header; the body follows. Returns the header offset so
+ * the length can be patched with pp_frame_end. */
+size_t pp_frame_begin(pp_wbuf *b, int type, int flags);
+void pp_frame_end(pp_wbuf *b, size_t hdr);
+
+/* Outgoing bytes, with the fds to pass at given offsets. */
+typedef struct pp_fdmark {
+  size_t at; /* byte offset in the buffer where the fd's frame starts */
+  int fd;    /* owned: closed once sent */
+} pp_fdmark;
+
+typedef struct pp_out {
+  pp_wbuf buf;
+  size_t sent;
+  pp_fdmark *fds;
+  int nfds, capfds;
+} pp_out;
+
+void pp_out_init(pp_out *o);
+void pp_out_free(pp_out *o);
+/* The frame starting at `at` passes `fd` (taken over). 0 or an errno. */
+int pp_out_addfd(pp_out *o, size_t at, int fd);
+static inline size_t pp_out_pending(const pp_out *o) { return o->buf.n - o->sent; }
+/* Write what the socket takes. 0 when all is written or it would block
+ * (check pp_out_pending), else an errno (EPIPE etc.). */
+int pp_out_flush(pp_out *o, int sock);
+
+/* Incoming bytes and fds, parsed into frames. */
+typedef struct pp_in {
+  char *p;
+  size_t n, cap, off; /* data at p[off..n) */
+  int *fds;           /* received fds, in order */
+  int nfds, capfds;
+  int eof;
+} pp_in;
+
+void pp_in_init(pp_in *in);
+void pp_in_free(pp_in *in);
+/* Read what is available (nonblocking unless `block`). Returns bytes read,
+ * 0 at EOF (in->eof set), -1 with errno (EAGAIN when nothing is there). */
+long pp_in_read(pp_in *in, int sock, int block);
+
+typedef struct pp_frame {
+  int type, flags;
+  const unsigned char *body; /* inline body */
+  size_t len;
+  int fd; /* for PP_FF_FD frames: the fd (now owned by the caller) */
+} pp_frame;
+
+/* The next complete frame, or 0 if none is buffered yet. -1 on a protocol
+ * error (bad header, missing fd). The body stays valid until the next
+ * pp_in_read or pp_in_next call. */
+int pp_in_next(pp_in *in, pp_frame *f);
+/* Bytes of the frame being received that are still missing (0 if none). */
+size_t pp_in_missing(const pp_in *in);
+
+#endif

@@ -1,0 +1,1286 @@
+/* engine.c: the pool engine: jobs, queue, dispatch, the I/O thread (no Lua). */
+#define _GNU_SOURCE
+#include "engine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------ */
+/* process identity                                                     */
+
+/* A forked child holds a copy of every engine of its parent, with their
+ * mutexes possibly locked by threads that do not exist there. Engines
+ * record the generation they were made in; this counter moves on in each
+ * child, so copies are recognised and never touched. It is process-wide
+ * by nature (it says which process this is), not per Lua state. */
+static unsigned fork_gen;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static void on_fork_child(void) { __atomic_add_fetch(&fork_gen, 1, __ATOMIC_RELAXED); }
+static void fork_install(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+
+unsigned pp_fork_generation(void) {
+  pthread_once(&fork_once, fork_install);
+  return __atomic_load_n(&fork_gen, __ATOMIC_RELAXED);
+}
+
+uint64_t pp_now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+const char *pp_strerror(int code) {
+  switch (code) {
+  case PP_ESHUTDOWN:
+    return "cannot schedule new futures after shutdown";
+  case PP_EBROKEN:
+    return "the process pool is broken";
+  case PP_EFOREIGN:
+    return "this pool belongs to another process";
+  default:
+    return strerror(code);
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* structures                                                           */
+
+typedef struct pp_disp { /* items handed to a worker, in order */
+  pp_job *job;
+  uint32_t first, count, acked;
+  uint64_t seq0;
+  struct pp_disp *next;
+} pp_disp;
+
+enum { W_EMPTY = 0, W_SPAWNING, W_READY, W_RETIRING };
+
+typedef struct pp_worker {
+  int state;
+  uint32_t gen;
+  pid_t pid;
+  int fd, pidfd;
+  pp_page *page;
+  pp_out out;
+  pp_in in;
+  pp_disp *dhead, *dtail;
+  uint64_t next_seq;
+  uint32_t inflight;
+  uint64_t assigned;
+  uint32_t epev;     /* events registered for fd (0: not registered) */
+  int retire;        /* shut its input once the output is flushed */
+  int shut;          /* input shut (SHUT_WR done) */
+  int doomed;        /* being killed: no more work */
+  uint64_t kill_seq; /* deadline kill: the item */
+  uint64_t kill_at;  /* escalate to SIGKILL at (ns), 0: none */
+  int expected_exit; /* retired/closing: not a loss */
+} pp_worker;
+
+struct pp_engine {
+  pthread_mutex_t mu;
+  int refs;
+  unsigned forkgen;
+  pp_engine_cfg cfg;
+  int state;
+  int broken;
+  char *broken_msg;
+  int killing;         /* terminate/kill requested: the signal */
+  const char *end_msg; /* why unfinished jobs failed, when not broken */
+  pid_t zpid;
+  int zfd, zdead;
+  int epfd, wakefd, notifyfd;
+  int notified;
+  uint64_t ended_unacked;
+  pthread_t th;
+  int th_running, th_detached, th_joined;
+  pp_worker *w;
+  pp_job *qhead, *qtail;
+  pp_job *chead, *ctail;
+  uint64_t next_id;
+  pp_stats st;
+  uint64_t ewma_ns;
+  int startup_deaths; /* workers that died since the last completed item */
+};
+
+enum { EV_WAKE = 1, EV_ZYGOTE, EV_WORKER };
+#define EVKEY(kind, slot) (((uint64_t)(kind) << 32) | (uint32_t)(slot))
+
+static void job_end(pp_engine *e, pp_job *j);
+static void engine_break(pp_engine *e, const char *msg);
+
+/* ------------------------------------------------------------------ */
+/* jobs                                                                 */
+
+pp_job *pp_job_new(uint32_t n) {
+  pp_job *j = calloc(1, sizeof *j);
+  if (!j) return NULL;
+  j->items = calloc(n ? n : 1, sizeof *j->items);
+  j->ranges = malloc(sizeof *j->ranges);
+  if (!j->items || !j->ranges) {
+    free(j->items);
+    free(j->ranges);
+    free(j);
+    return NULL;
+  }
+  j->refs = 1;
+  j->n = n;
+  j->ranges[0][0] = 0;
+  j->ranges[0][1] = n;
+  j->nranges = 1;
+  j->capranges = 1;
+  j->state = PP_JOB_PENDING;
+  return j;
+}
+
+static void wnodes_fire(pp_job *j) {
+  pp_wnode *n = j->waiters;
+  j->waiters = NULL;
+  while (n) {
+    pp_wnode *next = n->next;
+    uint64_t one = 1;
+    ssize_t r = write(n->w->fd, &one, sizeof one);
+    (void)r;
+    pp_waiter_unref(n->w);
+    free(n);
+    n = next;
+  }
+}
+
+void pp_job_unref(pp_job *j) {
+  if (!j || __atomic_sub_fetch(&j->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
+  for (uint32_t i = 0; i < j->n; i++) pp_blob_unref(j->items[i].blob);
+  pp_blob_unref(j->payload);
+  wnodes_fire(j);
+  free(j->itemoff);
+  free(j->ranges);
+  free(j->items);
+  free(j);
+}
+
+static void q_remove(pp_engine *e, pp_job *j) {
+  if (!j->in_queue) return;
+  if (j->qprev)
+    j->qprev->qnext = j->qnext;
+  else
+    e->qhead = j->qnext;
+  if (j->qnext)
+    j->qnext->qprev = j->qprev;
+  else
+    e->qtail = j->qprev;
+  j->qnext = j->qprev = NULL;
+  j->in_queue = 0;
+}
+
+static void q_push(pp_engine *e, pp_job *j, int front) {
+  if (j->in_queue) return;
+  j->in_queue = 1;
+  if (front) {
+    j->qprev = NULL;
+    j->qnext = e->qhead;
+    if (e->qhead)
+      e->qhead->qprev = j;
+    else
+      e->qtail = j;
+    e->qhead = j;
+  } else {
+    j->qnext = NULL;
+    j->qprev = e->qtail;
+    if (e->qtail)
+      e->qtail->qnext = j;
+    else
+      e->qhead = j;
+    e->qtail = j;
+  }
+}
+
+/* Put items [lo, hi) of a job back in front of its pending ranges. */
+static int job_requeue(pp_engine *e, pp_job *j, uint32_t lo, uint32_t hi) {
+  if (lo >= hi) return 0;
+  if (j->nranges == j->capranges) {
+    int cap = j->capranges * 2;
+    void *r = realloc(j->ranges, (size_t)cap * sizeof *j->ranges);
+    if (!r) return ENOMEM;
+    j->ranges = r;
+    j->capranges = cap;
+  }
+  memmove(j->ranges + 1, j->ranges, (size_t)j->nranges * sizeof *j->ranges);
+  j->ranges[0][0] = lo;
+  j->ranges[0][1] = hi;
+  j->nranges++;
+  e->st.pending += hi - lo;
+  e->st.running -= hi - lo;
+  q_push(e, j, 1);
+  return 0;
+}
+
+static void notify(pp_engine *e) {
+  if (e->notified) return;
+  e->notified = 1;
+  uint64_t one = 1;
+  ssize_t r = write(e->notifyfd, &one, sizeof one);
+  (void)r;
+}
+
+/* Set an item's final outcome (it has none yet). */
+static void item_set(pp_engine *e, pp_job *j, uint32_t i, int status) {
+  pp_item *it = &j->items[i];
+  if (it->status != PP_IT_PENDING) return;
+  it->status = (uint8_t)status;
+  j->ndone++;
+  switch (status) {
+  case PP_IT_OK:
+    e->st.completed++;
+    break;
+  case PP_IT_CANCELLED:
+    e->st.cancelled++;
+    break;
+  default:
+    e->st.failed++;
+    j->nfailed++;
+    break;
+  }
+  if (j->ndone == j->n) job_end(e, j);
+}
+
+/* A job's last item has its outcome: wake whoever waits, drop the
+ * engine's reference (or hand it to the callback list). */
+static void job_end(pp_engine *e, pp_job *j) {
+  q_remove(e, j);
+  if (j->state != PP_JOB_CANCELLED) j->state = PP_JOB_DONE;
+  wnodes_fire(j);
+  e->ended_unacked++;
+  notify(e);
+  if (j->has_cb) {
+    j->cnext = NULL;
+    if (e->ctail)
+      e->ctail->cnext = j;
+    else
+      e->chead = j;
+    e->ctail = j;
+  } else {
+    pp_job_unref(j);
+  }
+}
+
+/* Fail every pending item of a job with `status`. */
+static void job_fail_pending(pp_engine *e, pp_job *j, int status) {
+  q_remove(e, j);
+  int nr = j->nranges;
+  uint32_t ranges[64][2];
+  /* copy out: item_set may end (and free) the job */
+  uint32_t(*rs)[2] = nr <= 64 ? ranges : malloc((size_t)nr * sizeof *rs);
+  if (!rs) return;
+  memcpy(rs, j->ranges, (size_t)nr * sizeof *rs);
+  for (int k = 0; k < nr; k++) e->st.pending -= rs[k][1] - rs[k][0];
+  j->nranges = 0;
+  __atomic_add_fetch(&j->refs, 1, __ATOMIC_RELAXED);
+  for (int k = 0; k < nr; k++)
+    for (uint32_t i = rs[k][0]; i < rs[k][1]; i++) item_set(e, j, i, status);
+  pp_job_unref(j);
+  if (rs != ranges) free(rs);
+}
+
+/* ------------------------------------------------------------------ */
+/* workers                                                              */
+
+static void w_epoll(pp_engine *e, int slot) {
+  pp_worker *w = &e->w[slot];
+  if (w->fd < 0) return;
+  uint32_t ev = EPOLLIN | EPOLLRDHUP;
+  if (w->in.eof) ev = 0;
+  if (pp_out_pending(&w->out)) ev |= EPOLLOUT;
+  if (ev == w->epev) return;
+  struct epoll_event ee;
+  memset(&ee, 0, sizeof ee);
+  ee.events = ev;
+  ee.data.u64 = EVKEY(EV_WORKER, slot);
+  if (w->epev == 0 && ev != 0)
+    epoll_ctl(e->epfd, EPOLL_CTL_ADD, w->fd, &ee);
+  else if (ev == 0)
+    epoll_ctl(e->epfd, EPOLL_CTL_DEL, w->fd, &ee);
+  else
+    epoll_ctl(e->epfd, EPOLL_CTL_MOD, w->fd, &ee);
+  w->epev = ev;
+}
+
+static void w_signal(pp_worker *w, int sig) {
+  if (w->pidfd >= 0) {
+    if (syscall(SYS_pidfd_send_signal, w->pidfd, sig, NULL, 0) == 0 || errno != ENOSYS) return;
+  }
+  if (w->pid > 0) kill(w->pid, sig); /* no pidfd: the zygote has not reported it dead yet */
+}
+
+static void w_flush(pp_engine *e, int slot) {
+  pp_worker *w = &e->w[slot];
+  if (w->fd < 0) return;
+  if (pp_out_pending(&w->out)) {
+    int rc = pp_out_flush(&w->out, w->fd);
+    if (rc != 0) { /* peer gone: its death report will follow */
+      pp_out_free(&w->out);
+      pp_out_init(&w->out);
+    }
+  }
+  if (!pp_out_pending(&w->out) && w->retire && !w->shut) {
+    shutdown(w->fd, SHUT_WR); /* the worker exits after what it has */
+    w->shut = 1;
+  }
+  w_epoll(e, slot);
+}
+
+/* How many items a worker may hold: about 2 ms of work, so tiny tasks
+ * stream in batches while long ones go out one at a time (a queued task
+ * never waits behind a long one while another worker idles, and stays
+ * cancellable). Until durations are known, one at a time. */
+static uint32_t window(const pp_engine *e) {
+  if (!e->ewma_ns) return 1;
+  uint64_t w = (2000000u + e->ewma_ns - 1) / e->ewma_ns;
+  if (w < 1) w = 1;
+  if (w > 512) w = 512;
+  return (uint32_t)w;
+}
+
+/* Append a TASK frame for items [first, first+count) of job j. */
+static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint64_t seq0) {
+  pp_blob *P = j->payload;
+  uint32_t fnlen = pp_get32((const unsigned char *)P->p);
+  size_t ilo, ihi;
+  if (j->itemoff) {
+    ilo = j->itemoff[first];
+    ihi = j->itemoff[first + count];
+  } else {
+    ilo = 4 + (size_t)fnlen;
+    ihi = P->n;
+  }
+  int flags = j->timeout_ns ? PP_TASK_TIMED : 0;
+  pp_wbuf *b = &w->out.buf;
+  if (P->fd >= 0) {
+    int fd = dup(P->fd);
+    if (fd < 0) return errno;
+    if (pp_wbuf_reserve(b, PP_FRAME_HDR + 48) != 0) {
+      close(fd);
+      return ENOMEM;
+    }
+    size_t h = pp_frame_begin(b, PP_FR_TASK, PP_FF_FD);
+    unsigned char *q = (unsigned char *)b->p + b->n;
+    pp_put64(q, seq0);
+    pp_put32(q + 8, count);
+    pp_put32(q + 12, (uint32_t)flags);
+    pp_put64(q + 16, 4);
+    pp_put32(q + 24, fnlen);
+    pp_put64(q + 28, ilo);
+    pp_put64(q + 36, ihi - ilo);
+    b->n += 44;
+    pp_frame_end(b, h);
+    if (pp_out_addfd(&w->out, h, fd) != 0) {
+      close(fd);
+      b->n = h;
+      return ENOMEM;
+    }
+    return 0;
+  }
+  if (pp_wbuf_reserve(b, PP_FRAME_HDR + 16 + 4 + fnlen + (ihi - ilo)) != 0) return ENOMEM;
+  size_t h = pp_frame_begin(b, PP_FR_TASK, 0);
+  unsigned char *q = (unsigned char *)b->p + b->n;
+  pp_put64(q, seq0);
+  pp_put32(q + 8, count);
+  pp_put32(q + 12, (uint32_t)flags);
+  memcpy(q + 16, P->p, 4 + (size_t)fnlen);
+  memcpy(q + 20 + fnlen, P->p + ilo, ihi - ilo);
+  b->n += 20 + fnlen + (ihi - ilo);
+  pp_frame_end(b, h);
+  return 0;
+}
+
+/* Hand queued work to workers with room, least loaded first. Called
+ * under the lock by the I/O thread and by submit (so a task reaches an
+ * idle worker without waking the I/O thread). Returns 1 if a timed task
+ * went out (the I/O thread must look at its deadline). */
+static int dispatch(pp_engine *e) {
+  int timed = 0;
+  uint32_t win = window(e);
+  /* nor more than a fair share of the outstanding work, counting workers
+   * still starting: a burst must not pile onto the first worker up */
+  uint64_t total = e->st.pending + e->st.running;
+  uint64_t share = (total + (uint64_t)e->cfg.nworkers - 1) / (uint64_t)e->cfg.nworkers;
+  if (share < 1) share = 1;
+  if (share < win) win = (uint32_t)share;
+  while (e->qhead && e->state != PP_E_CLOSING && e->state != PP_E_DEAD) {
+    int best = -1;
+    for (int s = 0; s < e->cfg.nworkers; s++) {
+      pp_worker *w = &e->w[s];
+      if (w->state != W_READY || w->doomed || w->retire || w->inflight >= win) continue;
+      if (best < 0 || w->inflight < e->w[best].inflight) best = s;
+    }
+    if (best < 0) break;
+    pp_worker *w = &e->w[best];
+    pp_job *j = e->qhead;
+    uint32_t lo = j->ranges[0][0], hi = j->ranges[0][1];
+    uint32_t count = hi - lo;
+    if (e->cfg.max_tasks && count > e->cfg.max_tasks - w->assigned)
+      count = (uint32_t)(e->cfg.max_tasks - w->assigned);
+    pp_disp *d = malloc(sizeof *d);
+    if (!d || w_task(w, j, lo, count, w->next_seq) != 0) {
+      free(d);
+      engine_break(e, "out of memory while dispatching");
+      return timed;
+    }
+    d->job = j;
+    d->first = lo;
+    d->count = count;
+    d->acked = 0;
+    d->seq0 = w->next_seq;
+    d->next = NULL;
+    __atomic_add_fetch(&j->refs, 1, __ATOMIC_RELAXED);
+    if (w->dtail)
+      w->dtail->next = d;
+    else
+      w->dhead = d;
+    w->dtail = d;
+    w->next_seq += count;
+    w->inflight += count;
+    w->assigned += count;
+    e->st.pending -= count;
+    e->st.running += count;
+    j->state = PP_JOB_RUNNING;
+    if (j->timeout_ns) timed = 1;
+    if (lo + count == hi) {
+      memmove(j->ranges, j->ranges + 1, (size_t)(j->nranges - 1) * sizeof *j->ranges);
+      j->nranges--;
+      if (j->nranges == 0) q_remove(e, j);
+    } else {
+      j->ranges[0][0] = lo + count;
+    }
+    if (e->cfg.max_tasks && w->assigned >= e->cfg.max_tasks) {
+      w->retire = 1;
+      w->expected_exit = 1;
+    }
+    w_flush(e, best);
+  }
+  return timed;
+}
+
+/* Release a worker slot's resources (its process is gone). */
+static void w_clear(pp_engine *e, int slot) {
+  pp_worker *w = &e->w[slot];
+  if (w->fd >= 0) {
+    if (w->epev) epoll_ctl(e->epfd, EPOLL_CTL_DEL, w->fd, NULL);
+    close(w->fd);
+  }
+  if (w->pidfd >= 0) close(w->pidfd);
+  if (w->page) munmap(w->page, 4096);
+  pp_out_free(&w->out);
+  pp_in_free(&w->in);
+  uint32_t gen = w->gen;
+  memset(w, 0, sizeof *w);
+  w->fd = w->pidfd = -1;
+  w->gen = gen + 1;
+  w->state = W_EMPTY;
+  pp_out_init(&w->out);
+  pp_in_init(&w->in);
+}
+
+/* The zygote reaped worker `slot`: settle everything it held. */
+static void w_died(pp_engine *e, int slot, int status) {
+  pp_worker *w = &e->w[slot];
+  uint64_t started = w->page ? __atomic_load_n(&w->page->started, __ATOMIC_ACQUIRE) : 0;
+  int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+  int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  int lost_one = 0;
+  /* drain results still buffered in the channel before judging */
+  pp_disp *d = w->dhead;
+  w->dhead = w->dtail = NULL;
+  while (d) {
+    pp_disp *next = d->next;
+    pp_job *j = d->job;
+    for (uint32_t k = d->acked; k < d->count; k++) {
+      uint64_t seq = d->seq0 + k;
+      uint32_t i = d->first + k;
+      if (seq == started && j->items[i].status == PP_IT_PENDING) {
+        pp_item *it = &j->items[i];
+        it->pid = w->pid;
+        it->sig = sig;
+        it->code = code;
+        e->st.running--;
+        if (e->killing || e->broken) {
+          item_set(e, j, i, PP_IT_BROKEN);
+        } else if (w->kill_seq == seq) {
+          item_set(e, j, i, PP_IT_DEADLINE);
+        } else {
+          item_set(e, j, i, PP_IT_LOST);
+          lost_one = 1;
+        }
+        continue;
+      }
+      /* not started, or finished without its result reaching us */
+      uint32_t hi = i + 1;
+      while (k + 1 < d->count && d->seq0 + k + 1 != started) {
+        k++;
+        hi++;
+      }
+      job_requeue(e, j, i, hi);
+      if (e->killing || e->broken) job_fail_pending(e, j, PP_IT_BROKEN);
+    }
+    pp_job_unref(j);
+    free(d);
+    d = next;
+  }
+  int expected = w->expected_exit || e->state == PP_E_CLOSING || e->killing || e->broken;
+  int was_deadline = w->kill_seq != 0;
+  w_clear(e, slot);
+  if (!expected) {
+    e->st.worker_restarts++;
+    if (!was_deadline) e->startup_deaths++;
+    if (e->cfg.break_on_lost && (lost_one || !was_deadline)) {
+      engine_break(e, "A process in the process pool was terminated abruptly while the future "
+                      "was running or pending.");
+    } else if (e->startup_deaths > 2 * e->cfg.nworkers + 3) {
+      engine_break(e, "workers keep dying before completing any task");
+    }
+  } else if (was_deadline) {
+    e->st.worker_restarts++;
+  }
+}
+
+/* A RESULT frame: record each item's outcome. */
+static int w_results(pp_engine *e, int slot, const pp_frame *f) {
+  pp_worker *w = &e->w[slot];
+  const unsigned char *b = f->body;
+  pp_blob *blob = NULL;
+  if (f->len < 24) return -1;
+  uint64_t seq0 = pp_get64(b);
+  uint32_t count = pp_get32(b + 8);
+  uint64_t elapsed = pp_get64(b + 16);
+  size_t pos = 24;
+  if (f->flags & PP_FF_FD) {
+    if (count != 1 || f->len < pos + 9) return -1;
+    int err = 0;
+    uint64_t len = pp_get64(b + pos + 1);
+    blob = pp_blob_map(f->fd, (size_t)len, &err);
+    if (!blob) return -1;
+  } else {
+    blob = pp_blob_new(b, f->len);
+    if (!blob) return -1;
+  }
+  if (count) {
+    uint64_t per = elapsed / count;
+    e->ewma_ns = e->ewma_ns ? (e->ewma_ns * 7 + per) / 8 : (per ? per : 1);
+    if (!e->ewma_ns) e->ewma_ns = 1;
+    e->startup_deaths = 0;
+  }
+  for (uint32_t k = 0; k < count; k++) {
+    uint64_t seq = seq0 + k;
+    pp_disp *d = w->dhead;
+    if (!d || seq != d->seq0 + d->acked) {
+      pp_blob_unref(blob);
+      return -1; /* results must come in order */
+    }
+    int status;
+    size_t off, len;
+    if (f->flags & PP_FF_FD) {
+      status = b[pos];
+      off = 0;
+      len = blob->n;
+    } else {
+      if (f->len < pos + 5) {
+        pp_blob_unref(blob);
+        return -1;
+      }
+      status = b[pos];
+      len = pp_get32(b + pos + 1);
+      off = pos + 5;
+      if (len > f->len - off) {
+        pp_blob_unref(blob);
+        return -1;
+      }
+      pos = off + len;
+    }
+    if (status != PP_RES_OK && status != PP_RES_ERROR) {
+      pp_blob_unref(blob);
+      return -1;
+    }
+    pp_job *j = d->job;
+    uint32_t i = d->first + d->acked;
+    d->acked++;
+    w->inflight--;
+    e->st.running--;
+    pp_item *it = &j->items[i];
+    if (it->status == PP_IT_PENDING) {
+      it->blob = pp_blob_ref(blob);
+      it->off = off;
+      it->len = len;
+      item_set(e, j, i, status == PP_RES_OK ? PP_IT_OK : PP_IT_ERROR);
+    }
+    if (d->acked == d->count) {
+      w->dhead = d->next;
+      if (!w->dhead) w->dtail = NULL;
+      pp_job_unref(j);
+      free(d);
+    }
+  }
+  pp_blob_unref(blob);
+  return 0;
+}
+
+/* Read and handle what a worker sent. */
+static void w_readable(pp_engine *e, int slot) {
+  pp_worker *w = &e->w[slot];
+  for (int rounds = 0; rounds < 64 && !w->in.eof; rounds++) {
+    long r = pp_in_read(&w->in, w->fd, 0);
+    if (r < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+      w->in.eof = 1;
+      break;
+    }
+    pp_frame f;
+    int rc;
+    while ((rc = pp_in_next(&w->in, &f)) == 1) {
+      int bad = 0;
+      if (f.type == PP_FR_RESULT) {
+        bad = w_results(e, slot, &f) != 0;
+      } else if (f.type == PP_FR_INITFAIL) {
+        /* the message is the initializer's error, already a string list */
+        char msg[512];
+        snprintf(msg, sizeof msg, "initializer failed: %.*s", (int)(f.len < 400 ? f.len : 400),
+                 (const char *)f.body);
+        engine_break(e, msg);
+      } else {
+        bad = 1;
+      }
+      if (f.fd >= 0) close(f.fd);
+      if (bad) rc = -1;
+      if (rc < 0 || e->w[slot].fd < 0) break;
+    }
+    if (rc < 0) { /* a worker that breaks the protocol is killed */
+      w->doomed = 1;
+      w_signal(w, SIGKILL);
+      w->in.eof = 1;
+      break;
+    }
+    if (r == 0) break;
+  }
+  w_epoll(e, slot);
+}
+
+/* ------------------------------------------------------------------ */
+/* the zygote                                                           */
+
+static void z_spawn(pp_engine *e, int slot) {
+  pp_worker *w = &e->w[slot];
+  pp_zmsg m;
+  memset(&m, 0, sizeof m);
+  m.type = PP_Z_SPAWN;
+  m.slot = (uint32_t)slot;
+  m.gen = w->gen;
+  if (send(e->zfd, &m, sizeof m, MSG_NOSIGNAL) == (ssize_t)sizeof m) w->state = W_SPAWNING;
+}
+
+static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
+  if (m->type == PP_Z_SPAWNED && m->slot < (uint32_t)e->cfg.nworkers && nfds == 3 &&
+      e->w[m->slot].gen == m->gen && e->w[m->slot].state == W_SPAWNING) {
+    pp_worker *w = &e->w[m->slot];
+    w->pid = m->pid;
+    w->fd = fds[0];
+    if (m->err == 0) {
+      w->pidfd = fds[1];
+    } else { /* no pidfds here: the zygote sent a stand-in */
+      close(fds[1]);
+      w->pidfd = -1;
+    }
+    void *pg = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fds[2], 0);
+    close(fds[2]);
+    w->page = pg == MAP_FAILED ? NULL : pg;
+    w->next_seq = 1;
+    w->state = W_READY;
+    fcntl(w->fd, F_SETFL, O_NONBLOCK | fcntl(w->fd, F_GETFL));
+    w_epoll(e, (int)m->slot);
+    if (e->state == PP_E_CLOSING || e->killing || e->broken) {
+      w->retire = 1;
+      w->expected_exit = 1;
+      if (e->killing || e->broken) w_signal(w, e->killing ? e->killing : SIGKILL);
+      w_flush(e, (int)m->slot);
+    }
+    return;
+  }
+  for (int i = 0; i < nfds; i++) close(fds[i]);
+  if (m->type == PP_Z_SPAWNFAIL && m->slot < (uint32_t)e->cfg.nworkers &&
+      e->w[m->slot].gen == m->gen) {
+    e->w[m->slot].state = W_EMPTY;
+    int alive = 0;
+    for (int s = 0; s < e->cfg.nworkers; s++) alive += e->w[s].state == W_READY;
+    if (!alive) {
+      char msg[160];
+      snprintf(msg, sizeof msg, "no worker process could be started: %s", strerror(m->err));
+      engine_break(e, msg);
+    }
+  } else if (m->type == PP_Z_EXITED) {
+    for (int s = 0; s < e->cfg.nworkers; s++)
+      if (e->w[s].state != W_EMPTY && e->w[s].state != W_SPAWNING && e->w[s].pid == m->pid) {
+        /* read whatever it managed to send before it died */
+        if (e->w[s].fd >= 0 && !e->w[s].in.eof) w_readable(e, s);
+        w_died(e, s, m->status);
+        break;
+      }
+  }
+}
+
+static void z_readable(pp_engine *e) {
+  for (;;) {
+    pp_zmsg m;
+    struct iovec iov = {&m, sizeof m};
+    struct msghdr mh;
+    union {
+      struct cmsghdr h;
+      char buf[CMSG_SPACE(4 * sizeof(int))];
+    } cm;
+    memset(&mh, 0, sizeof mh);
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = cm.buf;
+    mh.msg_controllen = sizeof cm.buf;
+    ssize_t r = recvmsg(e->zfd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    int fds[4], nfds = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+      size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (size_t i = 0; i < k; i++) {
+        int fd;
+        memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+        if (nfds < 4)
+          fds[nfds++] = fd;
+        else
+          close(fd);
+      }
+    }
+    if (r <= 0) { /* the zygote is gone; its workers die with it */
+      for (int i = 0; i < nfds; i++) close(fds[i]);
+      e->zdead = 1;
+      epoll_ctl(e->epfd, EPOLL_CTL_DEL, e->zfd, NULL);
+      if (e->state != PP_E_CLOSING && !e->broken && !e->killing)
+        engine_break(e, "the zygote process died");
+      for (int s = 0; s < e->cfg.nworkers; s++) {
+        if (e->w[s].state == W_READY || e->w[s].state == W_RETIRING) {
+          w_signal(&e->w[s], SIGKILL);
+          w_died(e, s, 0);
+        } else if (e->w[s].state == W_SPAWNING) {
+          e->w[s].state = W_EMPTY;
+        }
+      }
+      return;
+    }
+    if ((size_t)r == sizeof m)
+      z_message(e, &m, fds, nfds);
+    else
+      for (int i = 0; i < nfds; i++) close(fds[i]);
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* state changes                                                        */
+
+static void engine_break(pp_engine *e, const char *msg) {
+  if (e->broken) return;
+  e->broken = 1;
+  free(e->broken_msg);
+  e->broken_msg = strdup(msg);
+  /* every unfinished job fails */
+  while (e->qhead) job_fail_pending(e, e->qhead, PP_IT_BROKEN);
+  for (int s = 0; s < e->cfg.nworkers; s++) {
+    pp_worker *w = &e->w[s];
+    if (w->state == W_READY || w->state == W_RETIRING) {
+      w->doomed = 1;
+      w->expected_exit = 1;
+      w_signal(w, SIGKILL);
+    }
+  }
+  if (e->state == PP_E_RUNNING || e->state == PP_E_DRAINING) e->state = PP_E_CLOSING;
+  notify(e);
+}
+
+static int all_idle(const pp_engine *e) {
+  if (e->qhead) return 0;
+  for (int s = 0; s < e->cfg.nworkers; s++)
+    if (e->w[s].dhead) return 0;
+  return 1;
+}
+
+/* Move the lifecycle along: spawn, drain, close, end. */
+static void progress(pp_engine *e) {
+  if (e->state == PP_E_DRAINING && all_idle(e)) e->state = PP_E_CLOSING;
+  if (e->state == PP_E_RUNNING || (e->state == PP_E_DRAINING && e->qhead)) {
+    if (!e->zdead && !e->broken)
+      for (int s = 0; s < e->cfg.nworkers; s++)
+        if (e->w[s].state == W_EMPTY) z_spawn(e, s);
+  }
+  if (e->state == PP_E_CLOSING) {
+    int alive = 0;
+    for (int s = 0; s < e->cfg.nworkers; s++) {
+      pp_worker *w = &e->w[s];
+      if (w->state == W_EMPTY) continue;
+      alive++;
+      if (w->state == W_READY || w->state == W_RETIRING) {
+        if (!w->retire) {
+          w->retire = 1;
+          w->expected_exit = 1;
+          w_flush(e, s);
+        }
+      }
+    }
+    if (!alive || e->zdead) {
+      if (e->zfd >= 0) {
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, e->zfd, NULL);
+        close(e->zfd); /* the zygote exits on EOF */
+        e->zfd = -1;
+      }
+      if (e->zpid > 0) {
+        int st;
+        while (waitpid(e->zpid, &st, 0) < 0 && errno == EINTR) {
+        }
+        e->zpid = 0;
+      }
+      /* anything still listed cannot run any more */
+      while (e->qhead) job_fail_pending(e, e->qhead, PP_IT_BROKEN);
+      e->state = PP_E_DEAD;
+      notify(e);
+    }
+  }
+}
+
+/* Deadlines and kill escalation; returns ms until the next check (-1). */
+static int deadlines(pp_engine *e) {
+  uint64_t now = pp_now_ns(), next = 0;
+  for (int s = 0; s < e->cfg.nworkers; s++) {
+    pp_worker *w = &e->w[s];
+    if (w->state != W_READY && w->state != W_RETIRING) continue;
+    if (w->kill_at) {
+      if (now >= w->kill_at) {
+        w_signal(w, SIGKILL);
+        w->kill_at = 0;
+      } else if (!next || w->kill_at < next) {
+        next = w->kill_at;
+      }
+      continue;
+    }
+    if (w->doomed || !w->dhead || !w->page) continue;
+    uint64_t started = __atomic_load_n(&w->page->started, __ATOMIC_ACQUIRE);
+    /* the item running is the first unacknowledged one at or after it */
+    for (pp_disp *d = w->dhead; d; d = d->next) {
+      if (!d->job->timeout_ns) continue;
+      uint64_t first = d->seq0 + d->acked, last = d->seq0 + d->count - 1;
+      if (started >= first && started <= last) {
+        uint64_t t0 = __atomic_load_n(&w->page->started_ns, __ATOMIC_ACQUIRE);
+        uint64_t due = t0 + d->job->timeout_ns;
+        if (now >= due) {
+          w->doomed = 1;
+          w->kill_seq = started;
+          w_signal(w, SIGTERM);
+          w->kill_at = now + 200000000u; /* then SIGKILL */
+          if (!next || w->kill_at < next) next = w->kill_at;
+        } else if (!next || due < next) {
+          next = due;
+        }
+        break;
+      }
+      if (started < first) { /* not started yet: look again a timeout later */
+        uint64_t due = now + d->job->timeout_ns;
+        if (!next || due < next) next = due;
+        break;
+      }
+    }
+  }
+  if (e->killing) { /* escalate a terminate that is not obeyed */
+    for (int s = 0; s < e->cfg.nworkers; s++)
+      if (e->w[s].state == W_READY || e->w[s].state == W_RETIRING) {
+        if (!e->w[s].kill_at) e->w[s].kill_at = now + 2000000000u;
+        if (!next || e->w[s].kill_at < next) next = e->w[s].kill_at;
+      }
+  }
+  if (!next) return -1;
+  uint64_t ms = (next > now ? next - now : 0) / 1000000u + 1;
+  return ms > 60000 ? 60000 : (int)ms;
+}
+
+static void *io_main(void *arg) {
+  pp_engine *e = arg;
+  struct epoll_event ev[64];
+  pthread_mutex_lock(&e->mu);
+  progress(e);
+  while (e->state != PP_E_DEAD) {
+    int tmo = deadlines(e);
+    pthread_mutex_unlock(&e->mu);
+    int n = epoll_wait(e->epfd, ev, 64, tmo);
+    pthread_mutex_lock(&e->mu);
+    for (int i = 0; i < n; i++) {
+      uint64_t key = ev[i].data.u64;
+      int kind = (int)(key >> 32), slot = (int)(uint32_t)key;
+      if (kind == EV_WAKE) {
+        uint64_t v;
+        ssize_t r = read(e->wakefd, &v, sizeof v);
+        (void)r;
+      } else if (kind == EV_ZYGOTE) {
+        if (e->zfd >= 0) z_readable(e);
+      } else if (kind == EV_WORKER && slot < e->cfg.nworkers && e->w[slot].fd >= 0) {
+        if (ev[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) w_readable(e, slot);
+        if (e->w[slot].fd >= 0 && (ev[i].events & EPOLLOUT)) w_flush(e, slot);
+      }
+    }
+    dispatch(e);
+    progress(e);
+  }
+  int detached = e->th_detached;
+  e->th_running = 0;
+  pthread_mutex_unlock(&e->mu);
+  if (detached) pp_engine_unref(e);
+  return NULL;
+}
+
+static void wake(pp_engine *e) {
+  uint64_t one = 1;
+  ssize_t r = write(e->wakefd, &one, sizeof one);
+  (void)r;
+}
+
+/* ------------------------------------------------------------------ */
+/* the API                                                              */
+
+pp_engine *pp_engine_new(const pp_engine_cfg *cfg, pid_t zpid, int zfd, int *err) {
+  pp_engine *e = calloc(1, sizeof *e);
+  if (!e) {
+    *err = ENOMEM;
+    return NULL;
+  }
+  e->cfg = *cfg;
+  e->refs = 1;
+  e->forkgen = pp_fork_generation();
+  e->zpid = zpid;
+  e->zfd = zfd;
+  e->epfd = e->wakefd = e->notifyfd = -1;
+  e->w = calloc((size_t)cfg->nworkers, sizeof *e->w);
+  if (!e->w || pthread_mutex_init(&e->mu, NULL) != 0) {
+    free(e->w);
+    free(e);
+    *err = ENOMEM;
+    return NULL;
+  }
+  for (int s = 0; s < cfg->nworkers; s++) {
+    e->w[s].fd = e->w[s].pidfd = -1;
+    pp_out_init(&e->w[s].out);
+    pp_in_init(&e->w[s].in);
+  }
+  e->epfd = epoll_create1(EPOLL_CLOEXEC);
+  e->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  e->notifyfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  struct epoll_event ee;
+  memset(&ee, 0, sizeof ee);
+  int ok = e->epfd >= 0 && e->wakefd >= 0 && e->notifyfd >= 0;
+  if (ok) {
+    ee.events = EPOLLIN;
+    ee.data.u64 = EVKEY(EV_WAKE, 0);
+    ok = epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->wakefd, &ee) == 0;
+  }
+  if (ok) {
+    ee.data.u64 = EVKEY(EV_ZYGOTE, 0);
+    ok = epoll_ctl(e->epfd, EPOLL_CTL_ADD, zfd, &ee) == 0;
+  }
+  if (ok) {
+    /* the I/O thread takes no signals: they go to the host's threads */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    e->refs++; /* the thread's */
+    e->th_running = 1;
+    ok = pthread_create(&e->th, NULL, io_main, e) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!ok) {
+      e->refs--;
+      e->th_running = 0;
+    }
+  }
+  if (!ok) {
+    *err = errno ? errno : EAGAIN;
+    e->zfd = -1; /* the caller keeps it */
+    e->zpid = 0;
+    e->state = PP_E_DEAD;
+    pp_engine_unref(e);
+    return NULL;
+  }
+  return e;
+}
+
+int pp_engine_mine(const pp_engine *e) { return e->forkgen == pp_fork_generation(); }
+
+void pp_engine_ref(pp_engine *e) { __atomic_add_fetch(&e->refs, 1, __ATOMIC_RELAXED); }
+
+void pp_engine_unref(pp_engine *e) {
+  if (!e || __atomic_sub_fetch(&e->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
+  /* last reference: the thread has ended (it holds one while running) */
+  for (int s = 0; s < e->cfg.nworkers; s++) {
+    pp_disp *d = e->w[s].dhead;
+    while (d) {
+      pp_disp *n = d->next;
+      pp_job_unref(d->job);
+      free(d);
+      d = n;
+    }
+    e->w[s].dhead = NULL;
+    w_clear(e, s);
+  }
+  while (e->qhead) {
+    pp_job *j = e->qhead;
+    q_remove(e, j);
+    pp_job_unref(j);
+  }
+  while (e->chead) {
+    pp_job *j = e->chead;
+    e->chead = j->cnext;
+    pp_job_unref(j);
+  }
+  if (e->zfd >= 0) close(e->zfd);
+  if (e->zpid > 0) {
+    kill(e->zpid, SIGKILL);
+    while (waitpid(e->zpid, NULL, 0) < 0 && errno == EINTR) {
+    }
+  }
+  if (e->epfd >= 0) close(e->epfd);
+  if (e->wakefd >= 0) close(e->wakefd);
+  if (e->notifyfd >= 0) close(e->notifyfd);
+  pthread_mutex_destroy(&e->mu);
+  free(e->broken_msg);
+  free(e->w);
+  free(e);
+}
+
+int pp_engine_submit(pp_engine *e, pp_job *j, const char **msg) {
+  pthread_mutex_lock(&e->mu);
+  if (e->broken) {
+    *msg = e->broken_msg;
+    pthread_mutex_unlock(&e->mu);
+    return PP_EBROKEN;
+  }
+  if (e->state != PP_E_RUNNING) {
+    *msg = pp_strerror(PP_ESHUTDOWN);
+    pthread_mutex_unlock(&e->mu);
+    return PP_ESHUTDOWN;
+  }
+  j->id = ++e->next_id;
+  if (!j->timeout_ns) j->timeout_ns = e->cfg.timeout_ns;
+  __atomic_add_fetch(&j->refs, 1, __ATOMIC_RELAXED);
+  e->st.pending += j->n;
+  if (j->n == 0) {
+    j->state = PP_JOB_DONE;
+    job_end(e, j);
+  } else {
+    q_push(e, j, 0);
+    if (dispatch(e)) wake(e);
+  }
+  pthread_mutex_unlock(&e->mu);
+  return 0;
+}
+
+int pp_engine_cancel(pp_engine *e, pp_job *j) {
+  pthread_mutex_lock(&e->mu);
+  int r = 0;
+  if (j->state == PP_JOB_CANCELLED) {
+    r = 1;
+  } else if (j->state == PP_JOB_PENDING) {
+    j->state = PP_JOB_CANCELLED;
+    job_fail_pending(e, j, PP_IT_CANCELLED);
+    r = 1;
+  }
+  pthread_mutex_unlock(&e->mu);
+  return r;
+}
+
+int pp_engine_job_state(pp_engine *e, pp_job *j) {
+  pthread_mutex_lock(&e->mu);
+  int s = j->state;
+  pthread_mutex_unlock(&e->mu);
+  return s;
+}
+
+int pp_engine_watch(pp_engine *e, pp_job *j) {
+  pthread_mutex_lock(&e->mu);
+  int r = 0;
+  if (j->state != PP_JOB_DONE && j->state != PP_JOB_CANCELLED) {
+    j->has_cb = 1;
+    r = 1;
+  }
+  pthread_mutex_unlock(&e->mu);
+  return r;
+}
+
+pp_job *pp_engine_take_ended(pp_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  pp_job *j = e->chead;
+  e->chead = e->ctail = NULL;
+  pthread_mutex_unlock(&e->mu);
+  return j;
+}
+
+int pp_engine_wait_add(pp_engine *e, pp_job *j, pp_waiter *w) {
+  pthread_mutex_lock(&e->mu);
+  int r = 0;
+  if (j->state != PP_JOB_DONE && j->state != PP_JOB_CANCELLED) {
+    pp_wnode *n = malloc(sizeof *n);
+    if (n) {
+      n->w = w;
+      __atomic_add_fetch(&w->refs, 1, __ATOMIC_RELAXED);
+      n->next = j->waiters;
+      j->waiters = n;
+      r = 1;
+    }
+  }
+  pthread_mutex_unlock(&e->mu);
+  return r;
+}
+
+void pp_engine_wait_del(pp_engine *e, pp_job *j, pp_waiter *w) {
+  pthread_mutex_lock(&e->mu);
+  for (pp_wnode **p = &j->waiters; *p; p = &(*p)->next) {
+    if ((*p)->w == w) {
+      pp_wnode *n = *p;
+      *p = n->next;
+      pp_waiter_unref(w);
+      free(n);
+      break;
+    }
+  }
+  pthread_mutex_unlock(&e->mu);
+}
+
+void pp_waiter_unref(pp_waiter *w) {
+  if (__atomic_sub_fetch(&w->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
+  if (w->fd >= 0) close(w->fd);
+  free(w);
+}
+
+int pp_engine_fd(const pp_engine *e) { return e->notifyfd; }
+
+uint64_t pp_engine_ack(pp_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  uint64_t v;
+  ssize_t r = read(e->notifyfd, &v, sizeof v);
+  (void)r;
+  e->notified = 0;
+  uint64_t n = e->ended_unacked;
+  e->ended_unacked = 0;
+  pthread_mutex_unlock(&e->mu);
+  return n;
+}
+
+void pp_engine_shutdown(pp_engine *e, int cancel) {
+  pthread_mutex_lock(&e->mu);
+  if (cancel) {
+    pp_job *j = e->qhead;
+    while (j) {
+      pp_job *next = j->qnext;
+      if (j->state == PP_JOB_PENDING) {
+        j->state = PP_JOB_CANCELLED;
+        job_fail_pending(e, j, PP_IT_CANCELLED);
+      }
+      j = next;
+    }
+  }
+  if (e->state == PP_E_RUNNING) e->state = PP_E_DRAINING;
+  progress(e);
+  wake(e);
+  pthread_mutex_unlock(&e->mu);
+}
+
+void pp_engine_kill(pp_engine *e, int sig) {
+  pthread_mutex_lock(&e->mu);
+  if (e->state != PP_E_DEAD && !e->killing) {
+    e->killing = sig;
+    e->end_msg = sig == SIGKILL ? "the pool's workers were killed (kill_workers)"
+                                : "the pool's workers were terminated (terminate_workers)";
+    while (e->qhead) job_fail_pending(e, e->qhead, PP_IT_BROKEN);
+    for (int s = 0; s < e->cfg.nworkers; s++) {
+      pp_worker *w = &e->w[s];
+      if (w->state == W_READY || w->state == W_RETIRING) {
+        w->doomed = 1;
+        w->expected_exit = 1;
+        w_signal(w, sig);
+      }
+    }
+    if (e->state != PP_E_DEAD) e->state = PP_E_CLOSING;
+    progress(e);
+    wake(e);
+  }
+  pthread_mutex_unlock(&e->mu);
+}
+
+int pp_engine_state(pp_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  int s = e->state;
+  pthread_mutex_unlock(&e->mu);
+  return s;
+}
+
+void pp_engine_join(pp_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  int join = !e->th_joined && !e->th_detached;
+  e->th_joined = 1;
+  pthread_mutex_unlock(&e->mu);
+  if (join) {
+    pthread_join(e->th, NULL);
+    /* nothing polls these any more: give them back now, not at GC */
+    close(e->epfd);
+    close(e->wakefd);
+    e->epfd = e->wakefd = -1;
+    pp_engine_unref(e); /* the thread's reference */
+  }
+}
+
+void pp_engine_detach(pp_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  int unref = 0;
+  if (!e->th_joined && !e->th_detached) {
+    e->th_detached = 1;
+    pthread_detach(e->th);
+    unref = !e->th_running; /* it has ended already: drop its reference */
+  }
+  pthread_mutex_unlock(&e->mu);
+  if (unref) pp_engine_unref(e);
+}
+
+void pp_engine_stats(pp_engine *e, pp_stats *s) {
+  pthread_mutex_lock(&e->mu);
+  *s = e->st;
+  s->workers = 0;
+  for (int k = 0; k < e->cfg.nworkers; k++)
+    s->workers += e->w[k].state == W_READY || e->w[k].state == W_RETIRING;
+  pthread_mutex_unlock(&e->mu);
+}
+
+const char *pp_engine_broken(pp_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  const char *m = e->broken ? e->broken_msg : NULL;
+  pthread_mutex_unlock(&e->mu);
+  return m;
+}
+
+const char *pp_engine_fail_msg(pp_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  const char *m = e->broken ? e->broken_msg : e->end_msg;
+  pthread_mutex_unlock(&e->mu);
+  return m ? m : "the process pool was shut down before the task could complete";
+}
+
+uint64_t pp_engine_item_ns(pp_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  uint64_t v = e->ewma_ns;
+  pthread_mutex_unlock(&e->mu);
+  return v;
+}

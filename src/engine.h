@@ -1,0 +1,159 @@
+/* engine.h: the pool engine: jobs, queue, dispatch, I/O thread (no Lua). */
+#ifndef PP_ENGINE_H
+#define PP_ENGINE_H
+
+#include <pthread.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "buf.h"
+#include "channel.h"
+
+/* Engine error codes (negative; positive values are errnos). */
+#define PP_ESHUTDOWN (-1) /* no new work after shutdown */
+#define PP_EBROKEN (-2)   /* the pool is broken */
+#define PP_EFOREIGN (-3)  /* used in a process other than its creator */
+const char *pp_strerror(int code);
+
+/* Outcome of one item (one task). */
+enum {
+  PP_IT_PENDING = 0,
+  PP_IT_OK,        /* blob: the returned values */
+  PP_IT_ERROR,     /* blob: (error, traceback) */
+  PP_IT_LOST,      /* worker died: pid, sig or code */
+  PP_IT_DEADLINE,  /* killed past its deadline: pid */
+  PP_IT_BROKEN,    /* the pool broke: engine message */
+  PP_IT_CANCELLED, /* cancelled before it started */
+};
+
+typedef struct pp_item {
+  uint8_t status;
+  int32_t pid, sig, code; /* LOST/DEADLINE details; code -1 when unknown */
+  pp_blob *blob;          /* shared frame body or memfd mapping */
+  size_t off, len;
+} pp_item;
+
+/* Job states, as a Future shows them. */
+enum { PP_JOB_PENDING = 0, PP_JOB_RUNNING, PP_JOB_DONE, PP_JOB_CANCELLED };
+
+/* A coroutine's wait: an eventfd written when any job it waits on ends. */
+typedef struct pp_waiter {
+  int refs; /* atomic */
+  int fd;
+} pp_waiter;
+
+typedef struct pp_wnode {
+  pp_waiter *w;
+  struct pp_wnode *next;
+} pp_wnode;
+
+typedef struct pp_job {
+  int refs; /* atomic: the engine while it holds the job, each Future */
+  int state;
+  uint64_t id;
+  /* payload: [u32 fnlen][fn][items: u32 len, bytes]*; heap or memfd */
+  pp_blob *payload;
+  size_t *itemoff; /* n+1 offsets of the items in payload (NULL when n == 1) */
+  uint32_t n;
+  uint32_t ndone;
+  uint32_t nfailed;
+  uint64_t timeout_ns; /* per-item deadline, 0: none */
+  /* items still to dispatch, as [lo, hi) ranges (dispatch takes from the
+   * front; items of a dead worker are put back in front) */
+  uint32_t (*ranges)[2];
+  int nranges, capranges;
+  int in_queue;
+  int has_cb; /* the Lua side wants it on the callback list when done */
+  pp_wnode *waiters;
+  struct pp_job *qnext, *qprev; /* pending queue */
+  struct pp_job *cnext;         /* callback list */
+  pp_item *items;
+} pp_job;
+
+/* Lifecycle of the engine. */
+enum {
+  PP_E_RUNNING = 0,
+  PP_E_DRAINING, /* shutdown: finish queued work, then close workers */
+  PP_E_CLOSING,  /* workers told to exit */
+  PP_E_DEAD      /* all processes gone; the I/O thread has ended */
+};
+
+typedef struct pp_engine_cfg {
+  int nworkers;
+  uint64_t max_tasks;  /* per worker, 0: unlimited */
+  int break_on_lost;   /* on_worker_lost = "break" */
+  uint64_t timeout_ns; /* default per-task deadline, 0: none */
+} pp_engine_cfg;
+
+typedef struct pp_stats {
+  int workers;
+  uint64_t pending, running, completed, failed, cancelled, worker_restarts;
+} pp_stats;
+
+typedef struct pp_engine pp_engine;
+
+/* Create an engine around a running zygote (its pid and control socket).
+ * Starts the I/O thread, which asks the zygote for the workers. On failure
+ * returns NULL with *err set, and the caller still owns zfd. */
+pp_engine *pp_engine_new(const pp_engine_cfg *cfg, pid_t zpid, int zfd, int *err);
+void pp_engine_ref(pp_engine *e);
+void pp_engine_unref(pp_engine *e);
+/* 1 when this process created the engine (a forked worker holds copies
+ * of its parent's engines, which it must never touch). */
+int pp_engine_mine(const pp_engine *e);
+
+pp_job *pp_job_new(uint32_t n);
+void pp_job_unref(pp_job *j);
+
+/* Queue a job (the engine takes a reference). 0, or PP_ESHUTDOWN /
+ * PP_EBROKEN (then *msg names why, owned by the engine). */
+int pp_engine_submit(pp_engine *e, pp_job *j, const char **msg);
+/* Cancel a job that has not started: 1 if it is (now) cancelled. */
+int pp_engine_cancel(pp_engine *e, pp_job *j);
+/* State of a job, read under the lock. */
+int pp_engine_job_state(pp_engine *e, pp_job *j);
+/* Ask for the job on the callback list once it ends. 0 if it already has
+ * (the caller runs the callback itself). */
+int pp_engine_watch(pp_engine *e, pp_job *j);
+/* Take the list of ended jobs that were watched (linked by cnext; the
+ * caller owns one reference to each). */
+pp_job *pp_engine_take_ended(pp_engine *e);
+/* Register/unregister a coroutine waiter on a job. Register returns 0 if
+ * the job already ended (nothing registered). */
+int pp_engine_wait_add(pp_engine *e, pp_job *j, pp_waiter *w);
+void pp_engine_wait_del(pp_engine *e, pp_job *j, pp_waiter *w);
+void pp_waiter_unref(pp_waiter *w);
+
+/* The eventfd readable while ended jobs or state changes wait for the
+ * Lua side; pp_engine_ack clears it and returns the number of jobs that
+ * ended since the previous ack. */
+int pp_engine_fd(const pp_engine *e);
+uint64_t pp_engine_ack(pp_engine *e);
+
+/* Begin shutdown: no new jobs; with cancel, pending jobs are cancelled.
+ * Idempotent. The engine drains, closes its workers and ends. */
+void pp_engine_shutdown(pp_engine *e, int cancel);
+/* Signal every worker (SIGTERM/SIGKILL): unfinished jobs fail with
+ * BrokenProcessPool, pending ones are cancelled, the engine ends. */
+void pp_engine_kill(pp_engine *e, int sig);
+int pp_engine_state(pp_engine *e);
+/* Wait for the I/O thread to end (after the state is DEAD). */
+void pp_engine_join(pp_engine *e);
+/* Let the I/O thread end on its own (the engine is freed when the last
+ * reference goes). */
+void pp_engine_detach(pp_engine *e);
+void pp_engine_stats(pp_engine *e, pp_stats *s);
+/* Why the pool is broken (NULL if it is not). Owned by the engine. */
+const char *pp_engine_broken(pp_engine *e);
+/* The message for jobs that failed because the pool broke or was
+ * terminated. Owned by the engine. */
+const char *pp_engine_fail_msg(pp_engine *e);
+/* Observed mean time of one item, in ns (0 before any). */
+uint64_t pp_engine_item_ns(pp_engine *e);
+
+/* Monotonic clock in ns. */
+uint64_t pp_now_ns(void);
+/* Incremented in every process forked after load (see engine.c). */
+unsigned pp_fork_generation(void);
+
+#endif

@@ -1,0 +1,434 @@
+/* executor.c: the Executor userdata: starting the engine, submitting jobs. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+
+#include "codec.h"
+#include "engine.h"
+#include "future.h"
+#include "pp.h"
+#include "proc.h"
+
+/* A registry-held object whose finalizer runs first when the state
+ * closes (it is created after each executor, and lua_close finalizes the
+ * most recent first): it tells executors that the state is closing, so
+ * they stop their workers and wait instead of leaving threads behind. */
+typedef struct closing {
+  int closing;
+} closing;
+
+#define CLOSING_MT "procpool.Closing"
+#define REG_CLOSING "procpool.closing"
+#define REG_SENTINELS "procpool.sentinels"
+
+static closing *state_closing(lua_State *L) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, REG_CLOSING) != LUA_TUSERDATA) {
+    lua_pop(L, 1);
+    closing *c = lua_newuserdatauv(L, sizeof *c, 0);
+    c->closing = 0;
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, REG_CLOSING);
+  }
+  closing *c = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return c;
+}
+
+static int sentinel_gc(lua_State *L) {
+  lua_getiuservalue(L, 1, 1);
+  closing *c = lua_touserdata(L, -1);
+  if (c) c->closing = 1;
+  return 0;
+}
+
+static void add_sentinel(lua_State *L) {
+  state_closing(L);
+  if (lua_getfield(L, LUA_REGISTRYINDEX, REG_SENTINELS) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, REG_SENTINELS);
+  }
+  lua_newuserdatauv(L, 1, 1);
+  lua_getfield(L, LUA_REGISTRYINDEX, REG_CLOSING);
+  lua_setiuservalue(L, -2, 1);
+  luaL_setmetatable(L, CLOSING_MT);
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  lua_pop(L, 1);
+}
+
+static pp_exec *checkexec(lua_State *L, int idx) {
+  pp_exec *x = luaL_checkudata(L, idx, PP_EXECUTOR_MT);
+  if (!x->e) luaL_error(L, "procpool: the executor is closed");
+  if (!pp_engine_mine(x->e)) luaL_error(L, "procpool: %s", pp_strerror(PP_EFOREIGN));
+  return x;
+}
+
+static lua_Integer opt_int(lua_State *L, int t, const char *k, lua_Integer def) {
+  lua_getfield(L, t, k);
+  lua_Integer v = lua_isnil(L, -1) ? def : lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+static double opt_num(lua_State *L, int t, const char *k, double def) {
+  lua_getfield(L, t, k);
+  double v = lua_isnil(L, -1) ? def : (double)lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* executor_new(opts) -> Executor. `opts` has been validated in Lua. */
+static int l_executor_new(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
+  pp_engine_cfg cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.nworkers = (int)opt_int(L, 1, "max_workers", 1);
+  cfg.max_tasks = (uint64_t)opt_int(L, 1, "max_tasks_per_child", 0);
+  double tt = opt_num(L, 1, "task_timeout", 0);
+  cfg.timeout_ns = tt > 0 ? (uint64_t)(tt * 1e9) : 0;
+  lua_getfield(L, 1, "on_worker_lost");
+  cfg.break_on_lost = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "break") == 0;
+  lua_pop(L, 1);
+  if (cfg.nworkers < 1) luaL_argerror(L, 1, "max_workers must be greater than 0");
+
+  pp_exec *x = lua_newuserdatauv(L, sizeof *x, 0);
+  x->e = NULL;
+  x->nworkers = cfg.nworkers;
+  x->polled = 0;
+  luaL_setmetatable(L, PP_EXECUTOR_MT);
+  int xi = lua_gettop(L);
+
+  /* the initializer and its arguments stay on this stack: the zygote's
+   * copy of it is what workers run */
+  pp_wctx w;
+  memset(&w, 0, sizeof w);
+  lua_getfield(L, 1, "initializer");
+  if (!lua_isnil(L, -1)) {
+    w.init_idx = lua_gettop(L);
+    w.init_str = lua_type(L, -1) == LUA_TSTRING;
+    if (lua_getfield(L, 1, "initargs") == LUA_TTABLE) {
+      int a = lua_gettop(L);
+      lua_getfield(L, a, "n");
+      lua_Integer n = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : (lua_Integer)lua_rawlen(L, a);
+      lua_pop(L, 1);
+      luaL_checkstack(L, (int)n + 4, "procpool: too many initargs");
+      for (lua_Integer i = 1; i <= n; i++) lua_rawgeti(L, a, i);
+      lua_remove(L, a);
+      w.init_n = (int)n;
+    } else {
+      lua_pop(L, 1);
+    }
+  }
+  pid_t zpid;
+  int zfd, err = pp_zygote_fork(L, &w, &zpid, &zfd);
+  if (err) luaL_error(L, "procpool: cannot start the zygote process: %s", strerror(err));
+  x->e = pp_engine_new(&cfg, zpid, zfd, &err);
+  if (!x->e) {
+    close(zfd);
+    kill(zpid, SIGKILL);
+    while (waitpid(zpid, NULL, 0) < 0 && errno == EINTR) {
+    }
+    luaL_error(L, "procpool: cannot start the pool: %s", strerror(err));
+  }
+  add_sentinel(L);
+  lua_settop(L, xi);
+  return 1;
+}
+
+/* A Lua-owned write buffer (freed by GC if anything raises). */
+static pp_wbuf *push_box(lua_State *L) {
+  pp_wbuf *b = lua_newuserdatauv(L, sizeof(pp_wbuf) + sizeof(int), 0);
+  pp_wbuf_init(b, PP_MEMFD_MIN);
+  *(int *)(b + 1) = 0;
+  luaL_setmetatable(L, "procpool.Buffer");
+  return b;
+}
+
+static void put_u32_placeholder(lua_State *L, pp_wbuf *b) {
+  if (pp_wbuf_reserve(b, 4) != 0) luaL_error(L, "procpool: not enough memory");
+  b->n += 4;
+}
+
+static void patch_len(pp_wbuf *b, size_t at) {
+  pp_put32((unsigned char *)b->p + at, (uint32_t)(b->n - at - 4));
+}
+
+static void check_fn(lua_State *L, int idx) {
+  int t = lua_type(L, idx);
+  if (t != LUA_TFUNCTION && t != LUA_TSTRING)
+    luaL_typeerror(L, idx, "function or \"module.name\" string");
+}
+
+/* Queue the job and push its Future (the job's reference moves into it). */
+static void submit_job(lua_State *L, pp_exec *x, pp_job *j) {
+  pp_future_push(L, x->e, j);
+  const char *msg = NULL;
+  int rc = pp_engine_submit(x->e, j, &msg);
+  if (rc == PP_EBROKEN) pp_error_raise(L, "BrokenProcessPool", "%s", msg);
+  if (rc) pp_error_raise(L, "InvalidStateError", "%s", msg);
+}
+
+static pp_job *new_job(lua_State *L, uint32_t n, pp_wbuf *b, double timeout) {
+  pp_job *j = pp_job_new(n);
+  if (!j) luaL_error(L, "procpool: not enough memory");
+  j->payload = pp_blob_from_wbuf(b, 1);
+  if (!j->payload) {
+    pp_job_unref(j);
+    luaL_error(L, "procpool: not enough memory");
+  }
+  j->timeout_ns = timeout > 0 ? (uint64_t)(timeout * 1e9) : 0;
+  return j;
+}
+
+/* _submit(timeout|nil, fn, ...) -> Future */
+static int l_submit(lua_State *L) {
+  pp_exec *x = checkexec(L, 1);
+  double timeout = luaL_optnumber(L, 2, 0);
+  check_fn(L, 3);
+  int nargs = lua_gettop(L) - 3;
+  pp_wbuf *b = push_box(L);
+  put_u32_placeholder(L, b);
+  pp_encode(L, 3, 1, b, 0, "=fn", 0);
+  patch_len(b, 0);
+  size_t at = b->n;
+  put_u32_placeholder(L, b);
+  pp_encode(L, 4, nargs, b, 0, "args", 0);
+  patch_len(b, at);
+  pp_job *j = new_job(L, 1, b, timeout);
+  submit_job(L, x, j);
+  return 1;
+}
+
+/* _submit_chunk(fn, items, i, j, star, timeout|nil) -> Future for
+ * fn(items[i]) .. fn(items[j]); with `star`, each item is a table of
+ * arguments (unpacked 1..(t.n or #t)). */
+static int l_submit_chunk(lua_State *L) {
+  pp_exec *x = checkexec(L, 1);
+  check_fn(L, 2);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  lua_Integer lo = luaL_checkinteger(L, 4), hi = luaL_checkinteger(L, 5);
+  int star = lua_toboolean(L, 6);
+  double timeout = luaL_optnumber(L, 7, 0);
+  if (hi - lo + 1 < 0 || hi - lo + 1 > (lua_Integer)UINT32_MAX / 2)
+    luaL_argerror(L, 5, "bad range");
+  uint32_t n = (uint32_t)(hi - lo + 1);
+  lua_settop(L, 7);
+  pp_wbuf *b = push_box(L);
+  size_t *off = lua_newuserdatauv(L, ((size_t)n + 1) * sizeof(size_t), 0);
+  put_u32_placeholder(L, b);
+  pp_encode(L, 2, 1, b, 0, "=fn", 0);
+  patch_len(b, 0);
+  int top = lua_gettop(L);
+  for (uint32_t k = 0; k < n; k++) {
+    off[k] = b->n;
+    put_u32_placeholder(L, b);
+    lua_rawgeti(L, 3, lo + (lua_Integer)k);
+    if (star) {
+      int it = lua_gettop(L);
+      if (!lua_istable(L, it))
+        luaL_error(L, "procpool: starmap item %d is not a table of arguments", (int)(lo + k));
+      lua_getfield(L, it, "n");
+      lua_Integer m = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : (lua_Integer)lua_rawlen(L, it);
+      lua_pop(L, 1);
+      luaL_checkstack(L, (int)m + 4, "procpool: too many arguments");
+      for (lua_Integer a = 1; a <= m; a++) lua_rawgeti(L, it, a);
+      pp_encode(L, it + 1, (int)m, b, 0, "args", 0);
+    } else {
+      pp_encode(L, -1, 1, b, 0, "args", 0);
+    }
+    lua_settop(L, top);
+    patch_len(b, off[k]);
+  }
+  off[n] = b->n;
+  pp_job *j = new_job(L, n, b, timeout);
+  if (n > 1) {
+    j->itemoff = malloc(((size_t)n + 1) * sizeof(size_t));
+    if (!j->itemoff) {
+      pp_job_unref(j);
+      luaL_error(L, "procpool: not enough memory");
+    }
+    memcpy(j->itemoff, off, ((size_t)n + 1) * sizeof(size_t));
+  }
+  submit_job(L, x, j);
+  return 1;
+}
+
+static int l_shutdown(lua_State *L) {
+  pp_exec *x = checkexec(L, 1);
+  pp_engine_shutdown(x->e, lua_toboolean(L, 2));
+  return 0;
+}
+
+static int l_kill(lua_State *L) {
+  pp_exec *x = checkexec(L, 1);
+  pp_engine_kill(x->e, (int)luaL_checkinteger(L, 2));
+  return 0;
+}
+
+static int l_join(lua_State *L) {
+  pp_exec *x = checkexec(L, 1);
+  if (pp_engine_state(x->e) == PP_E_DEAD) pp_engine_join(x->e);
+  return 0;
+}
+
+static int l_state(lua_State *L) {
+  pp_exec *x = luaL_checkudata(L, 1, PP_EXECUTOR_MT);
+  static const char *names[] = {"running", "draining", "closing", "dead"};
+  if (!x->e || !pp_engine_mine(x->e)) {
+    lua_pushliteral(L, "dead");
+    return 1;
+  }
+  const char *broken = pp_engine_broken(x->e);
+  lua_pushstring(L, names[pp_engine_state(x->e)]);
+  if (broken) {
+    lua_pushstring(L, broken);
+    return 2;
+  }
+  return 1;
+}
+
+static int l_stats(lua_State *L) {
+  pp_exec *x = checkexec(L, 1);
+  pp_stats s;
+  pp_engine_stats(x->e, &s);
+  lua_createtable(L, 0, 7);
+  lua_pushinteger(L, s.workers);
+  lua_setfield(L, -2, "workers");
+#define F(name)                                                                                    \
+  lua_pushinteger(L, (lua_Integer)s.name);                                                         \
+  lua_setfield(L, -2, #name)
+  F(pending);
+  F(running);
+  F(completed);
+  F(failed);
+  F(cancelled);
+  F(worker_restarts);
+#undef F
+  return 1;
+}
+
+static int l_pollfd(lua_State *L) {
+  pp_exec *x = checkexec(L, 1);
+  lua_pushinteger(L, pp_engine_fd(x->e));
+  return 1;
+}
+
+static int l_events(lua_State *L) {
+  lua_pushliteral(L, "r");
+  return 1;
+}
+
+static int l_timeout(lua_State *L) {
+  lua_pushnil(L);
+  return 1;
+}
+
+/* poll(timeout) -> number of futures that ended since the last poll */
+static int l_poll(lua_State *L) {
+  pp_exec *x = checkexec(L, 1);
+  double timeout = luaL_optnumber(L, 2, 0);
+  double deadline = (double)pp_now_ns() / 1e9 + (timeout > 0 ? timeout : 0);
+  uint64_t n = 0;
+  for (;;) {
+    n += pp_engine_ack(x->e);
+    pp_drain(L);
+    double left = deadline - (double)pp_now_ns() / 1e9;
+    if (n > 0 || left <= 0 || pp_engine_state(x->e) == PP_E_DEAD) break;
+    struct pollfd p = {pp_engine_fd(x->e), POLLIN, 0};
+    poll(&p, 1, (int)(left * 1000) + 1);
+  }
+  lua_pushinteger(L, (lua_Integer)n);
+  return 1;
+}
+
+static int l_item_ns(lua_State *L) {
+  pp_exec *x = checkexec(L, 1);
+  lua_pushinteger(L, (lua_Integer)pp_engine_item_ns(x->e));
+  return 1;
+}
+
+static int l_nworkers(lua_State *L) {
+  pp_exec *x = luaL_checkudata(L, 1, PP_EXECUTOR_MT);
+  lua_pushinteger(L, x->nworkers);
+  return 1;
+}
+
+/* Garbage collection: an executor nobody can reach any more. */
+static int l_gc(lua_State *L) {
+  pp_exec *x = luaL_checkudata(L, 1, PP_EXECUTOR_MT);
+  if (!x->e) return 0;
+  pp_engine *e = x->e;
+  x->e = NULL;
+  if (!pp_engine_mine(e)) return 0; /* a worker's copy of its parent's */
+  if (state_closing(L)->closing) {
+    /* the state is closing: stop the workers now and wait for them */
+    if (pp_engine_state(e) != PP_E_DEAD) pp_engine_kill(e, SIGKILL);
+    while (pp_engine_state(e) != PP_E_DEAD) {
+      struct pollfd p = {pp_engine_fd(e), POLLIN, 0};
+      poll(&p, 1, 100);
+      pp_engine_ack(e);
+    }
+    pp_engine_join(e);
+  } else {
+    /* running tasks finish in the background; queued ones are cancelled */
+    pp_engine_shutdown(e, 1);
+    pp_engine_detach(e);
+  }
+  pp_engine_unref(e);
+  return 0;
+}
+
+static int l_cpu_count(lua_State *L) {
+  cpu_set_t set;
+  int n = 0;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);
+  if (n < 1) n = (int)sysconf(_SC_NPROCESSORS_ONLN);
+  lua_pushinteger(L, n < 1 ? 1 : n);
+  return 1;
+}
+
+static int l_current_worker(lua_State *L) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, "procpool.current_worker") != LUA_TTABLE) return 1;
+  /* a copy, so callers cannot change what later tasks see */
+  lua_createtable(L, 0, 2);
+  lua_getfield(L, -2, "id");
+  lua_setfield(L, -2, "id");
+  lua_getfield(L, -2, "pid");
+  lua_setfield(L, -2, "pid");
+  return 1;
+}
+
+void pp_engine_open(lua_State *L) {
+  static const luaL_Reg methods[] = {{"_submit", l_submit},     {"_submit_chunk", l_submit_chunk},
+                                     {"_shutdown", l_shutdown}, {"_kill", l_kill},
+                                     {"_join", l_join},         {"_state", l_state},
+                                     {"_item_ns", l_item_ns},   {"_nworkers", l_nworkers},
+                                     {"stats", l_stats},        {"poll", l_poll},
+                                     {"pollfd", l_pollfd},      {"events", l_events},
+                                     {"timeout", l_timeout},    {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"executor_new", l_executor_new},
+                                 {"cpu_count", l_cpu_count},
+                                 {"current_worker", l_current_worker},
+                                 {NULL, NULL}};
+  luaL_newmetatable(L, CLOSING_MT);
+  lua_pushcfunction(L, sentinel_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, PP_EXECUTOR_MT);
+  lua_pushcfunction(L, l_gc);
+  lua_setfield(L, -2, "__gc");
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_setfield(L, -2, "Executor"); /* module.Executor = the metatable */
+  luaL_setfuncs(L, fns, 0);
+}

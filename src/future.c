@@ -1,0 +1,695 @@
+/* future.c: Future userdata over the engine's jobs, and the wait primitive. */
+#define _GNU_SOURCE
+#include "future.h"
+
+#include <errno.h>
+#include <math.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+
+#include "codec.h"
+#include "pp.h"
+
+/* user values of a Future */
+enum { FUV_OUTCOME = 1, FUV_CALLBACKS, FUV_POLLFD, FUV_N = FUV_POLLFD };
+
+/* registry: futures with callbacks by job, and a count per engine */
+#define REG_CBFUTS "procpool.cbfuts"
+#define REG_CBENGINES "procpool.cbengines"
+#define REG_WAITER "procpool.waiter"
+#define WAITBOX_MT "procpool.WaitFd"
+
+static pp_fut *checkfut(lua_State *L, int idx) {
+  pp_fut *f = luaL_checkudata(L, idx, PP_FUTURE_MT);
+  if (!f->job) luaL_argerror(L, idx, "a released future");
+  if (!pp_engine_mine(f->e)) luaL_error(L, "procpool: %s", pp_strerror(PP_EFOREIGN));
+  return f;
+}
+
+void pp_future_push(lua_State *L, pp_engine *e, pp_job *job) {
+  pp_fut *f = lua_newuserdatauv(L, sizeof *f, FUV_N);
+  f->job = NULL;
+  f->e = NULL;
+  luaL_setmetatable(L, PP_FUTURE_MT);
+  pp_engine_ref(e);
+  f->e = e;
+  f->job = job;
+}
+
+static int fut_gc(lua_State *L) {
+  pp_fut *f = luaL_checkudata(L, 1, PP_FUTURE_MT);
+  if (f->job && pp_engine_mine(f->e)) { /* a forked copy leaves its parent's memory alone */
+    pp_job_unref(f->job);
+    pp_engine_unref(f->e);
+  }
+  f->job = NULL;
+  f->e = NULL;
+  return 0;
+}
+
+static int is_done(int st) { return st == PP_JOB_DONE || st == PP_JOB_CANCELLED; }
+
+static int fut_done(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  lua_pushboolean(L, is_done(pp_engine_job_state(f->e, f->job)));
+  return 1;
+}
+
+static int fut_running(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  lua_pushboolean(L, pp_engine_job_state(f->e, f->job) == PP_JOB_RUNNING);
+  return 1;
+}
+
+static int fut_cancelled(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  lua_pushboolean(L, pp_engine_job_state(f->e, f->job) == PP_JOB_CANCELLED);
+  return 1;
+}
+
+static const char *state_name(int st) {
+  switch (st) {
+  case PP_JOB_PENDING:
+    return "pending";
+  case PP_JOB_RUNNING:
+    return "running";
+  case PP_JOB_CANCELLED:
+    return "cancelled";
+  default:
+    return "finished";
+  }
+}
+
+static int fut_state(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  lua_pushstring(L, state_name(pp_engine_job_state(f->e, f->job)));
+  return 1;
+}
+
+static int fut_tostring(lua_State *L) {
+  pp_fut *f = luaL_checkudata(L, 1, PP_FUTURE_MT);
+  if (!f->job || !pp_engine_mine(f->e))
+    lua_pushfstring(L, "procpool.Future: %p (released)", (void *)f);
+  else
+    lua_pushfstring(L, "procpool.Future: %p (%s)", (void *)f,
+                    state_name(pp_engine_job_state(f->e, f->job)));
+  return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* callbacks                                                            */
+
+static void report_callback_error(lua_State *L, int futidx) {
+  const char *msg = luaL_tolstring(L, -1, NULL);
+  const char *fs = luaL_tolstring(L, futidx, NULL);
+  fprintf(stderr, "procpool: exception calling callback for %s: %s\n", fs, msg);
+  fflush(stderr);
+  lua_pop(L, 3);
+}
+
+static int tb_handler(lua_State *L) {
+  const char *msg = luaL_tolstring(L, 1, NULL);
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+/* Call every callback of the future at `idx` once, then forget them. */
+static void run_callbacks(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  if (lua_getiuservalue(L, idx, FUV_CALLBACKS) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    return;
+  }
+  int cbs = lua_gettop(L);
+  lua_pushnil(L);
+  lua_setiuservalue(L, idx, FUV_CALLBACKS);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, cbs);
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_pushcfunction(L, tb_handler);
+    lua_rawgeti(L, cbs, i);
+    lua_pushvalue(L, idx);
+    if (lua_pcall(L, 1, 0, -3) != LUA_OK)
+      report_callback_error(L, idx);
+    else
+      lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
+static void reg_table(lua_State *L, const char *name) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, name) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, name);
+  }
+}
+
+/* Forget the registration of the future for `job`; leaves the future (or
+ * nil) on the stack. */
+static void unregister(lua_State *L, pp_engine *e, pp_job *job) {
+  reg_table(L, REG_CBFUTS);
+  lua_rawgetp(L, -1, job);
+  if (!lua_isnil(L, -1)) {
+    lua_pushnil(L);
+    lua_rawsetp(L, -3, job);
+    reg_table(L, REG_CBENGINES);
+    lua_rawgetp(L, -1, e);
+    lua_Integer n = lua_tointeger(L, -1) - 1;
+    lua_pop(L, 1);
+    if (n > 0)
+      lua_pushinteger(L, n);
+    else
+      lua_pushnil(L);
+    lua_rawsetp(L, -2, e);
+    lua_pop(L, 1);
+  }
+  lua_remove(L, -2);
+}
+
+void pp_drain(lua_State *L) {
+  reg_table(L, REG_CBENGINES);
+  int t = lua_gettop(L);
+  /* snapshot: callbacks may add or remove engines */
+  pp_engine *engs[64];
+  int n = 0;
+  lua_pushnil(L);
+  while (n < 64 && lua_next(L, t)) {
+    engs[n++] = (pp_engine *)lua_touserdata(L, -2);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  for (int k = 0; k < n; k++) {
+    reg_table(L, REG_CBENGINES);
+    int live = lua_rawgetp(L, -1, engs[k]) != LUA_TNIL;
+    lua_pop(L, 2);
+    if (!live) continue; /* a callback's drain got to it */
+    /* futures with callbacks hold the engine, so it is alive here */
+    pp_engine_ref(engs[k]);
+    pp_job *j = pp_engine_take_ended(engs[k]);
+    while (j) {
+      pp_job *next = j->cnext;
+      unregister(L, engs[k], j);
+      if (!lua_isnil(L, -1)) run_callbacks(L, -1);
+      lua_pop(L, 1);
+      pp_job_unref(j);
+      j = next;
+    }
+    pp_engine_unref(engs[k]);
+  }
+}
+
+static int l_drain(lua_State *L) {
+  pp_drain(L);
+  return 0;
+}
+
+static int fut_add_done_callback(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_settop(L, 2);
+  if (lua_getiuservalue(L, 1, FUV_CALLBACKS) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, 1, FUV_CALLBACKS);
+  }
+  lua_pushvalue(L, 2);
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  reg_table(L, REG_CBFUTS);
+  int registered = lua_rawgetp(L, -1, f->job) != LUA_TNIL;
+  lua_pop(L, 1);
+  if (!registered) {
+    if (pp_engine_watch(f->e, f->job)) {
+      lua_pushvalue(L, 1);
+      lua_rawsetp(L, -2, f->job);
+      reg_table(L, REG_CBENGINES);
+      lua_rawgetp(L, -1, f->e);
+      lua_Integer n = lua_tointeger(L, -1) + 1;
+      lua_pop(L, 1);
+      lua_pushinteger(L, n);
+      lua_rawsetp(L, -2, f->e);
+      return 0;
+    }
+    run_callbacks(L, 1); /* already done: now, in the caller */
+  }
+  return 0;
+}
+
+static int fut_cancel(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  int was = pp_engine_job_state(f->e, f->job) == PP_JOB_CANCELLED;
+  int ok = pp_engine_cancel(f->e, f->job);
+  if (ok && !was) { /* cancelled now: callbacks run here, once */
+    unregister(L, f->e, f->job);
+    lua_pop(L, 1);
+    run_callbacks(L, 1);
+  }
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* outcomes                                                             */
+
+static const char *signame(int sig) {
+  static const char *names[] = {NULL,      "SIGHUP",  "SIGINT",  "SIGQUIT", "SIGILL",  "SIGTRAP",
+                                "SIGABRT", "SIGBUS",  "SIGFPE",  "SIGKILL", "SIGUSR1", "SIGSEGV",
+                                "SIGUSR2", "SIGPIPE", "SIGALRM", "SIGTERM"};
+  return sig > 0 && sig < (int)(sizeof names / sizeof names[0]) ? names[sig] : NULL;
+}
+
+/* Push the error object for a failed item that has no error value. */
+static void push_item_error(lua_State *L, pp_fut *f, const pp_item *it) {
+  switch (it->status) {
+  case PP_IT_CANCELLED:
+    pp_error_push(L, "CancelledError", "the future was cancelled");
+    break;
+  case PP_IT_LOST: {
+    const char *sn = signame(it->sig);
+    if (it->sig)
+      lua_pushfstring(L, "worker process %d died while running the task (signal %d%s%s%s)",
+                      (int)it->pid, (int)it->sig, sn ? ", " : "", sn ? sn : "", "");
+    else if (it->code >= 0)
+      lua_pushfstring(L, "worker process %d died while running the task (exit code %d)",
+                      (int)it->pid, (int)it->code);
+    else
+      lua_pushfstring(L, "worker process %d died while running the task", (int)it->pid);
+    pp_error_push(L, "WorkerLost", lua_tostring(L, -1));
+    lua_remove(L, -2);
+    lua_pushinteger(L, it->pid);
+    lua_setfield(L, -2, "pid");
+    if (it->sig) {
+      lua_pushinteger(L, it->sig);
+      lua_setfield(L, -2, "signal");
+    } else if (it->code >= 0) {
+      lua_pushinteger(L, it->code);
+      lua_setfield(L, -2, "exit_code");
+    }
+    break;
+  }
+  case PP_IT_DEADLINE:
+    pp_error_push(L, "DeadlineExceeded", "the task ran past its deadline and was stopped");
+    lua_pushinteger(L, it->pid);
+    lua_setfield(L, -2, "pid");
+    lua_pushnumber(L, (lua_Number)f->job->timeout_ns / 1e9);
+    lua_setfield(L, -2, "timeout");
+    break;
+  default:
+    pp_error_push(L, "BrokenProcessPool", pp_engine_fail_msg(f->e));
+    break;
+  }
+}
+
+/* Push the values of item i; returns the count, or -1 after pushing
+ * (error value, traceback or nil) for a failure. */
+static int push_item(lua_State *L, pp_fut *f, uint32_t i, int first_only) {
+  const pp_item *it = &f->job->items[i];
+  if (it->status == PP_IT_OK) {
+    int top = lua_gettop(L);
+    int n = pp_decode(L, it->blob->p + it->off, it->len, NULL, 0, 0);
+    if (first_only) {
+      if (n == 0) lua_pushnil(L);
+      lua_settop(L, top + 1);
+      return 1;
+    }
+    return n;
+  }
+  if (it->status == PP_IT_ERROR) {
+    int top = lua_gettop(L);
+    int n = pp_decode(L, it->blob->p + it->off, it->len, NULL, 0, 0);
+    lua_settop(L, top + 2); /* (error value, traceback) */
+    (void)n;
+    return -1;
+  }
+  push_item_error(L, f, it);
+  lua_pushnil(L);
+  return -1;
+}
+
+/* _outcome() -> true, values... | false, error, traceback. Decoded once,
+ * cached in the future. */
+static int fut_outcome(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  if (!is_done(pp_engine_job_state(f->e, f->job)))
+    pp_error_raise(L, "InvalidStateError", "the future is not done");
+  lua_settop(L, 1);
+  if (lua_getiuservalue(L, 1, FUV_OUTCOME) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    int t = lua_gettop(L);
+    int n = f->job->n ? push_item(L, f, 0, 0) : 0;
+    int ok = n >= 0;
+    if (!ok) n = 2;
+    for (int k = n; k >= 1; k--) lua_rawseti(L, t, k);
+    lua_pushinteger(L, n);
+    lua_setfield(L, t, "n");
+    lua_pushboolean(L, ok);
+    lua_setfield(L, t, "ok");
+    lua_pushvalue(L, t);
+    lua_setiuservalue(L, 1, FUV_OUTCOME);
+  }
+  int t = lua_gettop(L);
+  lua_getfield(L, t, "ok");
+  lua_getfield(L, t, "n");
+  int n = (int)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  luaL_checkstack(L, n + 2, "procpool: too many results");
+  for (int k = 1; k <= n; k++) lua_rawgeti(L, t, k);
+  return n + 1;
+}
+
+/* _item(i) -> true, first value | false, error, traceback (not cached) */
+static int fut_item(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  if (i < 1 || i > (lua_Integer)f->job->n) luaL_argerror(L, 2, "no such item");
+  if (!is_done(pp_engine_job_state(f->e, f->job)))
+    pp_error_raise(L, "InvalidStateError", "the future is not done");
+  lua_settop(L, 2);
+  lua_pushboolean(L, 1);
+  int n = push_item(L, f, (uint32_t)(i - 1), 1);
+  if (n < 0) {
+    lua_pushboolean(L, 0);
+    lua_replace(L, 3);
+    return 3;
+  }
+  return 2;
+}
+
+/* _collect(out, base) -> nil | index, error, traceback: the first values
+ * of all items into out[base], out[base+1], ...; stops at the first
+ * failed item (in item order). */
+static int fut_collect(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_Integer base = luaL_checkinteger(L, 3);
+  if (!is_done(pp_engine_job_state(f->e, f->job)))
+    pp_error_raise(L, "InvalidStateError", "the future is not done");
+  lua_settop(L, 3);
+  for (uint32_t i = 0; i < f->job->n; i++) {
+    if (push_item(L, f, i, 1) < 0) {
+      lua_pushinteger(L, (lua_Integer)i + 1);
+      lua_insert(L, -3);
+      return 3;
+    }
+    lua_rawseti(L, 2, base + (lua_Integer)i);
+  }
+  return 0;
+}
+
+static int fut_traceback(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  if (!is_done(pp_engine_job_state(f->e, f->job)) || f->job->n == 0 ||
+      f->job->items[0].status != PP_IT_ERROR) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lua_settop(L, 1);
+  fut_outcome(L);
+  return 1; /* the last value pushed is the traceback */
+}
+
+static int fut_nitems(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  lua_pushinteger(L, (lua_Integer)f->job->n);
+  return 1;
+}
+
+/* failed() -> true if done and any item failed (cancelled is not failed) */
+static int fut_failed(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  int st = pp_engine_job_state(f->e, f->job);
+  lua_pushboolean(L, st == PP_JOB_DONE && f->job->nfailed > 0);
+  return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* pollable protocol                                                    */
+
+typedef struct waitbox {
+  pp_waiter *w;
+} waitbox;
+
+static int waitbox_gc(lua_State *L) {
+  waitbox *b = lua_touserdata(L, 1);
+  if (b->w) pp_waiter_unref(b->w);
+  b->w = NULL;
+  return 0;
+}
+
+static waitbox *new_waitbox(lua_State *L) {
+  waitbox *b = lua_newuserdatauv(L, sizeof *b, 0);
+  b->w = NULL;
+  luaL_setmetatable(L, WAITBOX_MT);
+  pp_waiter *w = malloc(sizeof *w);
+  if (!w) luaL_error(L, "procpool: not enough memory");
+  w->refs = 1;
+  w->fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  b->w = w;
+  if (w->fd < 0) luaL_error(L, "procpool: eventfd: %s", strerror(errno));
+  return b;
+}
+
+/* pollfd(): an fd readable once the future is done */
+static int fut_pollfd(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  if (lua_getiuservalue(L, 1, FUV_POLLFD) == LUA_TUSERDATA) {
+    waitbox *b = lua_touserdata(L, -1);
+    lua_pushinteger(L, b->w->fd);
+    return 1;
+  }
+  lua_pop(L, 1);
+  waitbox *b = new_waitbox(L);
+  lua_setiuservalue(L, 1, FUV_POLLFD);
+  if (!pp_engine_wait_add(f->e, f->job, b->w)) { /* done already */
+    uint64_t one = 1;
+    ssize_t r = write(b->w->fd, &one, sizeof one);
+    (void)r;
+  }
+  lua_pushinteger(L, b->w->fd);
+  return 1;
+}
+
+static int l_events(lua_State *L) {
+  lua_pushliteral(L, "r");
+  return 1;
+}
+
+static int l_timeout(lua_State *L) {
+  lua_pushnil(L);
+  return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* the wait primitive                                                   */
+
+/*
+ * await(target, deadline, mode) -> true when the condition holds, false
+ * when the deadline (absolute, monotonic seconds; nil: none) passes.
+ * target: a Future; a sequence of Futures with mode "any" (one done),
+ * "all" (all done) or "exc" (one failed, or all done); or an Executor
+ * (its engine has ended).
+ * In a yieldable coroutine with a waiter installed, it calls the waiter
+ * through lua_callk, so the waiter may yield; otherwise it blocks in poll.
+ */
+#define AW_TARGET 1
+#define AW_DEADLINE 2
+#define AW_MODE 3
+#define AW_BOX 4
+
+typedef struct awstate {
+  pp_engine *engs[32];
+  int nengs;
+} awstate;
+
+static void aw_engine(awstate *s, pp_engine *e) {
+  for (int i = 0; i < s->nengs; i++)
+    if (s->engs[i] == e) return;
+  if (s->nengs < 32) s->engs[s->nengs++] = e;
+}
+
+/* 1 if the condition holds; collects the engines involved */
+static int aw_check(lua_State *L, awstate *s) {
+  s->nengs = 0;
+  pp_fut *f = luaL_testudata(L, AW_TARGET, PP_FUTURE_MT);
+  if (f) {
+    checkfut(L, AW_TARGET);
+    aw_engine(s, f->e);
+    return is_done(pp_engine_job_state(f->e, f->job));
+  }
+  pp_exec *x = luaL_testudata(L, AW_TARGET, PP_EXECUTOR_MT);
+  if (x) {
+    if (!x->e) return 1;
+    aw_engine(s, x->e);
+    return pp_engine_state(x->e) == PP_E_DEAD;
+  }
+  const char *mode = luaL_optstring(L, AW_MODE, "all");
+  lua_Integer n = (lua_Integer)lua_rawlen(L, AW_TARGET), done = 0;
+  if (n == 0) return 1;
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, AW_TARGET, i);
+    pp_fut *g = luaL_testudata(L, -1, PP_FUTURE_MT);
+    lua_pop(L, 1);
+    if (!g || !g->job) continue;
+    int st = pp_engine_job_state(g->e, g->job);
+    aw_engine(s, g->e);
+    if (is_done(st)) {
+      done++;
+      if (mode[0] == 'a' && mode[1] == 'n') return 1; /* any */
+      if (mode[0] == 'e' && st == PP_JOB_DONE && g->job->nfailed) return 1;
+    }
+  }
+  return done == n;
+}
+
+/* Register the box's waiter on every job not done yet. */
+static void aw_register(lua_State *L, pp_waiter *w, int add) {
+  pp_fut *f = luaL_testudata(L, AW_TARGET, PP_FUTURE_MT);
+  if (f) {
+    if (add)
+      pp_engine_wait_add(f->e, f->job, w);
+    else
+      pp_engine_wait_del(f->e, f->job, w);
+    return;
+  }
+  if (!lua_istable(L, AW_TARGET)) return;
+  lua_Integer n = (lua_Integer)lua_rawlen(L, AW_TARGET);
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, AW_TARGET, i);
+    pp_fut *g = luaL_testudata(L, -1, PP_FUTURE_MT);
+    lua_pop(L, 1);
+    if (!g || !g->job) continue;
+    if (add)
+      pp_engine_wait_add(g->e, g->job, w);
+    else
+      pp_engine_wait_del(g->e, g->job, w);
+  }
+}
+
+static double now_s(void) { return (double)pp_now_ns() / 1e9; }
+
+static int await_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  (void)ctx;
+  awstate s;
+  for (;;) {
+    if (lua_type(L, AW_BOX) == LUA_TUSERDATA) { /* back from the waiter */
+      waitbox *b = lua_touserdata(L, AW_BOX);
+      aw_register(L, b->w, 0);
+      lua_pushnil(L);
+      lua_replace(L, AW_BOX);
+    }
+    lua_settop(L, AW_BOX);
+    /* clear the notifications first, so none that follow are missed */
+    aw_check(L, &s);
+    for (int i = 0; i < s.nengs; i++) pp_engine_ack(s.engs[i]);
+    pp_drain(L);
+    if (aw_check(L, &s)) {
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+    double deadline = lua_isnoneornil(L, AW_DEADLINE) ? -1 : lua_tonumber(L, AW_DEADLINE);
+    double left = deadline < 0 ? -1 : deadline - now_s();
+    if (deadline >= 0 && left <= 0) {
+      lua_pushboolean(L, 0);
+      return 1;
+    }
+    if (lua_isyieldable(L) && lua_getfield(L, LUA_REGISTRYINDEX, REG_WAITER) == LUA_TFUNCTION) {
+      int fd;
+      pp_exec *x = luaL_testudata(L, AW_TARGET, PP_EXECUTOR_MT);
+      if (x) {
+        fd = pp_engine_fd(x->e);
+      } else {
+        waitbox *b = new_waitbox(L);
+        lua_replace(L, AW_BOX);
+        aw_register(L, b->w, 1);
+        fd = b->w->fd;
+      }
+      lua_pushinteger(L, fd);
+      if (left < 0)
+        lua_pushnil(L);
+      else
+        lua_pushnumber(L, left);
+      lua_callk(L, 2, 0, 0, await_k);
+      continue;
+    }
+    lua_settop(L, AW_BOX);
+    struct pollfd pfd[32];
+    for (int i = 0; i < s.nengs; i++) {
+      pfd[i].fd = pp_engine_fd(s.engs[i]);
+      pfd[i].events = POLLIN;
+      pfd[i].revents = 0;
+    }
+    int ms = left < 0 ? -1 : (int)ceil(left * 1000.0);
+    if (s.nengs == 0) {
+      if (ms < 0) luaL_error(L, "procpool: nothing to wait for");
+      poll(NULL, 0, ms);
+    } else {
+      poll(pfd, (nfds_t)s.nengs, ms);
+    }
+  }
+}
+
+static int l_await(lua_State *L) {
+  luaL_checkany(L, AW_TARGET);
+  if (!lua_isnoneornil(L, AW_DEADLINE)) luaL_checknumber(L, AW_DEADLINE);
+  lua_settop(L, AW_MODE);
+  lua_pushnil(L); /* AW_BOX */
+  return await_k(L, LUA_OK, 0);
+}
+
+static int l_set_waiter(lua_State *L) {
+  if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, REG_WAITER);
+  return 0;
+}
+
+static int l_get_waiter(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, REG_WAITER);
+  return 1;
+}
+
+void pp_future_open(lua_State *L) {
+  static const luaL_Reg methods[] = {{"done", fut_done},
+                                     {"running", fut_running},
+                                     {"cancelled", fut_cancelled},
+                                     {"cancel", fut_cancel},
+                                     {"add_done_callback", fut_add_done_callback},
+                                     {"traceback", fut_traceback},
+                                     {"pollfd", fut_pollfd},
+                                     {"events", l_events},
+                                     {"timeout", l_timeout},
+                                     {"_outcome", fut_outcome},
+                                     {"_item", fut_item},
+                                     {"_collect", fut_collect},
+                                     {"_state", fut_state},
+                                     {"_nitems", fut_nitems},
+                                     {"_failed", fut_failed},
+                                     {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"await", l_await},
+                                 {"drain", l_drain},
+                                 {"set_waiter", l_set_waiter},
+                                 {"get_waiter", l_get_waiter},
+                                 {NULL, NULL}};
+  luaL_newmetatable(L, WAITBOX_MT);
+  lua_pushcfunction(L, waitbox_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, PP_FUTURE_MT);
+  lua_pushcfunction(L, fut_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, fut_tostring);
+  lua_setfield(L, -2, "__tostring");
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_setfield(L, -2, "Future"); /* module.Future = the metatable */
+  luaL_setfuncs(L, fns, 0);
+}

@@ -1,0 +1,236 @@
+/* proc.c: the zygote: forks workers on request, reaps them, reports exits. */
+#define _GNU_SOURCE
+#include "proc.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define ZCTL 3 /* the zygote's control socket lives at this fd */
+
+void pp_close_from(int lowfd, int keep) {
+#ifdef SYS_close_range
+  if (keep < lowfd) {
+    if (syscall(SYS_close_range, (unsigned)lowfd, ~0u, 0) == 0) return;
+  } else {
+    int ok = 1;
+    if (keep > lowfd) ok = syscall(SYS_close_range, (unsigned)lowfd, (unsigned)keep - 1, 0) == 0;
+    if (ok && syscall(SYS_close_range, (unsigned)keep + 1, ~0u, 0) == 0) return;
+  }
+#endif
+  /* older kernels: walk /proc/self/fd (collect first, then close) */
+  DIR *d = opendir("/proc/self/fd");
+  if (d) {
+    int fds[4096], n = 0, dfd = dirfd(d);
+    struct dirent *de;
+    while ((de = readdir(d)) && n < 4096) {
+      int fd = atoi(de->d_name);
+      if (fd >= lowfd && fd != keep && fd != dfd) fds[n++] = fd;
+    }
+    closedir(d);
+    for (int i = 0; i < n; i++) close(fds[i]);
+    return;
+  }
+  for (int fd = lowfd; fd < 65536; fd++)
+    if (fd != keep) close(fd);
+}
+
+static void zsend(const pp_zmsg *m, const int *fds, int nfds) {
+  struct iovec iov = {(void *)m, sizeof *m};
+  struct msghdr mh;
+  union {
+    struct cmsghdr h;
+    char buf[CMSG_SPACE(4 * sizeof(int))];
+  } cm;
+  memset(&mh, 0, sizeof mh);
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  if (nfds > 0) {
+    memset(&cm, 0, sizeof cm);
+    mh.msg_control = cm.buf;
+    mh.msg_controllen = CMSG_SPACE((size_t)nfds * sizeof(int));
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
+    memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
+  }
+  while (sendmsg(ZCTL, &mh, MSG_NOSIGNAL) < 0 && errno == EINTR) {
+  }
+}
+
+typedef struct zstate {
+  lua_State *L;
+  const pp_wctx *wctx;
+  sigset_t mask; /* the host's signal mask, restored in workers */
+  int sfd;
+  pid_t *kids;
+  int nkids, capkids;
+} zstate;
+
+static void spawn_worker(zstate *z, uint32_t slot, uint32_t gen) {
+  pp_zmsg m;
+  memset(&m, 0, sizeof m);
+  m.slot = slot;
+  m.gen = gen;
+  int sv[2] = {-1, -1}, pg = -1;
+  pp_page *page = MAP_FAILED;
+  pid_t pid = -1;
+  int err = 0;
+  if (z->nkids == z->capkids) {
+    int cap = z->capkids ? z->capkids * 2 : 16;
+    pid_t *k = realloc(z->kids, (size_t)cap * sizeof *k);
+    if (!k)
+      err = ENOMEM;
+    else {
+      z->kids = k;
+      z->capkids = cap;
+    }
+  }
+  if (!err && socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) err = errno;
+  if (!err && (pg = memfd_create("procpool-page", MFD_CLOEXEC)) < 0) err = errno;
+  if (!err && ftruncate(pg, 4096) != 0) err = errno;
+  if (!err) {
+    page = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, pg, 0);
+    if (page == MAP_FAILED) err = errno;
+  }
+  if (!err) {
+    pid_t zpid = getpid();
+    pid = fork();
+    if (pid == 0) {
+      /* the worker */
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != zpid) _exit(1);
+      close(sv[0]);
+      close(pg);
+      close(z->sfd);
+      close(ZCTL);
+      sigprocmask(SIG_SETMASK, &z->mask, NULL);
+      pp_worker_main(z->L, sv[1], page, (int)slot, z->wctx);
+    }
+    if (pid < 0) err = errno;
+  }
+  if (err) {
+    m.type = PP_Z_SPAWNFAIL;
+    m.err = err;
+    zsend(&m, NULL, 0);
+  } else {
+    z->kids[z->nkids++] = pid;
+    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    int fds[3] = {sv[0], pidfd >= 0 ? pidfd : sv[0], pg};
+    m.type = PP_Z_SPAWNED;
+    m.pid = pid;
+    m.err = pidfd >= 0 ? 0 : ENOSYS; /* the parent drops the stand-in */
+    m.nfds = 3;
+    zsend(&m, fds, 3);
+    if (pidfd >= 0) close(pidfd);
+  }
+  if (page != MAP_FAILED) munmap(page, 4096);
+  if (pg >= 0) close(pg);
+  if (sv[0] >= 0) close(sv[0]);
+  if (sv[1] >= 0) close(sv[1]);
+}
+
+static void reap(zstate *z) {
+  int st;
+  pid_t pid;
+  while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+    for (int i = 0; i < z->nkids; i++)
+      if (z->kids[i] == pid) {
+        z->kids[i] = z->kids[--z->nkids];
+        break;
+      }
+    pp_zmsg m;
+    memset(&m, 0, sizeof m);
+    m.type = PP_Z_EXITED;
+    m.pid = pid;
+    m.status = st;
+    zsend(&m, NULL, 0);
+  }
+}
+
+__attribute__((noreturn)) static void zygote_main(lua_State *L, const pp_wctx *w, int ctl,
+                                                  pid_t parent, const sigset_t *mask) {
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() != parent) _exit(0);
+  if (ctl != ZCTL) {
+    dup2(ctl, ZCTL);
+    close(ctl);
+  }
+  pp_close_from(ZCTL + 1, -1);
+  zstate z;
+  memset(&z, 0, sizeof z);
+  z.L = L;
+  z.wctx = w;
+  z.mask = *mask;
+  sigset_t chld;
+  sigemptyset(&chld);
+  sigaddset(&chld, SIGCHLD);
+  sigset_t zmask = *mask;
+  sigaddset(&zmask, SIGCHLD);
+  sigprocmask(SIG_SETMASK, &zmask, NULL);
+  z.sfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+  if (z.sfd < 0) _exit(1);
+  for (;;) {
+    struct pollfd p[2] = {{ZCTL, POLLIN, 0}, {z.sfd, POLLIN, 0}};
+    if (poll(p, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    if (p[1].revents) {
+      struct signalfd_siginfo si;
+      while (read(z.sfd, &si, sizeof si) > 0) {
+      }
+      reap(&z);
+    }
+    if (p[0].revents) {
+      pp_zmsg m;
+      ssize_t r = recv(ZCTL, &m, sizeof m, MSG_DONTWAIT);
+      if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+      if (r <= 0) break; /* the parent closed: end */
+      if (r == (ssize_t)sizeof m && m.type == PP_Z_SPAWN) spawn_worker(&z, m.slot, m.gen);
+    }
+  }
+  /* our workers go with us */
+  for (int i = 0; i < z.nkids; i++) kill(z.kids[i], SIGKILL);
+  while (waitpid(-1, NULL, 0) > 0 || errno == EINTR) {
+  }
+  _exit(0);
+}
+
+int pp_zygote_fork(lua_State *L, const pp_wctx *w, pid_t *zpid, int *zfd) {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return errno;
+  sigset_t all, old;
+  sigfillset(&all);
+  fflush(NULL); /* no buffered output is written twice */
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  pid_t parent = getpid();
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(sv[0]);
+    zygote_main(L, w, sv[1], parent, &old);
+  }
+  int err = pid < 0 ? errno : 0;
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  close(sv[1]);
+  if (err) {
+    close(sv[0]);
+    return err;
+  }
+  *zpid = pid;
+  *zfd = sv[0];
+  return 0;
+}

@@ -1,0 +1,29 @@
+/* proc.h: the zygote and worker processes (fork context). */
+#ifndef PP_PROC_H
+#define PP_PROC_H
+
+#include <lua.h>
+#include <sys/types.h>
+
+#include "channel.h"
+
+/* What a worker needs from the state it was forked with. */
+typedef struct pp_wctx {
+  int init_idx; /* stack index of the initializer (0: none) */
+  int init_n;   /* number of initargs that follow it */
+  int init_str; /* the initializer is a "module.name" string */
+} pp_wctx;
+
+/* Fork the zygote from the calling (Lua) thread. The child keeps a copy of
+ * L and never returns from this call. In the parent: 0 with *zpid and
+ * *zfd (its control socket), or an errno. */
+int pp_zygote_fork(lua_State *L, const pp_wctx *w, pid_t *zpid, int *zfd);
+
+/* The worker's main loop (worker.c); never returns. */
+void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx *w)
+    __attribute__((noreturn));
+
+/* Close every fd from `lowfd` up, except `keep` (may be -1). */
+void pp_close_from(int lowfd, int keep);
+
+#endif

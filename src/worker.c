@@ -1,0 +1,363 @@
+/* worker.c: the worker's main loop: run tasks, send results (child side). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "codec.h"
+#include "engine.h"
+#include "pp.h"
+#include "proc.h"
+
+/* Flush a batch of results once it is this large or this old. */
+#define BATCH_BYTES (64u << 10)
+#define BATCH_NS 1000000u
+
+typedef struct wstate {
+  lua_State *L;
+  int fd;
+  pp_page *page;
+  pp_in in;
+  pp_out out;
+  pp_wbuf res;  /* one item's encoded result (memfd when large) */
+  size_t batch; /* header offset of the open RESULT frame, or SIZE_MAX */
+  uint64_t batch_seq0, batch_t0;
+  uint32_t batch_n;
+  int fncache; /* stack index of the function cache */
+} wstate;
+
+__attribute__((noreturn)) static void wexit(wstate *ws, int code) {
+  (void)ws;
+  fflush(NULL);
+  _exit(code);
+}
+
+/* Blocking write of everything queued. */
+static void out_drain(wstate *ws) {
+  while (pp_out_pending(&ws->out)) {
+    int rc = pp_out_flush(&ws->out, ws->fd);
+    if (rc != 0) wexit(ws, 0); /* the parent is gone */
+    if (pp_out_pending(&ws->out)) {
+      fd_set wf;
+      FD_ZERO(&wf);
+      FD_SET(ws->fd, &wf);
+      select(ws->fd + 1, NULL, &wf, NULL, NULL);
+    }
+  }
+}
+
+static void batch_close(wstate *ws) {
+  if (ws->batch == SIZE_MAX) return;
+  unsigned char *h = (unsigned char *)ws->out.buf.p + ws->batch + PP_FRAME_HDR;
+  pp_put32(h + 8, ws->batch_n);
+  pp_put64(h + 16, pp_now_ns() - ws->batch_t0);
+  pp_frame_end(&ws->out.buf, ws->batch);
+  ws->batch = SIZE_MAX;
+}
+
+static void flush(wstate *ws) {
+  batch_close(ws);
+  fflush(NULL); /* what the tasks printed comes out before their results */
+  out_drain(ws);
+}
+
+static void reserve(wstate *ws, size_t n) {
+  if (pp_wbuf_reserve(&ws->out.buf, n) != 0) wexit(ws, 70);
+}
+
+/* Append one item's result (status + the encoded list in ws->res). */
+static void put_result(wstate *ws, uint64_t seq, int status, uint64_t t0) {
+  if (ws->res.fd >= 0) { /* large: its own frame, the bytes in the memfd */
+    flush(ws);
+    reserve(ws, PP_FRAME_HDR + 40);
+    size_t h = pp_frame_begin(&ws->out.buf, PP_FR_RESULT, PP_FF_FD);
+    unsigned char *q = (unsigned char *)ws->out.buf.p + ws->out.buf.n;
+    pp_put64(q, seq);
+    pp_put32(q + 8, 1);
+    pp_put32(q + 12, 0);
+    pp_put64(q + 16, pp_now_ns() - t0);
+    q[24] = (unsigned char)status;
+    pp_put64(q + 25, ws->res.n);
+    ws->out.buf.n += 33;
+    pp_frame_end(&ws->out.buf, h);
+    int fd = ws->res.fd;
+    munmap(ws->res.p, ws->res.cap);
+    ws->res.p = NULL;
+    ws->res.n = ws->res.cap = 0;
+    ws->res.fd = -1;
+    if (pp_out_addfd(&ws->out, h, fd) != 0) wexit(ws, 70);
+    flush(ws);
+    return;
+  }
+  if (ws->batch == SIZE_MAX) {
+    reserve(ws, PP_FRAME_HDR + 24);
+    ws->batch = pp_frame_begin(&ws->out.buf, PP_FR_RESULT, 0);
+    unsigned char *q = (unsigned char *)ws->out.buf.p + ws->out.buf.n;
+    pp_put64(q, seq);
+    memset(q + 8, 0, 16);
+    ws->out.buf.n += 24;
+    ws->batch_seq0 = seq;
+    ws->batch_n = 0;
+    ws->batch_t0 = t0;
+  }
+  reserve(ws, 5 + ws->res.n);
+  unsigned char *q = (unsigned char *)ws->out.buf.p + ws->out.buf.n;
+  q[0] = (unsigned char)status;
+  pp_put32(q + 1, (uint32_t)ws->res.n);
+  memcpy(q + 5, ws->res.p, ws->res.n);
+  ws->out.buf.n += 5 + ws->res.n;
+  ws->batch_n++;
+  ws->res.n = 0;
+}
+
+/* Message handler: keep the error value, remember a traceback. */
+static int msgh(lua_State *L) {
+  const char *msg = NULL;
+  if (lua_type(L, 1) == LUA_TSTRING)
+    msg = lua_tostring(L, 1);
+  else if (!lua_isnil(L, 1))
+    msg = luaL_tolstring(L, 1, NULL);
+  luaL_traceback(L, L, msg ? msg : "(error object is nil)", 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, "procpool.traceback");
+  lua_settop(L, 1);
+  return 1;
+}
+
+/* [fnbox, item ptr, item len] -> results of fn(decoded args) */
+static int call_item(lua_State *L) {
+  const char *p = lua_touserdata(L, 2);
+  size_t len = (size_t)lua_tointeger(L, 3);
+  lua_settop(L, 1);
+  int n = pp_decode(L, p, len, NULL, 0, 0);
+  lua_call(L, n, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+/* [wstate, values...] -> encodes the values into ws->res */
+static int encode_values(lua_State *L) {
+  wstate *ws = lua_touserdata(L, 1);
+  pp_encode(L, 2, lua_gettop(L) - 1, &ws->res, 0, "result", 0);
+  return 0;
+}
+
+/* Encode (err, traceback) as an ERROR result; if the error value itself
+ * cannot be serialized, send a SerializationError in its place. */
+static void encode_error(wstate *ws, int erridx) {
+  lua_State *L = ws->L;
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, encode_values);
+  lua_pushlightuserdata(L, ws);
+  lua_pushvalue(L, erridx);
+  lua_getfield(L, LUA_REGISTRYINDEX, "procpool.traceback");
+  ws->res.n = 0;
+  if (lua_pcall(L, 3, 0, 0) != LUA_OK) {
+    /* the error value did not serialize: report that instead */
+    const char *why = lua_tostring(L, -1);
+    if (!why) why = luaL_tolstring(L, -1, NULL);
+    lua_pushcfunction(L, encode_values);
+    lua_pushlightuserdata(L, ws);
+    lua_getfield(L, LUA_REGISTRYINDEX, "procpool.traceback");
+    pp_error_push(L, "SerializationError", "the task's error value could not be sent");
+    lua_pushstring(L, why);
+    lua_setfield(L, -2, "reason");
+    lua_insert(L, -2);
+    ws->res.n = 0;
+    if (lua_pcall(L, 3, 0, 0) != LUA_OK) wexit(ws, 70);
+  }
+  lua_settop(L, top);
+}
+
+/* Resolve the function value at the top: a "module.name" string names
+ * one. Leaves the function, or returns 0 with an error value on top. */
+static int resolve_fn(lua_State *L) {
+  if (lua_type(L, -1) != LUA_TSTRING) return 1;
+  size_t len;
+  const char *name = lua_tolstring(L, -1, &len), *err = NULL;
+  if (pp_resolve_name(L, name, len, &err)) {
+    lua_remove(L, -2);
+    return 1;
+  }
+  lua_pushfstring(L, "procpool: cannot find function '%s': %s", name, err);
+  return 0;
+}
+
+static int decode_fn(lua_State *L) {
+  const char *p = lua_touserdata(L, 1);
+  size_t len = (size_t)lua_tointeger(L, 2);
+  int cache = 3;
+  if (pp_decode(L, p, len, NULL, 0, cache) != 1) luaL_error(L, "procpool: bad task function");
+  return 1;
+}
+
+static void run_task(wstate *ws, const unsigned char *b, size_t blen, int fd) {
+  lua_State *L = ws->L;
+  if (blen < 16) wexit(ws, 71);
+  uint64_t seq0 = pp_get64(b);
+  uint32_t count = pp_get32(b + 8);
+  uint32_t flags = pp_get32(b + 12);
+  const char *fn, *items;
+  size_t fnlen, itemslen;
+  pp_blob *map = NULL;
+  if (fd >= 0) {
+    if (blen < 44) wexit(ws, 71);
+    uint64_t fnoff = pp_get64(b + 16), ioff = pp_get64(b + 28);
+    fnlen = pp_get32(b + 24);
+    itemslen = (size_t)pp_get64(b + 36);
+    int err = 0;
+    off_t size = lseek(fd, 0, SEEK_END);
+    if (size < 0) wexit(ws, 71);
+    map = pp_blob_map(fd, (size_t)size, &err);
+    close(fd);
+    if (!map || fnoff + fnlen > map->n || ioff + itemslen > map->n) wexit(ws, 71);
+    fn = map->p + fnoff;
+    items = map->p + ioff;
+  } else {
+    fnlen = pp_get32(b + 16);
+    if (20 + fnlen > blen) wexit(ws, 71);
+    fn = (const char *)b + 20;
+    items = fn + fnlen;
+    itemslen = blen - 20 - fnlen;
+  }
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, msgh);
+  int h = lua_gettop(L);
+  /* the function, once per frame */
+  lua_pushcfunction(L, decode_fn);
+  lua_pushlightuserdata(L, (void *)fn);
+  lua_pushinteger(L, (lua_Integer)fnlen);
+  lua_pushvalue(L, ws->fncache);
+  int fnok = lua_pcall(L, 3, 1, h) == LUA_OK && resolve_fn(L);
+  int fnidx = lua_gettop(L);
+  size_t pos = 0;
+  for (uint32_t k = 0; k < count; k++) {
+    if (itemslen - pos < 4) wexit(ws, 71);
+    size_t ilen = pp_get32((const unsigned char *)items + pos);
+    if (itemslen - pos - 4 < ilen) wexit(ws, 71);
+    const char *item = items + pos + 4;
+    pos += 4 + ilen;
+    uint64_t seq = seq0 + k, t0 = pp_now_ns();
+    if (flags & PP_TASK_TIMED) __atomic_store_n(&ws->page->started_ns, t0, __ATOMIC_RELEASE);
+    __atomic_store_n(&ws->page->started, seq, __ATOMIC_RELEASE);
+    int status;
+    if (!fnok) {
+      if (lua_type(L, fnidx) == LUA_TSTRING) { /* no traceback for a lookup failure */
+        lua_pushliteral(L, "");
+        lua_setfield(L, LUA_REGISTRYINDEX, "procpool.traceback");
+      }
+      encode_error(ws, fnidx);
+      status = PP_RES_ERROR;
+    } else {
+      lua_pushcfunction(L, call_item);
+      lua_pushvalue(L, fnidx);
+      lua_pushlightuserdata(L, (void *)item);
+      lua_pushinteger(L, (lua_Integer)ilen);
+      int base = lua_gettop(L) - 3;
+      if (lua_pcall(L, 3, LUA_MULTRET, h) == LUA_OK) {
+        int nres = lua_gettop(L) - base + 1;
+        lua_pushcfunction(L, encode_values);
+        lua_insert(L, base);
+        lua_pushlightuserdata(L, ws);
+        lua_insert(L, base + 1);
+        ws->res.n = 0;
+        if (lua_pcall(L, nres + 1, 0, h) == LUA_OK) {
+          status = PP_RES_OK;
+        } else { /* the result could not be sent: fail this task only */
+          encode_error(ws, lua_gettop(L));
+          status = PP_RES_ERROR;
+        }
+      } else {
+        encode_error(ws, lua_gettop(L));
+        status = PP_RES_ERROR;
+      }
+    }
+    lua_settop(L, fnidx);
+    put_result(ws, seq, status, t0);
+    /* long items go out at once (deaths are then charged exactly);
+     * short ones are batched */
+    if (ws->batch != SIZE_MAX &&
+        (ws->out.buf.n - ws->batch > BATCH_BYTES || pp_now_ns() - ws->batch_t0 > BATCH_NS))
+      flush(ws);
+  }
+  lua_settop(L, top);
+  pp_blob_unref(map);
+}
+
+void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx *w) {
+  wstate ws;
+  memset(&ws, 0, sizeof ws);
+  ws.L = L;
+  ws.fd = fd;
+  ws.page = page;
+  ws.batch = SIZE_MAX;
+  pp_in_init(&ws.in);
+  pp_out_init(&ws.out);
+  pp_wbuf_init(&ws.res, PP_MEMFD_MIN);
+  /* stdin is the parent's, not ours; every other fd is closed */
+  int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  if (devnull >= 0) {
+    dup2(devnull, 0);
+    close(devnull);
+  }
+  if (fd != 3) {
+    dup2(fd, 3);
+    close(fd);
+    ws.fd = fd = 3;
+  }
+  pp_close_from(4, -1);
+  /* who we are, for procpool.current_worker() */
+  lua_createtable(L, 0, 2);
+  lua_pushinteger(L, slot + 1);
+  lua_setfield(L, -2, "id");
+  lua_pushinteger(L, (lua_Integer)getpid());
+  lua_setfield(L, -2, "pid");
+  lua_setfield(L, LUA_REGISTRYINDEX, "procpool.current_worker");
+  lua_newtable(L);
+  ws.fncache = lua_gettop(L);
+  if (w && w->init_idx) {
+    lua_pushcfunction(L, msgh);
+    int h = lua_gettop(L);
+    lua_pushvalue(L, w->init_idx);
+    int ok = 1;
+    if (w->init_str) ok = resolve_fn(L);
+    for (int i = 1; i <= w->init_n; i++) lua_pushvalue(L, w->init_idx + i);
+    if (!ok || lua_pcall(L, w->init_n, 0, h) != LUA_OK) {
+      const char *msg = luaL_tolstring(L, ok ? -1 : -1 - w->init_n, NULL);
+      size_t len = strlen(msg);
+      reserve(&ws, PP_FRAME_HDR + len);
+      size_t hh = pp_frame_begin(&ws.out.buf, PP_FR_INITFAIL, 0);
+      memcpy(ws.out.buf.p + ws.out.buf.n, msg, len);
+      ws.out.buf.n += len;
+      pp_frame_end(&ws.out.buf, hh);
+      flush(&ws);
+      fprintf(stderr, "procpool: worker %d: exception in initializer: %s\n", slot + 1, msg);
+      wexit(&ws, 1);
+    }
+    lua_settop(L, ws.fncache);
+  }
+  for (;;) {
+    pp_frame f;
+    int rc = pp_in_next(&ws.in, &f);
+    if (rc < 0) wexit(&ws, 71);
+    if (rc == 0) {
+      /* nothing complete buffered: take what has arrived meanwhile
+       * before sending the results, then block */
+      long r = pp_in_read(&ws.in, fd, 0);
+      if (r > 0) continue;
+      flush(&ws);
+      r = pp_in_read(&ws.in, fd, 1);
+      if (r == 0) wexit(&ws, 0); /* the parent closed our input: done */
+      if (r < 0 && errno != EINTR && errno != EAGAIN) wexit(&ws, 0);
+      continue;
+    }
+    if (f.type != PP_FR_TASK) wexit(&ws, 71);
+    run_task(&ws, f.body, f.len, f.fd);
+  }
+}
