@@ -60,4 +60,26 @@ end
 
 B.bin = os.getenv("PROCPOOL_BENCH_BIN") or "build/bench"
 
+--- "a/b x" formatted, or n/a.
+function B.ratio(a, b)
+  if not a or not b or b == 0 then return "n/a" end
+  return string.format("%.1fx", a / b)
+end
+
+--- Run Python's side of the workloads; returns a table name -> figure
+-- (empty when python3 is missing).
+function B.python(workloads)
+  local py = os.getenv("PYTHON") or "python3"
+  local out = B.capture(py .. " bench/py/pools.py " .. table.concat(workloads, " ") .. " 2>/dev/null")
+  if not out then return {} end
+  local ok, cjson = pcall(require, "cjson")
+  if ok then
+    local okd, t = pcall(cjson.decode, out)
+    if okd then return t end
+  end
+  local t = {}
+  for k, v in out:gmatch('"([%w_]+)":%s*([%d%.e%+%-]+)') do t[k] = tonumber(v) end
+  return t
+end
+
 return B

@@ -37,5 +37,6 @@ build = {
       libraries = { "pthread", "dl" },
     },
     procpool = "lua/procpool/init.lua",
+    ["procpool.pool"] = "lua/procpool/pool.lua",
   },
 }

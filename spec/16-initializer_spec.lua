@@ -97,6 +97,19 @@ describe("max_tasks_per_child", function()
     ex:shutdown()
   end)
 
+  it("starts replacements while the parent never calls in", function()
+    local core = require "procpool.core"
+    local ex = procpool.ProcessPoolExecutor { max_workers = 1, max_tasks_per_child = 1 }
+    local fs = {}
+    for i = 1, 4 do fs[i] = ex:submit("spec.tasks.sleep", 0.02, i) end
+    local t0 = core.monotonic()
+    local x = 0
+    while core.monotonic() - t0 < 1.0 do x = x + 1 end -- busy, no procpool calls
+    for i = 1, 4 do assert.is_true(fs[i]:done(), "task " .. i) end
+    assert.is_true(ex:stats().worker_restarts == 0)
+    ex:shutdown()
+  end)
+
   it("counts failed tasks too", function()
     local ex = procpool.ProcessPoolExecutor { max_workers = 1, max_tasks_per_child = 2 }
     local p1 = ex:submit("spec.tasks.pid"):result(T)

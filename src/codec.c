@@ -1014,9 +1014,257 @@ static void enc_run(lua_State *L, pp_encoder *E) {
   }
 }
 
+/* ------------------------------------------------------------------ */
+/* scalar fast path: lists of nil/boolean/number/string values (most task
+ * arguments and results) skip the context, frames and maps entirely */
+
+#define FAST_MAX 16
+
+static size_t raw_int(unsigned char *p, lua_Integer i) {
+  if (i >= 0 && i < 128) {
+    p[0] = (unsigned char)(T_FIXINT | i);
+    return 1;
+  }
+  if (i >= INT8_MIN && i <= INT8_MAX) {
+    p[0] = T_INT8;
+    p[1] = (unsigned char)(i & 0xff);
+    return 2;
+  }
+  if (i >= INT16_MIN && i <= INT16_MAX) {
+    p[0] = T_INT16;
+    put_le(p + 1, (uint64_t)i, 2);
+    return 3;
+  }
+  if (i >= INT32_MIN && i <= INT32_MAX) {
+    p[0] = T_INT32;
+    put_le(p + 1, (uint64_t)i, 4);
+    return 5;
+  }
+  p[0] = T_INT64;
+  put_le(p + 1, (uint64_t)i, 8);
+  return 9;
+}
+
+size_t pp_encode_scalar(lua_State *L, int idx, unsigned char *p) {
+  switch (lua_type(L, idx)) {
+  case LUA_TNIL:
+    p[0] = 1; /* a list of one value */
+    p[1] = T_NIL;
+    return 2;
+  case LUA_TBOOLEAN:
+    p[0] = 1;
+    p[1] = lua_toboolean(L, idx) ? T_TRUE : T_FALSE;
+    return 2;
+  case LUA_TNUMBER: {
+    p[0] = 1;
+    int isint;
+    lua_Integer iv = lua_tointegerx(L, idx, &isint);
+    if (isint && lua_isinteger(L, idx)) return 1 + raw_int(p + 1, iv);
+    double d = (double)lua_tonumber(L, idx);
+    uint64_t bits;
+    memcpy(&bits, &d, 8);
+    p[1] = T_FLOAT;
+    put_le(p + 2, bits, 8);
+    return 10;
+  }
+  case LUA_TSTRING: {
+    size_t len;
+    const char *str = lua_tolstring(L, idx, &len);
+    if (len >= 64) return 0;
+    p[0] = 1;
+    p[1] = (unsigned char)(T_FIXSTR | len);
+    memcpy(p + 2, str, len);
+    return 2 + len;
+  }
+  default:
+    return 0;
+  }
+}
+
+int pp_decode_first(lua_State *L, const char *s, size_t len) {
+  const unsigned char *p = (const unsigned char *)s, *e = p + len;
+  if (len < 2 || p[0] == 0 || p[0] >= 0x80) return 0; /* need a count of 1..127 */
+  unsigned t = p[1];
+  p += 2;
+  if (t >= T_FIXINT) {
+    lua_pushinteger(L, (lua_Integer)(t & 0x7f));
+  } else if (t >= T_FIXSTR) {
+    size_t m = t & 0x3f;
+    if ((size_t)(e - p) < m) return 0;
+    lua_pushlstring(L, (const char *)p, m);
+  } else if (t == T_NIL) {
+    lua_pushnil(L);
+  } else if (t == T_TRUE || t == T_FALSE) {
+    lua_pushboolean(L, t == T_TRUE);
+  } else if (t == T_FLOAT && e - p >= 8) {
+    uint64_t bits = get_le(p, 8);
+    double d;
+    memcpy(&d, &bits, 8);
+    lua_pushnumber(L, (lua_Number)d);
+  } else {
+    return 0;
+  }
+  return 1;
+}
+
+static int encode_fast(lua_State *L, int first, int n, pp_wbuf *out, int header) {
+  if (n > FAST_MAX) return 0;
+  size_t need = PP_CODEC_HEADER + 10;
+  for (int i = 0; i < n; i++) {
+    int t = lua_type(L, first + i);
+    if (t == LUA_TSTRING) {
+      size_t len = lua_rawlen(L, first + i);
+      if (len >= GATHER_MIN) return 0; /* large strings take the general path */
+      need += len + 9;
+    } else if (t != LUA_TNIL && t != LUA_TBOOLEAN && t != LUA_TNUMBER) {
+      return 0;
+    } else {
+      need += 9;
+    }
+  }
+  if (pp_wbuf_reserve(out, need) != 0) luaL_error(L, "procpool: not enough memory to serialize");
+  unsigned char *p = (unsigned char *)out->p + out->n, *p0 = p;
+  if (header) {
+    memcpy(p, "\x1bPP\x01", PP_CODEC_HEADER);
+    p += PP_CODEC_HEADER;
+  }
+  p += pp_varint_put(p, (uint64_t)n);
+  for (int i = 0; i < n; i++) {
+    int idx = first + i;
+    switch (lua_type(L, idx)) {
+    case LUA_TNIL:
+      *p++ = T_NIL;
+      break;
+    case LUA_TBOOLEAN:
+      *p++ = lua_toboolean(L, idx) ? T_TRUE : T_FALSE;
+      break;
+    case LUA_TNUMBER: {
+      int isint;
+      lua_Integer iv = lua_tointegerx(L, idx, &isint);
+      if (isint && lua_isinteger(L, idx)) {
+        p += raw_int(p, iv);
+      } else {
+        double d = (double)lua_tonumber(L, idx);
+        uint64_t bits;
+        memcpy(&bits, &d, 8);
+        *p++ = T_FLOAT;
+        put_le(p, bits, 8);
+        p += 8;
+      }
+      break;
+    }
+    default: { /* string */
+      size_t len;
+      const char *str = lua_tolstring(L, idx, &len);
+      if (len < 64) {
+        *p++ = (unsigned char)(T_FIXSTR | len);
+      } else if (len < 256) {
+        *p++ = T_STR8;
+        *p++ = (unsigned char)len;
+      } else {
+        *p++ = T_STR32;
+        put_le(p, len, 4);
+        p += 4;
+      }
+      memcpy(p, str, len);
+      p += len;
+      break;
+    }
+    }
+  }
+  out->n += (size_t)(p - p0);
+  return 1;
+}
+
+/* Push a list of scalars; 0 (nothing pushed) if anything else appears or
+ * the input is short: the general decoder then handles it (and reports). */
+static int decode_fast(lua_State *L, const unsigned char *s, size_t len, size_t *used, int header,
+                       int *count) {
+  const unsigned char *p = s, *e = s + len;
+  if (header) {
+    if (len < PP_CODEC_HEADER || memcmp(s, "\x1bPP\x01", PP_CODEC_HEADER) != 0) return 0;
+    p += PP_CODEC_HEADER;
+  }
+  uint64_t n;
+  size_t k = pp_varint_get(p, (size_t)(e - p), &n);
+  if (!k || n > FAST_MAX) return 0;
+  p += k;
+  if (!lua_checkstack(L, (int)n + 2)) return 0;
+  int top = lua_gettop(L);
+  for (uint64_t i = 0; i < n; i++) {
+    if (p >= e) goto bail;
+    unsigned t = *p++;
+    if (t >= T_FIXINT) {
+      lua_pushinteger(L, (lua_Integer)(t & 0x7f));
+    } else if (t >= T_FIXSTR) {
+      size_t m = t & 0x3f;
+      if ((size_t)(e - p) < m) goto bail;
+      lua_pushlstring(L, (const char *)p, m);
+      p += m;
+    } else {
+      switch (t) {
+      case T_NIL:
+        lua_pushnil(L);
+        break;
+      case T_FALSE:
+      case T_TRUE:
+        lua_pushboolean(L, t == T_TRUE);
+        break;
+      case T_INT8:
+      case T_INT16:
+      case T_INT32:
+      case T_INT64: {
+        int w = t == T_INT8 ? 1 : t == T_INT16 ? 2 : t == T_INT32 ? 4 : 8;
+        if ((size_t)(e - p) < (size_t)w) goto bail;
+        uint64_t v = get_le(p, w);
+        lua_Integer iv = w == 1   ? (lua_Integer)(int8_t)v
+                         : w == 2 ? (lua_Integer)(int16_t)v
+                         : w == 4 ? (lua_Integer)(int32_t)v
+                                  : (lua_Integer)v;
+        lua_pushinteger(L, iv);
+        p += w;
+        break;
+      }
+      case T_FLOAT: {
+        if ((size_t)(e - p) < 8) goto bail;
+        uint64_t bits = get_le(p, 8);
+        double d;
+        memcpy(&d, &bits, 8);
+        lua_pushnumber(L, (lua_Number)d);
+        p += 8;
+        break;
+      }
+      case T_STR8:
+      case T_STR32: {
+        size_t w = t == T_STR8 ? 1 : 4;
+        if ((size_t)(e - p) < w) goto bail;
+        size_t m = (size_t)get_le(p, (int)w);
+        p += w;
+        if ((size_t)(e - p) < m) goto bail;
+        lua_pushlstring(L, (const char *)p, m);
+        p += m;
+        break;
+      }
+      default:
+        goto bail;
+      }
+    }
+  }
+  if (used)
+    *used = (size_t)(p - s);
+  else if (p != e)
+    goto bail;
+  *count = (int)n;
+  return 1;
+bail:
+  lua_settop(L, top);
+  return 0;
+}
+
 void pp_encode(lua_State *L, int first, int n, pp_wbuf *out, int header, const char *root,
                int gather) {
   first = lua_absindex(L, first);
+  if (encode_fast(L, first, n, out, header)) return;
   if (gather) gather = lua_absindex(L, gather);
   luaL_checkstack(L, 16, "procpool: serialize");
   int top0 = lua_gettop(L);
@@ -1661,6 +1909,8 @@ static void dec_run(lua_State *L, pp_decoder *D) {
 }
 
 int pp_decode(lua_State *L, const char *s, size_t len, size_t *used, int header, int fncache) {
+  int fastn;
+  if (decode_fast(L, (const unsigned char *)s, len, used, header, &fastn)) return fastn;
   if (fncache) fncache = lua_absindex(L, fncache);
   lua_checkstack(L, 16);
   int top0 = lua_gettop(L);

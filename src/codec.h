@@ -36,6 +36,14 @@ void pp_encode(lua_State *L, int first, int n, pp_wbuf *out, int header, const c
  * per-call state are cached by bytecode, so they are not load()ed again. */
 int pp_decode(lua_State *L, const char *s, size_t len, size_t *used, int header, int fncache);
 
+/* Fast paths for single values. pp_encode_scalar writes the list of the
+ * one value at idx (count + value) to p (room for 80 bytes) and returns
+ * its length, or 0 if that value needs pp_encode. pp_decode_first pushes
+ * the first value of a list when it is a simple scalar and returns 1, or
+ * returns 0 having pushed nothing (use pp_decode). */
+size_t pp_encode_scalar(lua_State *L, int idx, unsigned char *p);
+int pp_decode_first(lua_State *L, const char *s, size_t len);
+
 /* Push package.loaded[name], requiring it if needed. On failure returns 0
  * with *err set (the message is on the stack). */
 int pp_push_module(lua_State *L, const char *name, size_t len, const char **err);

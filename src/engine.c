@@ -159,7 +159,8 @@ static void wnodes_fire(pp_job *j) {
 
 void pp_job_unref(pp_job *j) {
   if (!j || __atomic_sub_fetch(&j->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
-  for (uint32_t i = 0; i < j->n; i++) pp_blob_unref(j->items[i].blob);
+  for (int i = 0; i < j->nblobs; i++) pp_blob_unref(j->blobs[i]);
+  free(j->blobs);
   pp_blob_unref(j->payload);
   wnodes_fire(j);
   free(j->itemoff);
@@ -616,7 +617,20 @@ static int w_results(pp_engine *e, int slot, const pp_frame *f) {
     e->st.running--;
     pp_item *it = &j->items[i];
     if (it->status == PP_IT_PENDING) {
-      it->blob = pp_blob_ref(blob);
+      if (!j->nblobs || j->blobs[j->nblobs - 1] != blob) { /* the job keeps the frame */
+        if (j->nblobs == j->capblobs) {
+          int cap = j->capblobs ? j->capblobs * 2 : 4;
+          pp_blob **nb = realloc(j->blobs, (size_t)cap * sizeof *nb);
+          if (!nb) {
+            pp_blob_unref(blob);
+            return -1;
+          }
+          j->blobs = nb;
+          j->capblobs = cap;
+        }
+        j->blobs[j->nblobs++] = pp_blob_ref(blob);
+      }
+      it->blob = blob;
       it->off = off;
       it->len = len;
       item_set(e, j, i, status == PP_RES_OK ? PP_IT_OK : PP_IT_ERROR);

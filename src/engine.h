@@ -29,7 +29,7 @@ enum {
 typedef struct pp_item {
   uint8_t status;
   int32_t pid, sig, code; /* LOST/DEADLINE details; code -1 when unknown */
-  pp_blob *blob;          /* shared frame body or memfd mapping */
+  pp_blob *blob;          /* frame body or memfd mapping (the job holds it) */
   size_t off, len;
 } pp_item;
 
@@ -65,6 +65,8 @@ typedef struct pp_job {
   int in_queue;
   int has_cb; /* the Lua side wants it on the callback list when done */
   pp_wnode *waiters;
+  pp_blob **blobs; /* one reference per result frame its items point into */
+  int nblobs, capblobs;
   struct pp_job *qnext, *qprev; /* pending queue */
   struct pp_job *cnext;         /* callback list */
   pp_item *items;

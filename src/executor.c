@@ -244,7 +244,12 @@ static int l_submit_chunk(lua_State *L) {
       for (lua_Integer a = 1; a <= m; a++) lua_rawgeti(L, it, a);
       pp_encode(L, it + 1, (int)m, b, 0, "args", 0);
     } else {
-      pp_encode(L, -1, 1, b, 0, "args", 0);
+      size_t m;
+      if (pp_wbuf_reserve(b, 80) == 0 &&
+          (m = pp_encode_scalar(L, -1, (unsigned char *)b->p + b->n)) != 0)
+        b->n += m; /* the common case, without the general encoder */
+      else
+        pp_encode(L, -1, 1, b, 0, "args", 0);
     }
     lua_settop(L, top);
     patch_len(b, off[k]);

@@ -312,6 +312,7 @@ static void push_item_error(lua_State *L, pp_fut *f, const pp_item *it) {
 static int push_item(lua_State *L, pp_fut *f, uint32_t i, int first_only) {
   const pp_item *it = &f->job->items[i];
   if (it->status == PP_IT_OK) {
+    if (first_only && pp_decode_first(L, it->blob->p + it->off, it->len)) return 1;
     int top = lua_gettop(L);
     int n = pp_decode(L, it->blob->p + it->off, it->len, NULL, 0, 0);
     if (first_only) {
@@ -402,6 +403,34 @@ static int fut_collect(lua_State *L) {
     lua_rawseti(L, 2, base + (lua_Integer)i);
   }
   return 0;
+}
+
+/* _values() -> values, failures: values[i] is item i's first value;
+ * failures is nil, or a table failures[i] = { error } for failed items
+ * (wrapped: an error value may be nil or false). */
+static int fut_values(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  if (!is_done(pp_engine_job_state(f->e, f->job)))
+    pp_error_raise(L, "InvalidStateError", "the future is not done");
+  lua_settop(L, 1);
+  lua_createtable(L, (int)f->job->n, 0);
+  lua_pushnil(L); /* failures, created on the first one */
+  for (uint32_t i = 0; i < f->job->n; i++) {
+    if (push_item(L, f, i, 1) < 0) {
+      lua_pop(L, 1); /* the traceback */
+      if (lua_isnil(L, 3)) {
+        lua_newtable(L);
+        lua_replace(L, 3);
+      }
+      lua_createtable(L, 1, 0);
+      lua_insert(L, -2);
+      lua_rawseti(L, -2, 1);
+      lua_rawseti(L, 3, (lua_Integer)i + 1);
+      continue;
+    }
+    lua_rawseti(L, 2, (lua_Integer)i + 1);
+  }
+  return 2;
 }
 
 static int fut_traceback(lua_State *L) {
@@ -670,6 +699,7 @@ void pp_future_open(lua_State *L) {
                                      {"_outcome", fut_outcome},
                                      {"_item", fut_item},
                                      {"_collect", fut_collect},
+                                     {"_values", fut_values},
                                      {"_state", fut_state},
                                      {"_nitems", fut_nitems},
                                      {"_failed", fut_failed},

@@ -285,9 +285,14 @@ function Executor:submit_with(opts, fn, ...)
   return self:_submit(t, fn, ...)
 end
 
-local function map_impl(ex, fn, iterable, opts, star, fname)
+-- The lazy chunked map behind Executor:map/starmap and Pool:imap/
+-- imap_unordered. mode: "stop" (raise the first error, cancel the rest),
+-- "continue" (raise an error at its position; iterating again goes on),
+-- "unordered" (yield items as their chunks complete, with input indices).
+local function map_impl(ex, fn, iterable, opts, star, fname, mode)
   check_fn(fn, 1, fname)
   local nexti, len = items_of(iterable, 2, fname)
+  local source = type(iterable) == "table" and iterable -- chunks are ranges of it
   opts = check_opts(opts, { timeout = true, chunksize = true, buffersize = true }, fname)
   local d = deadline_of(opts.timeout, fname)
   local cs_fixed, bs_fixed = opts.chunksize, opts.buffersize
@@ -297,14 +302,16 @@ local function map_impl(ex, fn, iterable, opts, star, fname)
   if bs_fixed ~= nil and (not is_int(bs_fixed) or bs_fixed < 1) then
     error("buffersize must be an integer >= 1", 3)
   end
-  if ex:_state() ~= "running" then
-    local _, broken = ex:_state()
+  local state, broken = ex:_state()
+  if state ~= "running" then
     if broken then raise("BrokenProcessPool", broken) end
     raise("InvalidStateError", "cannot schedule new futures after shutdown")
   end
   local nw = ex:_nworkers()
   local chunks, head, tail = {}, 1, 0
-  local ahead, exhausted, closed, yielded = 0, false, false, 0
+  local ahead, exhausted, closed, nread = 0, false, false, 0
+  local current -- unordered: the chunk being yielded
+  local input_failed, input_error -- the input raised: after what was read
 
   local function chunksize()
     if cs_fixed then return cs_fixed end
@@ -318,9 +325,28 @@ local function map_impl(ex, fn, iterable, opts, star, fname)
     while not exhausted do
       local cs = chunksize()
       if ahead >= (bs_fixed or 4 * nw * cs) then return end
+      if source then
+        local k = math.min(cs, len - nread)
+        if k <= 0 then
+          exhausted = true
+          return
+        end
+        local fut = ex:_submit_chunk(fn, source, nread + 1, nread + k, star)
+        tail = tail + 1
+        chunks[tail] = { fut = fut, n = k, pos = 0, base = nread }
+        nread = nread + k
+        ahead = ahead + k
+        goto continue
+      end
+      do
       local items, k = {}, 0
       while k < cs do
-        local has, v = nexti()
+        local okn, has, v = pcall(nexti)
+        if not okn then -- raised where iteration reaches it
+          input_failed, input_error = true, has
+          exhausted = true
+          break
+        end
         if not has then
           exhausted = true
           break
@@ -331,62 +357,99 @@ local function map_impl(ex, fn, iterable, opts, star, fname)
       if k == 0 then return end
       local fut = ex:_submit_chunk(fn, items, 1, k, star)
       tail = tail + 1
-      chunks[tail] = { fut = fut, n = k, pos = 0 }
+      chunks[tail] = { fut = fut, n = k, pos = 0, base = nread }
+      nread = nread + k
       ahead = ahead + k
+      end
+      ::continue::
     end
   end
 
   local function cancel_rest()
     closed = true
     for i = head, tail do
-      chunks[i].fut:cancel()
+      if chunks[i] then chunks[i].fut:cancel() end
       chunks[i] = nil
     end
-    head, tail = 1, 0
+    head, tail, current = 1, 0, nil
   end
 
-  local function iter()
+  local function timed_out()
+    cancel_rest()
+    raise("TimeoutError", string.format("%s did not finish within %g seconds", fname,
+      opts.timeout))
+  end
+
+  -- the next item of a done chunk (decoded all at once, on first use)
+  local function take(c)
+    if not c.values then c.values, c.failed = c.fut:_values() end
+    local pos = c.pos + 1
+    c.pos = pos
+    ahead = ahead - 1
+    local failed = c.failed and c.failed[pos]
+    if failed then
+      if mode == "stop" then cancel_rest() end
+      error(failed[1], 0)
+    end
+    return c.base + pos, c.values[pos]
+  end
+
+  local function ordered()
     if closed then return nil end
     fill()
     local c = chunks[head]
     if not c then
       closed = true
+      if input_failed then error(input_error, 0) end
       return nil
     end
-    if not await(c.fut, d) then
-      cancel_rest()
-      raise("TimeoutError", string.format("%s did not finish within %g seconds", fname,
-        opts.timeout))
-    end
-    c.pos = c.pos + 1
-    local ok, v = c.fut:_item(c.pos)
-    if c.pos == c.n then
+    if not await(c.fut, d) then timed_out() end
+    if c.pos + 1 == c.n then
       chunks[head] = nil
       head = head + 1
     end
-    ahead = ahead - 1
-    yielded = yielded + 1
-    if not ok then
-      cancel_rest()
-      error(v, 0)
+    return take(c)
+  end
+
+  local function unordered()
+    if closed then return nil end
+    if not current or current.pos == current.n then
+      current = nil
+      fill()
+      if head > tail then
+        closed = true
+        if input_failed then error(input_error, 0) end
+        return nil
+      end
+      local list = {}
+      for i = head, tail do list[#list + 1] = chunks[i].fut end
+      if not await(list, d, "any") then timed_out() end
+      for i = head, tail do
+        if chunks[i].fut:done() then
+          current = chunks[i]
+          table.remove(chunks, i)
+          tail = tail - 1
+          break
+        end
+      end
     end
-    return yielded, v
+    return take(current)
   end
 
   local closer = setmetatable({}, { __close = function() cancel_rest() end })
-  return iter, nil, nil, closer
+  return mode == "unordered" and unordered or ordered, nil, nil, closer
 end
 
 --- Lazy parallel map: `for i, v in ex:map(fn, items) do`. Yields `i, v`
 -- in input order; raises the first task error when iteration reaches it.
 -- @tparam[opt] table opts `timeout` (whole map), `chunksize`, `buffersize`.
 function Executor:map(fn, iterable, opts)
-  return map_impl(self, fn, iterable, opts, false, "map")
+  return map_impl(self, fn, iterable, opts, false, "map", "stop")
 end
 
 --- As `map`, each item a table of arguments.
 function Executor:starmap(fn, iterable, opts)
-  return map_impl(self, fn, iterable, opts, true, "starmap")
+  return map_impl(self, fn, iterable, opts, true, "starmap", "stop")
 end
 
 --- Shut down: `wait` (default true) blocks until all work is done and the
@@ -420,6 +483,13 @@ function Executor:terminate_workers() stop(self, 15) end
 function Executor:kill_workers() stop(self, 9) end
 
 core.Executor.__close = function(self) self:shutdown() end
+
+-- what the Pool module shares with this one
+local internal = {
+  raise = raise, check_opts = check_opts, deadline_of = deadline_of, is_int = is_int,
+  check_fn = check_fn, items_of = items_of, map_impl = map_impl, finish = finish,
+}
+M.Pool = require("procpool.pool")(M, internal)
 core.Executor.__tostring = function(self)
   return string.format("procpool.Executor: %s (%d workers)", (self:_state()), self:_nworkers())
 end
