@@ -61,7 +61,7 @@ ASAN_FLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 asan:
 	$(MAKE) BUILD=build-asan OPT="-O1 -g $(ASAN_FLAGS)" LDFLAGS="$(ASAN_FLAGS)" all ctest
 	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
-	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1:handle_segv=0:handle_abort=0 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	PROCPOOL_SANITIZED=1 LUA="$(LUA)" BUSTED="$(BUSTED)" BUILD=build-asan TIMEOUT=600 \
 	  sh spec/run.sh $(patsubst spec/c/%.c,build-asan/ctest/%,$(wildcard spec/c/test_*.c))
@@ -70,7 +70,7 @@ VALGRIND = valgrind -q --error-exitcode=99 --leak-check=no --track-fds=no \
            --suppressions=spec/valgrind.supp
 valgrind: all $(CTESTS)
 	PROCPOOL_SANITIZED=1 LUA="$(VALGRIND) $(LUA)" BUSTED="$(VALGRIND) $(LUA) /usr/bin/busted" \
-	  BUILD="$(BUILD)" TIMEOUT=1500 CTEST_WRAP="valgrind -q --error-exitcode=99 --leak-check=full" \
+	  BUILD="$(BUILD)" TIMEOUT=1500 CTEST_WRAP="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite" \
 	  sh spec/run.sh $(CTESTS)
 
 # libFuzzer on the decoder; FUZZ_SECONDS bounds the run.

@@ -38,5 +38,7 @@ build = {
     },
     procpool = "lua/procpool/init.lua",
     ["procpool.pool"] = "lua/procpool/pool.lua",
+    ["procpool.cqueues"] = "lua/procpool/cqueues.lua",
+    ["procpool.luv"] = "lua/procpool/luv.lua",
   },
 }

@@ -148,6 +148,7 @@ size_t pp_in_missing(const pp_in *in) {
   size_t have = in->n - in->off;
   if (have < PP_FRAME_HDR) return 0;
   size_t len = pp_get32((const unsigned char *)in->p + in->off);
+  if (len > PP_FRAME_MAX) return 0; /* pp_in_next reports it; never size by it */
   return have >= PP_FRAME_HDR + len ? 0 : PP_FRAME_HDR + len - have;
 }
 

@@ -20,18 +20,20 @@
  *   u64 seq0, u32 count, u32 0, u64 elapsed_ns, then
  *   inline: (u8 status, u32 len, bytes) * count
  *   FD:     u8 status, u64 len (count is 1; the bytes are the memfd)
- * INITFAIL (worker -> parent): the initializer's (error, traceback) list.
+ * INITFAIL (worker -> parent): the initializer's error, as text.
+ * READY (worker -> parent): initialized; empty body.
  */
 #define PP_FRAME_HDR 8
 #define PP_PROTO_VERSION 1
 
-enum { PP_FR_TASK = 1, PP_FR_RESULT = 2, PP_FR_INITFAIL = 3 };
+enum { PP_FR_TASK = 1, PP_FR_RESULT = 2, PP_FR_INITFAIL = 3, PP_FR_READY = 4 };
 enum { PP_FF_FD = 0x01 };
 enum { PP_TASK_TIMED = 0x01 }; /* worker records each item's start time */
 enum { PP_RES_OK = 1, PP_RES_ERROR = 2 };
 
 /* Zygote control messages (a SOCK_SEQPACKET pair). SPAWNED carries the
- * worker's channel, its pidfd (or none) and its progress page (a memfd). */
+ * worker's channel, its pidfd (or a stand-in), its progress page (a memfd)
+ * and the read end of its stderr pipe. */
 enum { PP_Z_SPAWN = 1, PP_Z_SPAWNED, PP_Z_SPAWNFAIL, PP_Z_EXITED };
 typedef struct pp_zmsg {
   uint32_t type, slot, gen;

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,13 +79,17 @@ typedef struct pp_worker {
   uint64_t next_seq;
   uint32_t inflight;
   uint64_t assigned;
-  uint32_t epev;     /* events registered for fd (0: not registered) */
+  uint32_t epev;      /* events registered for fd (0: not registered) */
+  int errfd;          /* its stderr pipe (-1 once at EOF) */
+  char errtail[2048]; /* the last bytes it wrote there */
+  size_t errlen;
   int retire;        /* shut its input once the output is flushed */
   int shut;          /* input shut (SHUT_WR done) */
   int doomed;        /* being killed: no more work */
   uint64_t kill_seq; /* deadline kill: the item */
   uint64_t kill_at;  /* escalate to SIGKILL at (ns), 0: none */
   int expected_exit; /* retired/closing: not a loss */
+  int ready;         /* initialized (a READY frame came) */
 } pp_worker;
 
 struct pp_engine {
@@ -110,10 +115,10 @@ struct pp_engine {
   uint64_t next_id;
   pp_stats st;
   uint64_t ewma_ns;
-  int startup_deaths; /* workers that died since the last completed item */
+  int startup_deaths; /* workers in a row that died before being ready */
 };
 
-enum { EV_WAKE = 1, EV_ZYGOTE, EV_WORKER };
+enum { EV_WAKE = 1, EV_ZYGOTE, EV_WORKER, EV_STDERR };
 #define EVKEY(kind, slot) (((uint64_t)(kind) << 32) | (uint32_t)(slot))
 
 static void job_end(pp_engine *e, pp_job *j);
@@ -161,6 +166,7 @@ void pp_job_unref(pp_job *j) {
   if (!j || __atomic_sub_fetch(&j->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
   for (int i = 0; i < j->nblobs; i++) pp_blob_unref(j->blobs[i]);
   free(j->blobs);
+  for (uint32_t i = 0; i < j->n; i++) free(j->items[i].stderr_tail);
   pp_blob_unref(j->payload);
   wnodes_fire(j);
   free(j->itemoff);
@@ -471,6 +477,60 @@ static int dispatch(pp_engine *e) {
   return timed;
 }
 
+/* Forward what a worker wrote to stderr to ours, and keep its tail. The
+ * host's stderr is never waited on: if it cannot take the bytes now,
+ * they are dropped there (the tail still has them). */
+static void w_stderr(pp_engine *e, int slot) {
+  pp_worker *w = &e->w[slot];
+  char buf[4096];
+  for (int rounds = 0; rounds < 16 && w->errfd >= 0; rounds++) {
+    ssize_t r = read(w->errfd, buf, sizeof buf);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    if (r <= 0) {
+      epoll_ctl(e->epfd, EPOLL_CTL_DEL, w->errfd, NULL);
+      close(w->errfd);
+      w->errfd = -1;
+      return;
+    }
+    struct pollfd p = {2, POLLOUT, 0};
+    if (poll(&p, 1, 0) == 1 && (p.revents & POLLOUT)) {
+      ssize_t wr = write(2, buf, (size_t)r);
+      (void)wr;
+    }
+    size_t n = (size_t)r, cap = sizeof w->errtail;
+    if (n >= cap) {
+      memcpy(w->errtail, buf + n - cap, cap);
+      w->errlen = cap;
+    } else {
+      if (w->errlen + n > cap) {
+        size_t drop = w->errlen + n - cap;
+        memmove(w->errtail, w->errtail + drop, w->errlen - drop);
+        w->errlen -= drop;
+      }
+      memcpy(w->errtail + w->errlen, buf, n);
+      w->errlen += n;
+    }
+  }
+}
+
+/* The last lines of a worker's stderr (at most 20), or NULL. */
+static char *w_tail(pp_worker *w) {
+  if (!w->errlen) return NULL;
+  size_t end = w->errlen, start = 0;
+  int lines = 0;
+  for (size_t i = end; i > 0; i--)
+    if (w->errtail[i - 1] == '\n' && i != end && ++lines >= 20) {
+      start = i;
+      break;
+    }
+  char *t = malloc(end - start + 1);
+  if (!t) return NULL;
+  memcpy(t, w->errtail + start, end - start);
+  t[end - start] = 0;
+  return t;
+}
+
 /* Release a worker slot's resources (its process is gone). */
 static void w_clear(pp_engine *e, int slot) {
   pp_worker *w = &e->w[slot];
@@ -479,12 +539,16 @@ static void w_clear(pp_engine *e, int slot) {
     close(w->fd);
   }
   if (w->pidfd >= 0) close(w->pidfd);
+  if (w->errfd >= 0) {
+    epoll_ctl(e->epfd, EPOLL_CTL_DEL, w->errfd, NULL);
+    close(w->errfd);
+  }
   if (w->page) munmap(w->page, 4096);
   pp_out_free(&w->out);
   pp_in_free(&w->in);
   uint32_t gen = w->gen;
   memset(w, 0, sizeof *w);
-  w->fd = w->pidfd = -1;
+  w->fd = w->pidfd = w->errfd = -1;
   w->gen = gen + 1;
   w->state = W_EMPTY;
   pp_out_init(&w->out);
@@ -512,8 +576,13 @@ static void w_died(pp_engine *e, int slot, int status) {
         it->pid = w->pid;
         it->sig = sig;
         it->code = code;
+        free(it->stderr_tail);
+        it->stderr_tail = w_tail(w);
         e->st.running--;
-        if (e->killing || e->broken) {
+        if (e->killing || e->broken ||
+            (e->cfg.break_on_lost && !w->expected_exit && w->kill_seq != seq)) {
+          /* with on_worker_lost = "break" the pool breaks (just below) */
+          lost_one = 1;
           item_set(e, j, i, PP_IT_BROKEN);
         } else if (w->kill_seq == seq) {
           item_set(e, j, i, PP_IT_DEADLINE);
@@ -537,16 +606,21 @@ static void w_died(pp_engine *e, int slot, int status) {
     d = next;
   }
   int expected = w->expected_exit || e->state == PP_E_CLOSING || e->killing || e->broken;
-  int was_deadline = w->kill_seq != 0;
+  int was_deadline = w->kill_seq != 0, was_ready = w->ready;
+  pid_t pid = w->pid;
   w_clear(e, slot);
   if (!expected) {
     e->st.worker_restarts++;
-    if (!was_deadline) e->startup_deaths++;
+    if (!was_ready) e->startup_deaths++;
     if (e->cfg.break_on_lost && (lost_one || !was_deadline)) {
-      engine_break(e, "A process in the process pool was terminated abruptly while the future "
-                      "was running or pending.");
+      char msg[256];
+      snprintf(msg, sizeof msg,
+               "A process in the process pool was terminated abruptly while the future was "
+               "running or pending (worker %d, %s %d).",
+               (int)pid, sig ? "signal" : "exit code", sig ? sig : code);
+      engine_break(e, msg);
     } else if (e->startup_deaths > 2 * e->cfg.nworkers + 3) {
-      engine_break(e, "workers keep dying before completing any task");
+      engine_break(e, "worker processes keep dying before they are ready");
     }
   } else if (was_deadline) {
     e->st.worker_restarts++;
@@ -577,7 +651,6 @@ static int w_results(pp_engine *e, int slot, const pp_frame *f) {
     uint64_t per = elapsed / count;
     e->ewma_ns = e->ewma_ns ? (e->ewma_ns * 7 + per) / 8 : (per ? per : 1);
     if (!e->ewma_ns) e->ewma_ns = 1;
-    e->startup_deaths = 0;
   }
   for (uint32_t k = 0; k < count; k++) {
     uint64_t seq = seq0 + k;
@@ -653,6 +726,8 @@ static void w_readable(pp_engine *e, int slot) {
     long r = pp_in_read(&w->in, w->fd, 0);
     if (r < 0) {
       if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+      w->doomed = 1; /* a channel we cannot read is a lost worker */
+      w_signal(w, SIGKILL);
       w->in.eof = 1;
       break;
     }
@@ -662,6 +737,9 @@ static void w_readable(pp_engine *e, int slot) {
       int bad = 0;
       if (f.type == PP_FR_RESULT) {
         bad = w_results(e, slot, &f) != 0;
+      } else if (f.type == PP_FR_READY) {
+        w->ready = 1;
+        e->startup_deaths = 0;
       } else if (f.type == PP_FR_INITFAIL) {
         /* the message is the initializer's error, already a string list */
         char msg[512];
@@ -700,7 +778,7 @@ static void z_spawn(pp_engine *e, int slot) {
 }
 
 static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
-  if (m->type == PP_Z_SPAWNED && m->slot < (uint32_t)e->cfg.nworkers && nfds == 3 &&
+  if (m->type == PP_Z_SPAWNED && m->slot < (uint32_t)e->cfg.nworkers && nfds == 4 &&
       e->w[m->slot].gen == m->gen && e->w[m->slot].state == W_SPAWNING) {
     pp_worker *w = &e->w[m->slot];
     w->pid = m->pid;
@@ -714,6 +792,13 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
     void *pg = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fds[2], 0);
     close(fds[2]);
     w->page = pg == MAP_FAILED ? NULL : pg;
+    w->errfd = fds[3];
+    fcntl(w->errfd, F_SETFL, O_NONBLOCK | fcntl(w->errfd, F_GETFL));
+    struct epoll_event ee;
+    memset(&ee, 0, sizeof ee);
+    ee.events = EPOLLIN;
+    ee.data.u64 = EVKEY(EV_STDERR, m->slot);
+    epoll_ctl(e->epfd, EPOLL_CTL_ADD, w->errfd, &ee);
     w->next_seq = 1;
     w->state = W_READY;
     fcntl(w->fd, F_SETFL, O_NONBLOCK | fcntl(w->fd, F_GETFL));
@@ -740,8 +825,9 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
   } else if (m->type == PP_Z_EXITED) {
     for (int s = 0; s < e->cfg.nworkers; s++)
       if (e->w[s].state != W_EMPTY && e->w[s].state != W_SPAWNING && e->w[s].pid == m->pid) {
-        /* read whatever it managed to send before it died */
+        /* read whatever it managed to send (and say) before it died */
         if (e->w[s].fd >= 0 && !e->w[s].in.eof) w_readable(e, s);
+        w_stderr(e, s);
         w_died(e, s, m->status);
         break;
       }
@@ -850,6 +936,9 @@ static void progress(pp_engine *e) {
           w->expected_exit = 1;
           w_flush(e, s);
         }
+        /* idle and told to exit: one that does not (a hung thread, a stuck
+         * exit handler) is killed rather than wedge the shutdown */
+        if (!w->kill_at) w->kill_at = pp_now_ns() + 2000000000u;
       }
     }
     if (!alive || e->zdead) {
@@ -945,6 +1034,8 @@ static void *io_main(void *arg) {
         (void)r;
       } else if (kind == EV_ZYGOTE) {
         if (e->zfd >= 0) z_readable(e);
+      } else if (kind == EV_STDERR && slot < e->cfg.nworkers) {
+        w_stderr(e, slot);
       } else if (kind == EV_WORKER && slot < e->cfg.nworkers && e->w[slot].fd >= 0) {
         if (ev[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) w_readable(e, slot);
         if (e->w[slot].fd >= 0 && (ev[i].events & EPOLLOUT)) w_flush(e, slot);
@@ -989,7 +1080,7 @@ pp_engine *pp_engine_new(const pp_engine_cfg *cfg, pid_t zpid, int zfd, int *err
     return NULL;
   }
   for (int s = 0; s < cfg->nworkers; s++) {
-    e->w[s].fd = e->w[s].pidfd = -1;
+    e->w[s].fd = e->w[s].pidfd = e->w[s].errfd = -1;
     pp_out_init(&e->w[s].out);
     pp_in_init(&e->w[s].in);
   }

@@ -29,6 +29,7 @@ enum {
 typedef struct pp_item {
   uint8_t status;
   int32_t pid, sig, code; /* LOST/DEADLINE details; code -1 when unknown */
+  char *stderr_tail;      /* LOST: the last lines the worker wrote (owned) */
   pp_blob *blob;          /* frame body or memfd mapping (the job holds it) */
   size_t off, len;
 } pp_item;

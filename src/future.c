@@ -285,6 +285,10 @@ static void push_item_error(lua_State *L, pp_fut *f, const pp_item *it) {
     lua_remove(L, -2);
     lua_pushinteger(L, it->pid);
     lua_setfield(L, -2, "pid");
+    if (it->stderr_tail) {
+      lua_pushstring(L, it->stderr_tail);
+      lua_setfield(L, -2, "stderr");
+    }
     if (it->sig) {
       lua_pushinteger(L, it->sig);
       lua_setfield(L, -2, "signal");
@@ -486,6 +490,8 @@ static waitbox *new_waitbox(lua_State *L) {
   return b;
 }
 
+static void signal_waiter(pp_waiter *w);
+
 /* pollfd(): an fd readable once the future is done */
 static int fut_pollfd(lua_State *L) {
   pp_fut *f = checkfut(L, 1);
@@ -497,11 +503,7 @@ static int fut_pollfd(lua_State *L) {
   lua_pop(L, 1);
   waitbox *b = new_waitbox(L);
   lua_setiuservalue(L, 1, FUV_POLLFD);
-  if (!pp_engine_wait_add(f->e, f->job, b->w)) { /* done already */
-    uint64_t one = 1;
-    ssize_t r = write(b->w->fd, &one, sizeof one);
-    (void)r;
-  }
+  if (!pp_engine_wait_add(f->e, f->job, b->w)) signal_waiter(b->w); /* done already */
   lua_pushinteger(L, b->w->fd);
   return 1;
 }
@@ -578,14 +580,22 @@ static int aw_check(lua_State *L, awstate *s) {
   return done == n;
 }
 
-/* Register the box's waiter on every job not done yet. */
+static void signal_waiter(pp_waiter *w) {
+  uint64_t one = 1;
+  ssize_t r = write(w->fd, &one, sizeof one);
+  (void)r;
+}
+
+/* Register the box's waiter on every job not done yet. A job that ended
+ * since the condition was checked makes the fd readable at once, or the
+ * wakeup would be lost. */
 static void aw_register(lua_State *L, pp_waiter *w, int add) {
   pp_fut *f = luaL_testudata(L, AW_TARGET, PP_FUTURE_MT);
   if (f) {
-    if (add)
-      pp_engine_wait_add(f->e, f->job, w);
-    else
+    if (!add)
       pp_engine_wait_del(f->e, f->job, w);
+    else if (!pp_engine_wait_add(f->e, f->job, w))
+      signal_waiter(w);
     return;
   }
   if (!lua_istable(L, AW_TARGET)) return;
@@ -595,10 +605,10 @@ static void aw_register(lua_State *L, pp_waiter *w, int add) {
     pp_fut *g = luaL_testudata(L, -1, PP_FUTURE_MT);
     lua_pop(L, 1);
     if (!g || !g->job) continue;
-    if (add)
-      pp_engine_wait_add(g->e, g->job, w);
-    else
+    if (!add)
       pp_engine_wait_del(g->e, g->job, w);
+    else if (!pp_engine_wait_add(g->e, g->job, w))
+      signal_waiter(w);
   }
 }
 

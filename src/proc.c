@@ -85,7 +85,7 @@ static void spawn_worker(zstate *z, uint32_t slot, uint32_t gen) {
   memset(&m, 0, sizeof m);
   m.slot = slot;
   m.gen = gen;
-  int sv[2] = {-1, -1}, pg = -1;
+  int sv[2] = {-1, -1}, pg = -1, ep[2] = {-1, -1};
   pp_page *page = MAP_FAILED;
   pid_t pid = -1;
   int err = 0;
@@ -101,6 +101,8 @@ static void spawn_worker(zstate *z, uint32_t slot, uint32_t gen) {
   }
   if (!err && socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) err = errno;
   if (!err && (pg = memfd_create("procpool-page", MFD_CLOEXEC)) < 0) err = errno;
+  /* the worker's stderr goes through the parent, which keeps its tail */
+  if (!err && pipe2(ep, O_CLOEXEC) != 0) err = errno;
   if (!err && ftruncate(pg, 4096) != 0) err = errno;
   if (!err) {
     page = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, pg, 0);
@@ -117,6 +119,9 @@ static void spawn_worker(zstate *z, uint32_t slot, uint32_t gen) {
       close(pg);
       close(z->sfd);
       close(ZCTL);
+      close(ep[0]);
+      dup2(ep[1], 2);
+      close(ep[1]);
       sigprocmask(SIG_SETMASK, &z->mask, NULL);
       pp_worker_main(z->L, sv[1], page, (int)slot, z->wctx);
     }
@@ -129,18 +134,20 @@ static void spawn_worker(zstate *z, uint32_t slot, uint32_t gen) {
   } else {
     z->kids[z->nkids++] = pid;
     int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
-    int fds[3] = {sv[0], pidfd >= 0 ? pidfd : sv[0], pg};
+    int fds[4] = {sv[0], pidfd >= 0 ? pidfd : sv[0], pg, ep[0]};
     m.type = PP_Z_SPAWNED;
     m.pid = pid;
     m.err = pidfd >= 0 ? 0 : ENOSYS; /* the parent drops the stand-in */
-    m.nfds = 3;
-    zsend(&m, fds, 3);
+    m.nfds = 4;
+    zsend(&m, fds, 4);
     if (pidfd >= 0) close(pidfd);
   }
   if (page != MAP_FAILED) munmap(page, 4096);
   if (pg >= 0) close(pg);
   if (sv[0] >= 0) close(sv[0]);
   if (sv[1] >= 0) close(sv[1]);
+  if (ep[0] >= 0) close(ep[0]);
+  if (ep[1] >= 0) close(ep[1]);
 }
 
 static void reap(zstate *z) {

@@ -357,6 +357,9 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
     }
     lua_settop(L, ws.fncache);
   }
+  reserve(&ws, PP_FRAME_HDR);
+  pp_frame_end(&ws.out.buf, pp_frame_begin(&ws.out.buf, PP_FR_READY, 0));
+  flush(&ws);
   for (;;) {
     pp_frame f;
     int rc = pp_in_next(&ws.in, &f);
