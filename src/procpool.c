@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -114,6 +115,12 @@ static int l_sleep(lua_State *L) {
   return 0;
 }
 
+/* isatty(fd) -> boolean */
+static int l_isatty(lua_State *L) {
+  lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)) == 1);
+  return 1;
+}
+
 __attribute__((visibility("default"))) int luaopen_procpool_core(lua_State *L);
 
 int luaopen_procpool_core(lua_State *L) {
@@ -121,6 +128,7 @@ int luaopen_procpool_core(lua_State *L) {
                                  {"is_error", l_is_error},
                                  {"monotonic", l_monotonic},
                                  {"sleep", l_sleep},
+                                 {"isatty", l_isatty},
                                  {NULL, NULL}};
   luaL_checkversion(L);
   if (luaL_newmetatable(L, ERROR_MT)) {

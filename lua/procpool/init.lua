@@ -285,15 +285,64 @@ function Executor:submit_with(opts, fn, ...)
   return self:_submit(t, fn, ...)
 end
 
+--- A progress reporter for map-like iterations: `true` draws a bar on
+-- stderr when it is a terminal (silent otherwise); a function is called
+-- as `fn(done, total)` (total nil when unknown) at most every 50 ms and
+-- once at the end. Returns step(n) and finish(), or nil.
+local function progress_of(spec, total, fname)
+  if spec == nil or spec == false then return nil end
+  local t0, last, done = now(), -1, 0
+  local draw
+  if spec == true then
+    if not core.isatty(2) then return nil end
+    draw = function(final)
+      local el = now() - t0
+      local rate = el > 0 and done / el or 0
+      local line
+      if total and total > 0 then
+        local frac = math.min(1, done / total)
+        local w = 30
+        local fill = math.floor(frac * w)
+        local eta = rate > 0 and (total - done) / rate or 0
+        line = string.format("\r[%s%s] %d/%d %3d%% %.0f/s ETA %ds", ("#"):rep(fill),
+          ("."):rep(w - fill), done, total, math.floor(frac * 100), rate, math.ceil(eta))
+      else
+        line = string.format("\r%d done, %.0f/s, %.1fs", done, rate, el)
+      end
+      io.stderr:write(line, final and "\n" or "")
+      io.stderr:flush()
+    end
+  elseif type(spec) == "function" then
+    draw = function() spec(done, total) end
+  else
+    error("bad progress option to '" .. fname .. "' (true or a function expected)", 4)
+  end
+  local function step(n)
+    done = done + n
+    local t = now()
+    if t - last >= 0.05 then
+      last = t
+      draw(false)
+    end
+  end
+  local function finish()
+    draw(true)
+  end
+  return step, finish
+end
+
 -- The lazy chunked map behind Executor:map/starmap and Pool:imap/
 -- imap_unordered. mode: "stop" (raise the first error, cancel the rest),
 -- "continue" (raise an error at its position; iterating again goes on),
 -- "unordered" (yield items as their chunks complete, with input indices).
-local function map_impl(ex, fn, iterable, opts, star, fname, mode)
+-- task_timeout: each task's deadline (Pool's imap option `timeout`).
+local function map_impl(ex, fn, iterable, opts, star, fname, mode, task_timeout)
   check_fn(fn, 1, fname)
   local nexti, len = items_of(iterable, 2, fname)
   local source = type(iterable) == "table" and iterable -- chunks are ranges of it
-  opts = check_opts(opts, { timeout = true, chunksize = true, buffersize = true }, fname)
+  opts = check_opts(opts, { timeout = true, chunksize = true, buffersize = true,
+    progress = true }, fname)
+  local pstep, pfinish = progress_of(opts.progress, len, fname)
   local d = deadline_of(opts.timeout, fname)
   local cs_fixed, bs_fixed = opts.chunksize, opts.buffersize
   if cs_fixed ~= nil and (not is_int(cs_fixed) or cs_fixed < 1) then
@@ -331,7 +380,7 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode)
           exhausted = true
           return
         end
-        local fut = ex:_submit_chunk(fn, source, nread + 1, nread + k, star)
+        local fut = ex:_submit_chunk(fn, source, nread + 1, nread + k, star, task_timeout)
         tail = tail + 1
         chunks[tail] = { fut = fut, n = k, pos = 0, base = nread }
         nread = nread + k
@@ -355,7 +404,7 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode)
         items[k] = v
       end
       if k == 0 then return end
-      local fut = ex:_submit_chunk(fn, items, 1, k, star)
+      local fut = ex:_submit_chunk(fn, items, 1, k, star, task_timeout)
       tail = tail + 1
       chunks[tail] = { fut = fut, n = k, pos = 0, base = nread }
       nread = nread + k
@@ -365,7 +414,12 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode)
     end
   end
 
+  local finished = false
   local function cancel_rest()
+    if pfinish and not finished then
+      finished = true
+      pfinish()
+    end
     closed = true
     for i = head, tail do
       if chunks[i] then chunks[i].fut:cancel() end
@@ -387,6 +441,7 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode)
     c.pos = pos
     ahead = ahead - 1
     local failed = c.failed and c.failed[pos]
+    if pstep then pstep(1) end
     if failed then
       if mode == "stop" then cancel_rest() end
       error(failed[1], 0)
@@ -399,7 +454,7 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode)
     fill()
     local c = chunks[head]
     if not c then
-      closed = true
+      cancel_rest()
       if input_failed then error(input_error, 0) end
       return nil
     end
@@ -417,7 +472,7 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode)
       current = nil
       fill()
       if head > tail then
-        closed = true
+        cancel_rest()
         if input_failed then error(input_error, 0) end
         return nil
       end
@@ -488,6 +543,7 @@ core.Executor.__close = function(self) self:shutdown() end
 local internal = {
   raise = raise, check_opts = check_opts, deadline_of = deadline_of, is_int = is_int,
   check_fn = check_fn, items_of = items_of, map_impl = map_impl, finish = finish,
+  progress_of = progress_of,
 }
 M.Pool = require("procpool.pool")(M, internal)
 core.Executor.__tostring = function(self)

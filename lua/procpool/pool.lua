@@ -7,6 +7,7 @@ local core = require "procpool.core"
 return function(M, I)
   local raise, check_opts, deadline_of, is_int = I.raise, I.check_opts, I.deadline_of, I.is_int
   local check_fn, items_of, map_impl, finish = I.check_fn, I.items_of, I.map_impl, I.finish
+  local progress_of = I.progress_of
   local await = core.await
 
   ---------------------------------------------------------------------
@@ -104,8 +105,10 @@ return function(M, I)
           if idx then err = { e } end
         end
         base = base + f:_nitems()
+        if self._pstep then self._pstep(f:_nitems()) end
         k = k + 1
       end
+      if self._pfinish then self._pfinish() end
       self._ok, self._value = not err, err and err[1] or out
     end
     if #self._futs > 0 and not await(self._futs, d, "all") then
@@ -224,7 +227,7 @@ return function(M, I)
     running(self)
     check_fn(fn, 1, fname)
     opts = check_opts(opts, { chunksize = true, callback = true, error_callback = true,
-      timeout = true }, fname)
+      timeout = true, progress = true }, fname)
     check_cb(opts.callback, "callback")
     check_cb(opts.error_callback, "error_callback")
     check_timeout(opts.timeout, fname)
@@ -240,12 +243,21 @@ return function(M, I)
       futs[#futs + 1] = self._ex:_submit_chunk(fn, list, lo, math.min(lo + cs - 1, n), star,
         opts.timeout)
     end
-    return new_result("map", futs, n, opts.callback, opts.error_callback)
+    local r = new_result("map", futs, n, opts.callback, opts.error_callback)
+    r._pstep, r._pfinish = progress_of(opts.progress, n, fname)
+    return r
   end
 
-  --- A list of fn's first return values, in order, with field n.
+  -- the chunksize argument of map/starmap: a number, or { chunksize, progress }
+  local function map_opts(arg, fname)
+    if type(arg) == "table" then return check_opts(arg, { chunksize = true, progress = true }, fname) end
+    return { chunksize = arg }
+  end
+
+  --- A list of fn's first return values, in order, with field n. The third
+  -- argument is a chunksize or a table { chunksize, progress }.
   function Pool:map(fn, list, chunksize)
-    return map_async(self, fn, list, { chunksize = chunksize }, false, "map"):get()
+    return map_async(self, fn, list, map_opts(chunksize, "map"), false, "map"):get()
   end
 
   --- As map, without blocking: an AsyncResult whose get() is the list.
@@ -257,23 +269,35 @@ return function(M, I)
 
   --- As map, each item a table of arguments.
   function Pool:starmap(fn, list, chunksize)
-    return map_async(self, fn, list, { chunksize = chunksize }, true, "starmap"):get()
+    return map_async(self, fn, list, map_opts(chunksize, "starmap"), true, "starmap"):get()
   end
 
   function Pool:starmap_async(fn, list, opts)
     return map_async(self, fn, list, opts, true, "starmap_async")
   end
 
-  local function imap(self, fn, iterable, chunksize, fname, mode)
+  -- chunksize, or an options table { chunksize, progress, timeout }
+  -- (timeout: each task's deadline, as in the async calls)
+  local function imap(self, fn, iterable, opts, fname, mode)
     running(self)
-    if chunksize ~= nil and (not is_int(chunksize) or chunksize < 1) then
+    local progress, timeout
+    if type(opts) == "table" then
+      opts = check_opts(opts, { chunksize = true, progress = true, timeout = true }, fname)
+      progress, timeout = opts.progress, opts.timeout
+      check_timeout(timeout, fname)
+      opts = opts.chunksize
+    end
+    if opts ~= nil and (not is_int(opts) or opts < 1) then
       error("chunksize must be >= 1", 3)
     end
-    return map_impl(self._ex, fn, iterable, { chunksize = chunksize or 1 }, false, fname, mode)
+    return map_impl(self._ex, fn, iterable, { chunksize = opts or 1, progress = progress }, false,
+      fname, mode, timeout)
   end
 
   --- Lazy map: yields i, v in input order. A task error is raised at its
-  -- position; calling the iterator again carries on after it.
+  -- position; calling the iterator again carries on after it. The third
+  -- argument is a chunksize (default 1) or a table { chunksize, progress,
+  -- timeout } (timeout: each task's deadline, DeadlineExceeded past it).
   function Pool:imap(fn, iterable, chunksize)
     return imap(self, fn, iterable, chunksize, "imap", "continue")
   end
