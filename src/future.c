@@ -631,6 +631,10 @@ static int await_k(lua_State *L, int status, lua_KContext ctx) {
     for (int i = 0; i < s.nengs; i++) pp_engine_ack(s.engs[i]);
     pp_drain(L);
     if (aw_check(L, &s)) {
+      /* jobs that ended since the drain are on their engine's list by now
+       * (a job is listed before it shows as done): their callbacks run
+       * before the waiter is released */
+      pp_drain(L);
       lua_pushboolean(L, 1);
       return 1;
     }
