@@ -30,21 +30,34 @@ done
 export LUA_PATH="lua/?.lua;lua/?/init.lua;;"
 export LUA_CPATH="$BUILD/?.so;;"
 export PROCPOOL_BUILD="$BUILD"
-timeout -k 10 "$TIMEOUT" $BUSTED -o TAP ${SPECS:-spec} >"$log" 2>&1
-rc=$?
-cat "$log"
-p=$(grep -c '^ok ' "$log")
-f=$(grep -c '^not ok ' "$log")
-if [ "$rc" != 0 ] && [ "$f" = 0 ]; then
-  if [ "$rc" = 124 ]; then
-    echo "not ok - busted timed out after ${TIMEOUT}s"
-  else
-    echo "not ok - busted exited with status $rc"
+
+# busted LABEL SPECS...: run, show, and count
+run_busted() {
+  label=$1
+  shift
+  timeout -k 10 "$TIMEOUT" $BUSTED -o TAP "$@" >"$log" 2>&1
+  rc=$?
+  sed "s/^\(\(not \)\{0,1\}ok [0-9]* - \)/\1$label/" "$log"
+  p=$(grep -c '^ok ' "$log")
+  f=$(grep -c '^not ok ' "$log")
+  if [ "$rc" != 0 ] && [ "$f" = 0 ]; then
+    if [ "$rc" = 124 ]; then
+      echo "not ok - ${label}busted timed out after ${TIMEOUT}s"
+    else
+      echo "not ok - ${label}busted exited with status $rc"
+    fi
+    f=1
   fi
-  f=1
+  passed=$((passed + p))
+  failed=$((failed + f))
+}
+
+run_busted "" ${SPECS:-spec}
+# the API and reliability specs again, with workers from a fresh interpreter
+if [ -z "$SPECS" ]; then
+  PROCPOOL_CONTEXT=spawn run_busted "[spawn] " spec/1[0-7]-*_spec.lua spec/20-pool_spec.lua \
+    spec/30-faults_spec.lua spec/40-coroutines_spec.lua
 fi
-passed=$((passed + p))
-failed=$((failed + f))
 
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

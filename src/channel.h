@@ -34,10 +34,19 @@ enum { PP_RES_OK = 1, PP_RES_ERROR = 2 };
 /* Zygote control messages (a SOCK_SEQPACKET pair). SPAWNED carries the
  * worker's channel, its pidfd (or a stand-in), its progress page (a memfd)
  * and the read end of its stderr pipe. */
-enum { PP_Z_SPAWN = 1, PP_Z_SPAWNED, PP_Z_SPAWNFAIL, PP_Z_EXITED };
+enum {
+  PP_Z_SPAWN = 1,
+  PP_Z_SPAWNED,
+  PP_Z_SPAWNFAIL,
+  PP_Z_EXITED,
+  PP_Z_CONFIG, /* spawn context, parent -> zygote: the initializer (a memfd) */
+  PP_Z_HELLO,  /* spawn context, zygote -> parent: ready (err != 0: failed) */
+};
 typedef struct pp_zmsg {
   uint32_t type, slot, gen;
   int32_t pid, status, err, nfds;
+  uint64_t len;   /* CONFIG: bytes of the initializer list in the memfd */
+  char text[200]; /* HELLO with err: why the zygote cannot start */
 } pp_zmsg;
 
 /* Payloads at least this large travel in a memfd, not through the socket. */

@@ -106,7 +106,7 @@ struct pp_engine {
   int zfd, zdead;
   int epfd, wakefd, notifyfd;
   int notified;
-  uint64_t ended_unacked;
+  uint64_t ended_total; /* jobs ended, ever */
   pthread_t th;
   int th_running, th_detached, th_joined;
   pp_worker *w;
@@ -266,7 +266,7 @@ static void job_end(pp_engine *e, pp_job *j) {
   q_remove(e, j);
   if (j->state != PP_JOB_CANCELLED) j->state = PP_JOB_DONE;
   wnodes_fire(j);
-  e->ended_unacked++;
+  e->ended_total++;
   notify(e);
   if (j->has_cb) {
     j->cnext = NULL;
@@ -410,10 +410,13 @@ static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint6
 }
 
 /* Hand queued work to workers with room, least loaded first. Called
- * under the lock by the I/O thread and by submit (so a task reaches an
- * idle worker without waking the I/O thread). Returns 1 if a timed task
- * went out (the I/O thread must look at its deadline). */
-static int dispatch(pp_engine *e) {
+ * under the lock by the I/O thread as results arrive, and by submit with
+ * `idle_only` (a task reaches an idle worker at once, without waking the
+ * I/O thread; deeper pipelines are filled only as results come back, so a
+ * burst never queues behind a task that just started and may be long).
+ * Returns 1 if a timed task went out (the I/O thread must look at its
+ * deadline). */
+static int dispatch(pp_engine *e, int idle_only) {
   int timed = 0;
   uint32_t win = window(e);
   /* nor more than a fair share of the outstanding work, counting workers
@@ -427,6 +430,7 @@ static int dispatch(pp_engine *e) {
     for (int s = 0; s < e->cfg.nworkers; s++) {
       pp_worker *w = &e->w[s];
       if (w->state != W_READY || w->doomed || w->retire || w->inflight >= win) continue;
+      if (idle_only && w->inflight) continue;
       if (best < 0 || w->inflight < e->w[best].inflight) best = s;
     }
     if (best < 0) break;
@@ -1041,7 +1045,7 @@ static void *io_main(void *arg) {
         if (e->w[slot].fd >= 0 && (ev[i].events & EPOLLOUT)) w_flush(e, slot);
       }
     }
-    dispatch(e);
+    dispatch(e, 0);
     progress(e);
   }
   int detached = e->th_detached;
@@ -1188,7 +1192,7 @@ int pp_engine_submit(pp_engine *e, pp_job *j, const char **msg) {
     job_end(e, j);
   } else {
     q_push(e, j, 0);
-    if (dispatch(e)) wake(e);
+    if (dispatch(e, 1)) wake(e);
   }
   pthread_mutex_unlock(&e->mu);
   return 0;
@@ -1279,8 +1283,7 @@ uint64_t pp_engine_ack(pp_engine *e) {
   ssize_t r = read(e->notifyfd, &v, sizeof v);
   (void)r;
   e->notified = 0;
-  uint64_t n = e->ended_unacked;
-  e->ended_unacked = 0;
+  uint64_t n = e->ended_total;
   pthread_mutex_unlock(&e->mu);
   return n;
 }
@@ -1308,8 +1311,8 @@ void pp_engine_kill(pp_engine *e, int sig) {
   pthread_mutex_lock(&e->mu);
   if (e->state != PP_E_DEAD && !e->killing) {
     e->killing = sig;
-    e->end_msg = sig == SIGKILL ? "the pool's workers were killed (kill_workers)"
-                                : "the pool's workers were terminated (terminate_workers)";
+    e->end_msg = sig == SIGKILL ? "the pool's workers were killed before the task finished"
+                                : "the pool's workers were terminated before the task finished";
     while (e->qhead) job_fail_pending(e, e->qhead, PP_IT_BROKEN);
     for (int s = 0; s < e->cfg.nworkers; s++) {
       pp_worker *w = &e->w[s];

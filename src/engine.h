@@ -129,7 +129,7 @@ void pp_waiter_unref(pp_waiter *w);
 
 /* The eventfd readable while ended jobs or state changes wait for the
  * Lua side; pp_engine_ack clears it and returns the number of jobs that
- * ended since the previous ack. */
+ * have ended so far (a count that only grows). */
 int pp_engine_fd(const pp_engine *e);
 uint64_t pp_engine_ack(pp_engine *e);
 

@@ -86,6 +86,8 @@ static double opt_num(lua_State *L, int t, const char *k, double def) {
   return v;
 }
 
+static pp_wbuf *push_box(lua_State *L);
+
 /* executor_new(opts) -> Executor. `opts` has been validated in Lua. */
 static int l_executor_new(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -107,6 +109,51 @@ static int l_executor_new(lua_State *L) {
   x->polled = 0;
   luaL_setmetatable(L, PP_EXECUTOR_MT);
   int xi = lua_gettop(L);
+
+  lua_getfield(L, 1, "context");
+  int spawn = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "spawn") == 0;
+  lua_pop(L, 1);
+  if (spawn) {
+    /* a fresh interpreter: the initializer travels as values */
+    lua_getfield(L, 1, "executable");
+    const char *exe = luaL_optstring(L, -1, "lua5.4");
+    lua_getfield(L, 1, "_bootstrap");
+    const char *code = lua_pushfstring(L, "%s(%d)", luaL_checkstring(L, -1), (int)getpid());
+    pp_wbuf *b = push_box(L);
+    lua_getfield(L, 1, "initializer");
+    if (!lua_isnil(L, -1)) {
+      int base = lua_gettop(L);
+      lua_Integer n = 0;
+      if (lua_getfield(L, 1, "initargs") == LUA_TTABLE) {
+        int a = lua_gettop(L);
+        lua_getfield(L, a, "n");
+        n = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : (lua_Integer)lua_rawlen(L, a);
+        lua_pop(L, 1);
+        luaL_checkstack(L, (int)n + 4, "procpool: too many initargs");
+        for (lua_Integer i = 1; i <= n; i++) lua_rawgeti(L, a, i);
+        lua_remove(L, a);
+      } else {
+        lua_pop(L, 1);
+      }
+      pp_encode(L, base, (int)n + 1, b, 1, "initializer", 0);
+    }
+    pid_t zpid;
+    int zfd;
+    char why[256];
+    int err = pp_zygote_spawn(exe, code, b->p, b->n, &zpid, &zfd, why, sizeof why);
+    if (err) luaL_error(L, "procpool: cannot start the spawn context: %s", why);
+    x->e = pp_engine_new(&cfg, zpid, zfd, &err);
+    if (!x->e) {
+      close(zfd);
+      kill(zpid, SIGKILL);
+      while (waitpid(zpid, NULL, 0) < 0 && errno == EINTR) {
+      }
+      luaL_error(L, "procpool: cannot start the pool: %s", strerror(err));
+    }
+    add_sentinel(L);
+    lua_settop(L, xi);
+    return 1;
+  }
 
   /* the initializer and its arguments stay on this stack: the zygote's
    * copy of it is what workers run */
@@ -242,14 +289,18 @@ static int l_submit_chunk(lua_State *L) {
       lua_pop(L, 1);
       luaL_checkstack(L, (int)m + 4, "procpool: too many arguments");
       for (lua_Integer a = 1; a <= m; a++) lua_rawgeti(L, it, a);
-      pp_encode(L, it + 1, (int)m, b, 0, "args", 0);
+      const char *root = lua_pushfstring(L, "item[%d]", (int)(lo + (lua_Integer)k));
+      lua_insert(L, it + 1);
+      pp_encode(L, it + 2, (int)m, b, 0, root, 0);
     } else {
       size_t m;
       if (pp_wbuf_reserve(b, 80) == 0 &&
-          (m = pp_encode_scalar(L, -1, (unsigned char *)b->p + b->n)) != 0)
+          (m = pp_encode_scalar(L, -1, (unsigned char *)b->p + b->n)) != 0) {
         b->n += m; /* the common case, without the general encoder */
-      else
-        pp_encode(L, -1, 1, b, 0, "args", 0);
+      } else {
+        const char *root = lua_pushfstring(L, "=item[%d]", (int)(lo + (lua_Integer)k));
+        pp_encode(L, -2, 1, b, 0, root, 0);
+      }
     }
     lua_settop(L, top);
     patch_len(b, off[k]);
@@ -345,13 +396,15 @@ static int l_poll(lua_State *L) {
   double deadline = (double)pp_now_ns() / 1e9 + (timeout > 0 ? timeout : 0);
   uint64_t n = 0;
   for (;;) {
-    n += pp_engine_ack(x->e);
+    uint64_t total = pp_engine_ack(x->e);
+    n = total - x->polled;
     pp_drain(L);
     double left = deadline - (double)pp_now_ns() / 1e9;
     if (n > 0 || left <= 0 || pp_engine_state(x->e) == PP_E_DEAD) break;
     struct pollfd p = {pp_engine_fd(x->e), POLLIN, 0};
     poll(&p, 1, (int)(left * 1000) + 1);
   }
+  x->polled += n;
   lua_pushinteger(L, (lua_Integer)n);
   return 1;
 }
@@ -402,6 +455,9 @@ static int l_cpu_count(lua_State *L) {
   return 1;
 }
 
+/* _zygote(parent pid): the entry point of a spawned interpreter */
+static int l_zygote(lua_State *L) { pp_zygote_spawned(L, (pid_t)luaL_checkinteger(L, 1)); }
+
 static int l_current_worker(lua_State *L) {
   if (lua_getfield(L, LUA_REGISTRYINDEX, "procpool.current_worker") != LUA_TTABLE) return 1;
   /* a copy, so callers cannot change what later tasks see */
@@ -424,6 +480,7 @@ void pp_engine_open(lua_State *L) {
   static const luaL_Reg fns[] = {{"executor_new", l_executor_new},
                                  {"cpu_count", l_cpu_count},
                                  {"current_worker", l_current_worker},
+                                 {"_zygote", l_zygote},
                                  {NULL, NULL}};
   luaL_newmetatable(L, CLOSING_MT);
   lua_pushcfunction(L, sentinel_gc);

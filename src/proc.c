@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +18,10 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <lauxlib.h>
+
+#include "codec.h"
 
 #define ZCTL 3 /* the zygote's control socket lives at this fd */
 
@@ -240,4 +245,184 @@ int pp_zygote_fork(lua_State *L, const pp_wctx *w, pid_t *zpid, int *zfd) {
   *zpid = pid;
   *zfd = sv[0];
   return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* spawn context                                                        */
+
+extern char **environ;
+
+int pp_zygote_spawn(const char *exe, const char *code, const char *init, size_t initlen,
+                    pid_t *zpid, int *zfd, char *why, size_t whylen) {
+  int sv[2];
+  why[0] = 0;
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return errno;
+  posix_spawn_file_actions_t fa;
+  posix_spawnattr_t at;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawnattr_init(&at);
+  /* the child's end becomes its fd 3 (dup2 clears CLOEXEC there) */
+  posix_spawn_file_actions_adddup2(&fa, sv[1], ZCTL);
+  /* a fresh interpreter: default signal handling, nothing blocked */
+  sigset_t all, none;
+  sigfillset(&all);
+  sigemptyset(&none);
+  posix_spawnattr_setsigdefault(&at, &all);
+  posix_spawnattr_setsigmask(&at, &none);
+  posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK);
+  char *argv[] = {(char *)exe, (char *)"-e", (char *)code, NULL};
+  pid_t pid;
+  fflush(NULL);
+  int rc = posix_spawnp(&pid, exe, &fa, &at, argv, environ);
+  posix_spawn_file_actions_destroy(&fa);
+  posix_spawnattr_destroy(&at);
+  close(sv[1]);
+  if (rc != 0) {
+    close(sv[0]);
+    snprintf(why, whylen, "cannot run '%s': %s", exe, strerror(rc));
+    return rc;
+  }
+  /* the initializer, in a memfd (any size) */
+  pp_zmsg m;
+  memset(&m, 0, sizeof m);
+  m.type = PP_Z_CONFIG;
+  int mfd = -1, err = 0;
+  if (init && initlen) {
+    mfd = memfd_create("procpool-init", MFD_CLOEXEC);
+    if (mfd < 0 || write(mfd, init, initlen) != (ssize_t)initlen) err = errno ? errno : EIO;
+    m.len = initlen;
+  }
+  if (!err) {
+    struct iovec iov = {&m, sizeof m};
+    struct msghdr mh;
+    union {
+      struct cmsghdr h;
+      char buf[CMSG_SPACE(sizeof(int))];
+    } cm;
+    memset(&mh, 0, sizeof mh);
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    if (mfd >= 0) {
+      memset(&cm, 0, sizeof cm);
+      mh.msg_control = cm.buf;
+      mh.msg_controllen = sizeof cm.buf;
+      struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+      c->cmsg_level = SOL_SOCKET;
+      c->cmsg_type = SCM_RIGHTS;
+      c->cmsg_len = CMSG_LEN(sizeof(int));
+      memcpy(CMSG_DATA(c), &mfd, sizeof mfd);
+    }
+    if (sendmsg(sv[0], &mh, MSG_NOSIGNAL) < 0) err = errno;
+  }
+  if (mfd >= 0) close(mfd);
+  /* wait for HELLO: the interpreter started, loaded procpool, decoded the
+   * initializer */
+  if (!err) {
+    struct pollfd p = {sv[0], POLLIN, 0};
+    int ms = 30000;
+    while ((rc = poll(&p, 1, ms)) < 0 && errno == EINTR) {
+    }
+    ssize_t r = rc == 1 ? recv(sv[0], &m, sizeof m, 0) : -1;
+    if (rc == 0) {
+      err = ETIMEDOUT;
+      snprintf(why, whylen, "'%s' did not start within 30 s", exe);
+    } else if (r != (ssize_t)sizeof m || m.type != PP_Z_HELLO) {
+      err = ECHILD;
+      snprintf(why, whylen,
+               "'%s' exited before it was ready (can it load procpool with this "
+               "package.path and package.cpath?)",
+               exe);
+    } else if (m.err) {
+      err = m.err;
+      m.text[sizeof m.text - 1] = 0;
+      snprintf(why, whylen, "%s", m.text);
+    }
+  }
+  if (err) {
+    close(sv[0]);
+    kill(pid, SIGKILL);
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+    }
+    if (!why[0]) snprintf(why, whylen, "%s", strerror(err));
+    return err;
+  }
+  *zpid = pid;
+  *zfd = sv[0];
+  return 0;
+}
+
+static void hello(int err, const char *text) {
+  pp_zmsg m;
+  memset(&m, 0, sizeof m);
+  m.type = PP_Z_HELLO;
+  m.err = err;
+  if (text) snprintf(m.text, sizeof m.text, "%s", text);
+  zsend(&m, NULL, 0);
+}
+
+static int decode_init(lua_State *L) {
+  const char *p = lua_touserdata(L, 1);
+  size_t n = (size_t)lua_tointeger(L, 2);
+  lua_settop(L, 0);
+  return pp_decode(L, p, n, NULL, 1, 0);
+}
+
+void pp_zygote_spawned(lua_State *L, pid_t parent) {
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() != parent) _exit(0);
+  /* the configuration: the initializer list, if any */
+  pp_zmsg m;
+  struct iovec iov = {&m, sizeof m};
+  struct msghdr mh;
+  union {
+    struct cmsghdr h;
+    char buf[CMSG_SPACE(sizeof(int))];
+  } cm;
+  memset(&mh, 0, sizeof mh);
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  mh.msg_control = cm.buf;
+  mh.msg_controllen = sizeof cm.buf;
+  ssize_t r;
+  while ((r = recvmsg(ZCTL, &mh, MSG_CMSG_CLOEXEC)) < 0 && errno == EINTR) {
+  }
+  if (r != (ssize_t)sizeof m || m.type != PP_Z_CONFIG) _exit(1);
+  int mfd = -1;
+  struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+  if (c && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+    memcpy(&mfd, CMSG_DATA(c), sizeof mfd);
+  pp_wctx w;
+  memset(&w, 0, sizeof w);
+  lua_settop(L, 0);
+  if (mfd >= 0) {
+    int err = 0;
+    pp_blob *b = pp_blob_map(mfd, (size_t)m.len, &err);
+    close(mfd);
+    if (!b) {
+      hello(err, "cannot read the initializer");
+      _exit(1);
+    }
+    lua_pushcfunction(L, decode_init);
+    lua_pushlightuserdata(L, b->p);
+    lua_pushinteger(L, (lua_Integer)b->n);
+    int base = lua_gettop(L) - 3;
+    if (lua_pcall(L, 2, LUA_MULTRET, 0) != LUA_OK) {
+      const char *msg = luaL_tolstring(L, -1, NULL);
+      char text[200];
+      snprintf(text, sizeof text, "cannot load the initializer in the new interpreter: %s", msg);
+      hello(EINVAL, text);
+      _exit(1);
+    }
+    pp_blob_unref(b);
+    int n = lua_gettop(L) - base;
+    if (n >= 1) {
+      w.init_idx = base + 1;
+      w.init_str = lua_type(L, base + 1) == LUA_TSTRING;
+      w.init_n = n - 1;
+    }
+  }
+  hello(0, NULL);
+  sigset_t none;
+  sigemptyset(&none);
+  zygote_main(L, &w, ZCTL, parent, &none);
 }

@@ -124,12 +124,9 @@ static int l_isatty(lua_State *L) {
 __attribute__((visibility("default"))) int luaopen_procpool_core(lua_State *L);
 
 int luaopen_procpool_core(lua_State *L) {
-  static const luaL_Reg fns[] = {{"error", l_error},
-                                 {"is_error", l_is_error},
-                                 {"monotonic", l_monotonic},
-                                 {"sleep", l_sleep},
-                                 {"isatty", l_isatty},
-                                 {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"error", l_error},         {"is_error", l_is_error},
+                                 {"monotonic", l_monotonic}, {"sleep", l_sleep},
+                                 {"isatty", l_isatty},       {NULL, NULL}};
   luaL_checkversion(L);
   if (luaL_newmetatable(L, ERROR_MT)) {
     lua_pushcfunction(L, err_tostring);

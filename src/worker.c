@@ -128,7 +128,9 @@ static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now) {
   if (ws->out.buf.n - ws->batch > BATCH_BYTES || now - ws->batch_t0 > BATCH_NS) flush(ws);
 }
 
-/* Message handler: keep the error value, remember a traceback. */
+/* Message handler: keep the error value, remember a traceback. The
+ * frames below the worker loop (the parent's, from when the executor was
+ * created, copied by fork) are cut off: they say nothing about the task. */
 static int msgh(lua_State *L) {
   const char *msg = NULL;
   if (lua_type(L, 1) == LUA_TSTRING)
@@ -136,9 +138,34 @@ static int msgh(lua_State *L) {
   else if (!lua_isnil(L, 1))
     msg = luaL_tolstring(L, 1, NULL);
   luaL_traceback(L, L, msg ? msg : "(error object is nil)", 1);
+  size_t tl, bl;
+  const char *tb = lua_tolstring(L, -1, &tl);
+  if (lua_getfield(L, LUA_REGISTRYINDEX, "procpool.base_traceback") == LUA_TSTRING) {
+    const char *base = lua_tolstring(L, -1, &bl);
+    if (bl > 0 && tl > bl && memcmp(tb + tl - bl, base, bl) == 0)
+      lua_pushlstring(L, tb, tl - bl);
+    else
+      lua_pushvalue(L, -2);
+  } else {
+    lua_pushvalue(L, -2);
+  }
   lua_setfield(L, LUA_REGISTRYINDEX, "procpool.traceback");
   lua_settop(L, 1);
   return 1;
+}
+
+/* Remember the frames the worker runs on top of (everything after the
+ * first line of a traceback taken here, seen from a task's frames). */
+static void note_base_frames(lua_State *L) {
+  luaL_traceback(L, L, NULL, 0);
+  const char *tb = lua_tostring(L, -1);
+  const char *nl = strchr(tb, '\n');
+  if (nl)
+    lua_pushstring(L, nl); /* "\n\t[C]: in ..." */
+  else
+    lua_pushliteral(L, "");
+  lua_setfield(L, LUA_REGISTRYINDEX, "procpool.base_traceback");
+  lua_pop(L, 1);
 }
 
 /* The items of one TASK frame, run inside one protected call; after an
@@ -282,7 +309,7 @@ static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
   ws->last_t = pp_now_ns();
   if (!fnok) {
     if (lua_type(L, fnidx) == LUA_TSTRING) { /* no traceback for a lookup failure */
-      lua_pushliteral(L, "");
+      lua_pushnil(L);
       lua_setfield(L, LUA_REGISTRYINDEX, "procpool.traceback");
     }
     for (; b.k < count; b.k++) {
@@ -334,6 +361,7 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
   lua_pushinteger(L, (lua_Integer)getpid());
   lua_setfield(L, -2, "pid");
   lua_setfield(L, LUA_REGISTRYINDEX, "procpool.current_worker");
+  note_base_frames(L);
   lua_newtable(L);
   ws.fncache = lua_gettop(L);
   if (w && w->init_idx) {

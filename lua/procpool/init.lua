@@ -223,8 +223,29 @@ end
 
 local EXEC_OPTS = {
   max_workers = true, context = true, initializer = true, initargs = true,
-  max_tasks_per_child = true, task_timeout = true, on_worker_lost = true,
+  max_tasks_per_child = true, task_timeout = true, on_worker_lost = true, executable = true,
 }
+
+--- Check a context option; returns the engine options for it. The
+-- default is "fork", or the environment variable PROCPOOL_CONTEXT.
+local function context_of(opts, level)
+  local ctx = opts.context or os.getenv("PROCPOOL_CONTEXT") or "fork"
+  if ctx ~= "fork" and ctx ~= "spawn" then
+    error("unknown context '" .. tostring(ctx) .. "' (supported: \"fork\", \"spawn\")", level + 1)
+  end
+  local exe = opts.executable
+  if exe ~= nil and (type(exe) ~= "string" or exe == "") then
+    error("executable must be a command name or path", level + 1)
+  end
+  if ctx == "fork" then return { context = "fork" } end
+  -- a fresh interpreter, given our module paths, becomes the zygote
+  return {
+    context = "spawn",
+    executable = exe or "lua5.4",
+    _bootstrap = string.format("package.path=%q package.cpath=%q require('procpool.core')._zygote",
+      package.path, package.cpath),
+  }
+end
 
 --- Create an executor.
 -- @tparam[opt] table opts `max_workers`, `context` ("fork"), `initializer`,
@@ -235,10 +256,7 @@ function M.ProcessPoolExecutor(opts)
   local mw = opts.max_workers
   if mw == nil then mw = core.cpu_count() end
   if not is_int(mw) or mw < 1 then error("max_workers must be greater than 0", 2) end
-  local ctx = opts.context or "fork"
-  if ctx ~= "fork" then
-    error("unknown context '" .. tostring(ctx) .. "' (supported: \"fork\")", 2)
-  end
+  local ctx = context_of(opts, 2)
   local init = opts.initializer
   if init ~= nil and type(init) ~= "function" and type(init) ~= "string" then
     error("initializer must be a callable (a function or a \"module.name\" string)", 2)
@@ -261,6 +279,7 @@ function M.ProcessPoolExecutor(opts)
   return core.executor_new({
     max_workers = mw, initializer = init, initargs = opts.initargs,
     max_tasks_per_child = mt, task_timeout = tt, on_worker_lost = owl,
+    context = ctx.context, executable = ctx.executable, _bootstrap = ctx._bootstrap,
   })
 end
 
@@ -543,7 +562,7 @@ core.Executor.__close = function(self) self:shutdown() end
 local internal = {
   raise = raise, check_opts = check_opts, deadline_of = deadline_of, is_int = is_int,
   check_fn = check_fn, items_of = items_of, map_impl = map_impl, finish = finish,
-  progress_of = progress_of,
+  progress_of = progress_of, context_of = context_of,
 }
 M.Pool = require("procpool.pool")(M, internal)
 core.Executor.__tostring = function(self)

@@ -7,7 +7,7 @@ local core = require "procpool.core"
 return function(M, I)
   local raise, check_opts, deadline_of, is_int = I.raise, I.check_opts, I.deadline_of, I.is_int
   local check_fn, items_of, map_impl, finish = I.check_fn, I.items_of, I.map_impl, I.finish
-  local progress_of = I.progress_of
+  local progress_of, context_of = I.progress_of, I.context_of
   local await = core.await
 
   ---------------------------------------------------------------------
@@ -137,7 +137,7 @@ return function(M, I)
 
   local POOL_OPTS = {
     processes = true, initializer = true, initargs = true, maxtasksperchild = true,
-    context = true,
+    context = true, executable = true,
   }
 
   --- Create a pool; its workers start at once.
@@ -152,10 +152,7 @@ return function(M, I)
     if mt ~= nil and (not is_int(mt) or mt < 1) then
       error("maxtasksperchild must be a positive integer or nil", 2)
     end
-    local ctx = opts.context or "fork"
-    if ctx ~= "fork" then
-      error("unknown context '" .. tostring(ctx) .. "' (supported: \"fork\")", 2)
-    end
+    local ctx = context_of(opts, 2)
     local init = opts.initializer
     if init ~= nil and type(init) ~= "function" and type(init) ~= "string" then
       error("initializer must be a callable (a function or a \"module.name\" string)", 2)
@@ -165,6 +162,7 @@ return function(M, I)
     end
     local ex = core.executor_new({
       max_workers = n, initializer = init, initargs = opts.initargs, max_tasks_per_child = mt,
+      context = ctx.context, executable = ctx.executable, _bootstrap = ctx._bootstrap,
     })
     return setmetatable({ _ex = ex, _state = "RUN", _processes = n }, Pool)
   end
