@@ -166,7 +166,11 @@ void pp_job_unref(pp_job *j) {
   if (!j || __atomic_sub_fetch(&j->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
   for (int i = 0; i < j->nblobs; i++) pp_blob_unref(j->blobs[i]);
   free(j->blobs);
-  for (uint32_t i = 0; i < j->n; i++) free(j->items[i].stderr_tail);
+  for (uint32_t i = 0; i < j->n; i++)
+    if (j->items[i].death) {
+      free(j->items[i].death->stderr_tail);
+      free(j->items[i].death);
+    }
   pp_blob_unref(j->payload);
   wnodes_fire(j);
   free(j->itemoff);
@@ -577,11 +581,14 @@ static void w_died(pp_engine *e, int slot, int status) {
       uint32_t i = d->first + k;
       if (seq == started && j->items[i].status == PP_IT_PENDING) {
         pp_item *it = &j->items[i];
-        it->pid = w->pid;
-        it->sig = sig;
-        it->code = code;
-        free(it->stderr_tail);
-        it->stderr_tail = w_tail(w);
+        if (!it->death) it->death = calloc(1, sizeof *it->death);
+        if (it->death) {
+          it->death->pid = w->pid;
+          it->death->sig = sig;
+          it->death->code = code;
+          free(it->death->stderr_tail);
+          it->death->stderr_tail = w_tail(w);
+        }
         e->st.running--;
         if (e->killing || e->broken ||
             (e->cfg.break_on_lost && !w->expected_exit && w->kill_seq != seq)) {
@@ -708,7 +715,7 @@ static int w_results(pp_engine *e, int slot, const pp_frame *f) {
         j->blobs[j->nblobs++] = pp_blob_ref(blob);
       }
       it->blob = blob;
-      it->off = off;
+      it->off = (uint32_t)off;
       it->len = len;
       item_set(e, j, i, status == PP_RES_OK ? PP_IT_OK : PP_IT_ERROR);
     }

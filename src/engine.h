@@ -26,12 +26,18 @@ enum {
   PP_IT_CANCELLED, /* cancelled before it started */
 };
 
+/* How a worker ended, for LOST/DEADLINE items (rare: kept aside). */
+typedef struct pp_death {
+  int32_t pid, sig, code; /* code -1 when unknown */
+  char *stderr_tail;      /* the last lines the worker wrote (owned) */
+} pp_death;
+
 typedef struct pp_item {
+  pp_blob *blob; /* frame body or memfd mapping (the job holds it) */
+  pp_death *death;
+  uint64_t len;
+  uint32_t off;
   uint8_t status;
-  int32_t pid, sig, code; /* LOST/DEADLINE details; code -1 when unknown */
-  char *stderr_tail;      /* LOST: the last lines the worker wrote (owned) */
-  pp_blob *blob;          /* frame body or memfd mapping (the job holds it) */
-  size_t off, len;
 } pp_item;
 
 /* Job states, as a Future shows them. */

@@ -271,6 +271,8 @@ static int l_submit_chunk(lua_State *L) {
   uint32_t n = (uint32_t)(hi - lo + 1);
   lua_settop(L, 7);
   pp_wbuf *b = push_box(L);
+  /* room for small items up front: no regrowing (and copying) per chunk */
+  if (pp_wbuf_reserve(b, (size_t)n * 8 + 64) != 0) luaL_error(L, "procpool: not enough memory");
   size_t *off = lua_newuserdatauv(L, ((size_t)n + 1) * sizeof(size_t), 0);
   put_u32_placeholder(L, b);
   pp_encode(L, 2, 1, b, 0, "=fn", 0);

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <math.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -272,35 +273,37 @@ static void push_item_error(lua_State *L, pp_fut *f, const pp_item *it) {
     pp_error_push(L, "CancelledError", "the future was cancelled");
     break;
   case PP_IT_LOST: {
-    const char *sn = signame(it->sig);
-    if (it->sig)
-      lua_pushfstring(L, "worker process %d died while running the task (signal %d%s%s%s)",
-                      (int)it->pid, (int)it->sig, sn ? ", " : "", sn ? sn : "", "");
-    else if (it->code >= 0)
+    pp_death none = {0, 0, -1, NULL};
+    const pp_death *d = it->death ? it->death : &none;
+    const char *sn = signame(d->sig);
+    if (d->sig)
+      lua_pushfstring(L, "worker process %d died while running the task (signal %d%s%s)",
+                      (int)d->pid, (int)d->sig, sn ? ", " : "", sn ? sn : "");
+    else if (d->code >= 0)
       lua_pushfstring(L, "worker process %d died while running the task (exit code %d)",
-                      (int)it->pid, (int)it->code);
+                      (int)d->pid, (int)d->code);
     else
-      lua_pushfstring(L, "worker process %d died while running the task", (int)it->pid);
+      lua_pushfstring(L, "worker process %d died while running the task", (int)d->pid);
     pp_error_push(L, "WorkerLost", lua_tostring(L, -1));
     lua_remove(L, -2);
-    lua_pushinteger(L, it->pid);
+    lua_pushinteger(L, d->pid);
     lua_setfield(L, -2, "pid");
-    if (it->stderr_tail) {
-      lua_pushstring(L, it->stderr_tail);
+    if (d->stderr_tail) {
+      lua_pushstring(L, d->stderr_tail);
       lua_setfield(L, -2, "stderr");
     }
-    if (it->sig) {
-      lua_pushinteger(L, it->sig);
+    if (d->sig) {
+      lua_pushinteger(L, d->sig);
       lua_setfield(L, -2, "signal");
-    } else if (it->code >= 0) {
-      lua_pushinteger(L, it->code);
+    } else if (d->code >= 0) {
+      lua_pushinteger(L, d->code);
       lua_setfield(L, -2, "exit_code");
     }
     break;
   }
   case PP_IT_DEADLINE:
     pp_error_push(L, "DeadlineExceeded", "the task ran past its deadline and was stopped");
-    lua_pushinteger(L, it->pid);
+    lua_pushinteger(L, it->death ? it->death->pid : 0);
     lua_setfield(L, -2, "pid");
     lua_pushnumber(L, (lua_Number)f->job->timeout_ns / 1e9);
     lua_setfield(L, -2, "timeout");
@@ -316,9 +319,9 @@ static void push_item_error(lua_State *L, pp_fut *f, const pp_item *it) {
 static int push_item(lua_State *L, pp_fut *f, uint32_t i, int first_only) {
   const pp_item *it = &f->job->items[i];
   if (it->status == PP_IT_OK) {
-    if (first_only && pp_decode_first(L, it->blob->p + it->off, it->len)) return 1;
+    if (first_only && pp_decode_first(L, it->blob->p + it->off, (size_t)it->len)) return 1;
     int top = lua_gettop(L);
-    int n = pp_decode(L, it->blob->p + it->off, it->len, NULL, 0, 0);
+    int n = pp_decode(L, it->blob->p + it->off, (size_t)it->len, NULL, 0, 0);
     if (first_only) {
       if (n == 0) lua_pushnil(L);
       lua_settop(L, top + 1);
@@ -328,7 +331,7 @@ static int push_item(lua_State *L, pp_fut *f, uint32_t i, int first_only) {
   }
   if (it->status == PP_IT_ERROR) {
     int top = lua_gettop(L);
-    int n = pp_decode(L, it->blob->p + it->off, it->len, NULL, 0, 0);
+    int n = pp_decode(L, it->blob->p + it->off, (size_t)it->len, NULL, 0, 0);
     lua_settop(L, top + 2); /* (error value, traceback) */
     (void)n;
     return -1;
@@ -614,10 +617,14 @@ static void aw_register(lua_State *L, pp_waiter *w, int add) {
 
 static double now_s(void) { return (double)pp_now_ns() / 1e9; }
 
+/* How long a wait keeps looking before it sleeps in poll. */
+#define SPIN_NS 30000u
+
 static int await_k(lua_State *L, int status, lua_KContext ctx) {
   (void)status;
   (void)ctx;
   awstate s;
+  int spun = 0;
   for (;;) {
     if (lua_type(L, AW_BOX) == LUA_TUSERDATA) { /* back from the waiter */
       waitbox *b = lua_touserdata(L, AW_BOX);
@@ -664,6 +671,18 @@ static int await_k(lua_State *L, int status, lua_KContext ctx) {
       continue;
     }
     lua_settop(L, AW_BOX);
+    /* a result often arrives within microseconds: look again briefly
+     * before sleeping, which costs far more to wake from */
+    if (!spun) {
+      spun = 1;
+      uint64_t until = pp_now_ns() + SPIN_NS;
+      int done = 0;
+      while (!done && pp_now_ns() < until) {
+        sched_yield();
+        done = aw_check(L, &s);
+      }
+      if (done) continue;
+    }
     struct pollfd pfd[32];
     for (int i = 0; i < s.nengs; i++) {
       pfd[i].fd = pp_engine_fd(s.engs[i]);

@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,8 @@
 /* Flush a batch of results once it is this large or this old. */
 #define BATCH_BYTES (64u << 10)
 #define BATCH_NS 1000000u
+/* How long an idle worker keeps looking for a next task before sleeping. */
+#define SPIN_NS 50000u
 
 typedef struct wstate {
   lua_State *L;
@@ -398,6 +401,12 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
       long r = pp_in_read(&ws.in, fd, 0);
       if (r > 0) continue;
       flush(&ws);
+      /* a next task often follows at once: look for it a little while
+       * before sleeping (waking a sleeping process costs far more) */
+      uint64_t until = pp_now_ns() + SPIN_NS;
+      while ((r = pp_in_read(&ws.in, fd, 0)) < 0 && errno == EAGAIN && pp_now_ns() < until)
+        sched_yield();
+      if (r > 0) continue;
       r = pp_in_read(&ws.in, fd, 1);
       if (r == 0) wexit(&ws, 0); /* the parent closed our input: done */
       if (r < 0 && errno != EINTR && errno != EAGAIN) wexit(&ws, 0);
