@@ -25,7 +25,7 @@ OBJS   = $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 SO     = $(BUILD)/procpool/core.so
 
 .PHONY: all test check ctest asan valgrind fuzz bench format format-check lint clean deps \
-        demo install uninstall help
+        demo install uninstall embed stress help
 
 all: $(SO)
 
@@ -49,7 +49,7 @@ $(BUILD)/ctest/%: spec/c/%.c $(SRCS) $(HDRS) spec/c/ctest.h
 
 ctest: $(CTESTS)
 
-test: all $(CTESTS)
+test: all $(CTESTS) $(BUILD)/embed/host
 	@LUA="$(LUA)" BUSTED="$(BUSTED)" BUILD="$(BUILD)" TIMEOUT="$(TIMEOUT)" \
 	  sh spec/run.sh $(CTESTS)
 
@@ -90,6 +90,10 @@ $(BUILD)/fuzz_decode: spec/fuzz/fuzz_decode.c $(SRCS) $(HDRS)
 bench: all
 	@sh bench/run.sh
 
+# a million tasks under random worker kills; every future accounted for
+stress: all
+	@$(LUA_ENV) LUA_PATH="./?.lua;lua/?.lua;lua/?/init.lua;;" $(LUA) bench/stress.lua
+
 format:
 	clang-format -i $(SRCS) $(HDRS) spec/c/*.c spec/c/*.h spec/fuzz/*.c
 
@@ -102,8 +106,37 @@ lint:
 	@if command -v luacheck >/dev/null; then luacheck lua spec bench examples; \
 	  else echo "luacheck not installed; skipped"; fi
 
+# --- install, demo, embedding -----------------------------------------------
+
+INSTALL_LMOD = $(PREFIX)/share/lua/$(LUA_VER)
+INSTALL_CMOD = $(PREFIX)/lib/lua/$(LUA_VER)
+
+install: all
+	install -d $(DESTDIR)$(INSTALL_CMOD)/procpool $(DESTDIR)$(INSTALL_LMOD)/procpool \
+	  $(DESTDIR)$(PREFIX)/bin
+	install -m 755 $(SO) $(DESTDIR)$(INSTALL_CMOD)/procpool/core.so
+	install -m 644 $(LUA_MODS) $(DESTDIR)$(INSTALL_LMOD)/procpool/
+	install -m 755 bin/procpool $(DESTDIR)$(PREFIX)/bin/procpool
+
+uninstall:
+	rm -f $(DESTDIR)$(INSTALL_CMOD)/procpool/core.so $(DESTDIR)$(PREFIX)/bin/procpool
+	rm -f $(addprefix $(DESTDIR)$(INSTALL_LMOD)/procpool/,$(notdir $(LUA_MODS)))
+	-rmdir $(DESTDIR)$(INSTALL_CMOD)/procpool $(DESTDIR)$(INSTALL_LMOD)/procpool 2>/dev/null
+
+LUA_ENV = LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='$(BUILD)/?.so;;'
+
+demo: all
+	@$(LUA_ENV) $(LUA) examples/demo.lua
+
+# the embedding example, built as a user would: with pkg-config
+$(BUILD)/embed/host: examples/embed/host.c
+	@mkdir -p $(dir $@)
+	$(CC) -O2 -Wall -Wextra -o $@ $< $$(pkg-config --cflags --libs $(LUA_PC)) -lpthread
+
+embed: $(BUILD)/embed/host
+
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan examples/embed/host
 
 # Debian packages needed to build, test and run the examples.
 DEB_PKGS = $(shell grep -v '^\#' .ci/packages)
@@ -118,6 +151,8 @@ help:
 	@echo "make asan       the same under ASan+UBSan"
 	@echo "make valgrind   the same under valgrind"
 	@echo "make fuzz       libFuzzer on the decoder (FUZZ_SECONDS=$(FUZZ_SECONDS))"
-	@echo "make bench      benchmarks beside Python's pools"
+	@echo "make bench      benchmarks beside Python's pools (BENCHES=...)"
+	@echo "make stress     1e6 tasks under random worker kills"
 	@echo "make deps       apt-get the Debian packages"
-	@echo "make install    PREFIX=$(PREFIX)"
+	@echo "make demo       build and run a parallel demonstration"
+	@echo "make install    PREFIX=$(PREFIX) (and make uninstall)"

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Runs the benchmarks (BENCHES="codec executor ..." to choose).
+# Runs the benchmarks (BENCHES="codec executor ..." to choose; see
+# bench/README.md). Each prints a markdown table.
 set -e
 BUILD=${BUILD:-build}
 mkdir -p "$BUILD/bench"
@@ -10,7 +11,8 @@ done
 export LUA_PATH="./?.lua;lua/?.lua;lua/?/init.lua;;"
 export LUA_CPATH="$BUILD/?.so;;"
 export PROCPOOL_BENCH_BIN="$BUILD/bench"
-for b in ${BENCHES:-codec}; do
+for b in ${BENCHES:-perf executor pool codec cli}; do
+  [ -f "bench/$b.lua" ] || continue
   lua5.4 "bench/$b.lua"
   echo
 done

@@ -41,4 +41,9 @@ build = {
     ["procpool.cqueues"] = "lua/procpool/cqueues.lua",
     ["procpool.luv"] = "lua/procpool/luv.lua",
   },
+  install = {
+    bin = {
+      procpool = "bin/procpool",
+    },
+  },
 }

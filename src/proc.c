@@ -182,6 +182,7 @@ __attribute__((noreturn)) static void zygote_main(lua_State *L, const pp_wctx *w
     close(ctl);
   }
   pp_close_from(ZCTL + 1, -1);
+  signal(SIGINT, SIG_IGN); /* Ctrl-C is the parent's to act on */
   zstate z;
   memset(&z, 0, sizeof z);
   z.L = L;

@@ -2,6 +2,8 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <string.h>
 #include <time.h>
@@ -115,6 +117,72 @@ static int l_sleep(lua_State *L) {
   return 0;
 }
 
+/* open(path) -> fd, for reading (CLOEXEC); nil, message on failure */
+static int l_open(lua_State *L) {
+  int fd = open(luaL_checkstring(L, 1), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return luaL_fileresult(L, 0, lua_tostring(L, 1));
+  lua_pushinteger(L, fd);
+  return 1;
+}
+
+/* read(fd, max) -> what one read(2) gives when data is ready: a string,
+ * "" if none is ready now (nothing waited for), nil at the end */
+static int l_read(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 1);
+  size_t max = (size_t)luaL_optinteger(L, 2, 65536);
+  struct pollfd p = {fd, POLLIN, 0};
+  int r;
+  while ((r = poll(&p, 1, 0)) < 0 && errno == EINTR) {
+  }
+  if (r == 0) {
+    lua_pushliteral(L, "");
+    return 1;
+  }
+  luaL_Buffer b;
+  char *buf = luaL_buffinitsize(L, &b, max);
+  ssize_t n;
+  while ((n = read(fd, buf, max)) < 0 && errno == EINTR) {
+  }
+  if (n < 0) {
+    if (errno == EAGAIN) {
+      lua_pushliteral(L, "");
+      return 1;
+    }
+    return luaL_fileresult(L, 0, NULL);
+  }
+  if (n == 0) {
+    lua_pushnil(L);
+    return 1;
+  }
+  luaL_pushresultsize(&b, (size_t)n);
+  return 1;
+}
+
+/* poll({fd, ...}, timeout) -> true once any fd is readable, false when
+ * the timeout (seconds; nil: none) passes or a signal interrupts */
+static int l_poll(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  struct pollfd p[16];
+  int n = (int)lua_rawlen(L, 1);
+  if (n > 16) n = 16;
+  for (int i = 0; i < n; i++) {
+    lua_rawgeti(L, 1, i + 1);
+    p[i].fd = (int)lua_tointeger(L, -1);
+    p[i].events = POLLIN;
+    p[i].revents = 0;
+    lua_pop(L, 1);
+  }
+  int ms = lua_isnoneornil(L, 2) ? -1 : (int)(luaL_checknumber(L, 2) * 1000);
+  lua_pushboolean(L, poll(p, (nfds_t)n, ms) > 0);
+  return 1;
+}
+
+/* close(fd) */
+static int l_close(lua_State *L) {
+  close((int)luaL_checkinteger(L, 1));
+  return 0;
+}
+
 /* isatty(fd) -> boolean */
 static int l_isatty(lua_State *L) {
   lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)) == 1);
@@ -126,7 +194,9 @@ __attribute__((visibility("default"))) int luaopen_procpool_core(lua_State *L);
 int luaopen_procpool_core(lua_State *L) {
   static const luaL_Reg fns[] = {{"error", l_error},         {"is_error", l_is_error},
                                  {"monotonic", l_monotonic}, {"sleep", l_sleep},
-                                 {"isatty", l_isatty},       {NULL, NULL}};
+                                 {"isatty", l_isatty},       {"open", l_open},
+                                 {"read", l_read},           {"poll", l_poll},
+                                 {"close", l_close},         {NULL, NULL}};
   luaL_checkversion(L);
   if (luaL_newmetatable(L, ERROR_MT)) {
     lua_pushcfunction(L, err_tostring);

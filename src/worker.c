@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -345,6 +346,9 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
   pp_in_init(&ws.in);
   pp_out_init(&ws.out);
   pp_wbuf_init(&ws.res, PP_MEMFD_MIN);
+  /* Ctrl-C is for the parent (which then stops the pool), not for the
+   * tasks: an inherited interpreter handler would fail them all */
+  signal(SIGINT, SIG_IGN);
   /* stdin is the parent's, not ours; every other fd is closed */
   int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
   if (devnull >= 0) {
