@@ -55,11 +55,17 @@ local function cpu(workers)
   e:submit(noop):result()
   local tasks = {}
   for i = 1, 8 do tasks[i] = 6000000 end
-  local t = B.best(function() for _ in e:map(spin, tasks, { chunksize = 1 }) do end end, 2)
+  local t = B.best(function() for _ in e:map(spin, tasks, { chunksize = 1 }) do end end, 1)
   e:shutdown()
   return t
 end
-results.speedup = cpu(1) / cpu(2)
+-- a virtual CPU's speed drifts: alternate the two and keep the best of each
+local t1, t2 = math.huge, math.huge
+for _ = 1, 3 do
+  t1 = math.min(t1, cpu(1))
+  t2 = math.min(t2, cpu(2))
+end
+results.speedup = t1 / t2
 
 -- 6. a whole script: create a 2-worker pool, run one task, exit
 local script = os.tmpname()

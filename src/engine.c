@@ -173,7 +173,6 @@ void pp_job_unref(pp_job *j) {
     }
   pp_blob_unref(j->payload);
   wnodes_fire(j);
-  free(j->itemoff);
   free(j->ranges);
   free(j->items);
   free(j);
@@ -361,17 +360,35 @@ static uint32_t window(const pp_engine *e) {
   return (uint32_t)w;
 }
 
+/* Byte offset of item i in a job's payload ([u32 len][bytes] per item
+ * after the function). Only a part of a job needs it (after a worker
+ * death, or a split for max_tasks), so it is found by walking the lengths
+ * from the nearest boundary seen before, not kept per item. */
+static size_t item_offset(pp_job *j, uint32_t i) {
+  const unsigned char *p = (const unsigned char *)j->payload->p;
+  if (i == j->n) return j->payload->n;
+  size_t k = 0, off = 4 + (size_t)pp_get32(p);
+  if (j->scan_off && j->scan_item <= i) {
+    k = j->scan_item;
+    off = j->scan_off;
+  }
+  for (; k < i; k++) off += 4 + (size_t)pp_get32(p + off);
+  j->scan_item = i;
+  j->scan_off = off;
+  return off;
+}
+
 /* Append a TASK frame for items [first, first+count) of job j. */
 static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint64_t seq0) {
   pp_blob *P = j->payload;
   uint32_t fnlen = pp_get32((const unsigned char *)P->p);
   size_t ilo, ihi;
-  if (j->itemoff) {
-    ilo = j->itemoff[first];
-    ihi = j->itemoff[first + count];
-  } else {
+  if (first == 0 && first + count == j->n) { /* the common case: the whole job */
     ilo = 4 + (size_t)fnlen;
     ihi = P->n;
+  } else {
+    ilo = item_offset(j, first);
+    ihi = item_offset(j, first + count);
   }
   int flags = j->timeout_ns ? PP_TASK_TIMED : 0;
   pp_wbuf *b = &w->out.buf;

@@ -60,7 +60,7 @@ typedef struct pp_job {
   uint64_t id;
   /* payload: [u32 fnlen][fn][items: u32 len, bytes]*; heap or memfd */
   pp_blob *payload;
-  size_t *itemoff; /* n+1 offsets of the items in payload (NULL when n == 1) */
+  size_t scan_item, scan_off; /* a known item boundary, to find others fast */
   uint32_t n;
   uint32_t ndone;
   uint32_t nfailed;

@@ -273,13 +273,12 @@ static int l_submit_chunk(lua_State *L) {
   pp_wbuf *b = push_box(L);
   /* room for small items up front: no regrowing (and copying) per chunk */
   if (pp_wbuf_reserve(b, (size_t)n * 8 + 64) != 0) luaL_error(L, "procpool: not enough memory");
-  size_t *off = lua_newuserdatauv(L, ((size_t)n + 1) * sizeof(size_t), 0);
   put_u32_placeholder(L, b);
   pp_encode(L, 2, 1, b, 0, "=fn", 0);
   patch_len(b, 0);
   int top = lua_gettop(L);
   for (uint32_t k = 0; k < n; k++) {
-    off[k] = b->n;
+    size_t at = b->n;
     put_u32_placeholder(L, b);
     lua_rawgeti(L, 3, lo + (lua_Integer)k);
     if (star) {
@@ -305,18 +304,9 @@ static int l_submit_chunk(lua_State *L) {
       }
     }
     lua_settop(L, top);
-    patch_len(b, off[k]);
+    patch_len(b, at);
   }
-  off[n] = b->n;
   pp_job *j = new_job(L, n, b, timeout);
-  if (n > 1) {
-    j->itemoff = malloc(((size_t)n + 1) * sizeof(size_t));
-    if (!j->itemoff) {
-      pp_job_unref(j);
-      luaL_error(L, "procpool: not enough memory");
-    }
-    memcpy(j->itemoff, off, ((size_t)n + 1) * sizeof(size_t));
-  }
   submit_job(L, x, j);
   return 1;
 }

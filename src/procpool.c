@@ -183,6 +183,12 @@ static int l_close(lua_State *L) {
   return 0;
 }
 
+/* table_new(narr, nrec) -> a table with room for that many entries */
+static int l_table_new(lua_State *L) {
+  lua_createtable(L, (int)luaL_optinteger(L, 1, 0), (int)luaL_optinteger(L, 2, 0));
+  return 1;
+}
+
 /* isatty(fd) -> boolean */
 static int l_isatty(lua_State *L) {
   lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)) == 1);
@@ -192,11 +198,17 @@ static int l_isatty(lua_State *L) {
 __attribute__((visibility("default"))) int luaopen_procpool_core(lua_State *L);
 
 int luaopen_procpool_core(lua_State *L) {
-  static const luaL_Reg fns[] = {{"error", l_error},         {"is_error", l_is_error},
-                                 {"monotonic", l_monotonic}, {"sleep", l_sleep},
-                                 {"isatty", l_isatty},       {"open", l_open},
-                                 {"read", l_read},           {"poll", l_poll},
-                                 {"close", l_close},         {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"error", l_error},
+                                 {"is_error", l_is_error},
+                                 {"monotonic", l_monotonic},
+                                 {"sleep", l_sleep},
+                                 {"isatty", l_isatty},
+                                 {"table_new", l_table_new},
+                                 {"open", l_open},
+                                 {"read", l_read},
+                                 {"poll", l_poll},
+                                 {"close", l_close},
+                                 {NULL, NULL}};
   luaL_checkversion(L);
   if (luaL_newmetatable(L, ERROR_MT)) {
     lua_pushcfunction(L, err_tostring);

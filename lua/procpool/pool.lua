@@ -89,7 +89,11 @@ return function(M, I)
     if self._kind == "map" and self._ok == nil then
       -- collect each chunk as it completes: decoding overlaps the work
       -- still running (and every chunk finishes before an error is raised)
-      local out, err = self._partial or { n = self._n }, self._err
+      local out, err = self._partial, self._err
+      if not out then
+        out = core.table_new(self._n, 1) -- the whole list at once: no regrowing
+        out.n = self._n
+      end
       self._partial = out
       local futs = self._futs
       local k, base = self._next or 1, self._base or 1
