@@ -1101,7 +1101,14 @@ pp_engine *pp_engine_new(const pp_engine_cfg *cfg, pid_t zpid, int zfd, int *err
   e->zfd = zfd;
   e->epfd = e->wakefd = e->notifyfd = -1;
   e->w = calloc((size_t)cfg->nworkers, sizeof *e->w);
-  if (!e->w || pthread_mutex_init(&e->mu, NULL) != 0) {
+  /* the lock is held briefly, by two threads at most: spinning a little
+   * before sleeping avoids most futex sleeps and wakeups */
+  pthread_mutexattr_t ma;
+  pthread_mutexattr_init(&ma);
+  pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
+  int mrc = pthread_mutex_init(&e->mu, &ma);
+  pthread_mutexattr_destroy(&ma);
+  if (!e->w || mrc != 0) {
     free(e->w);
     free(e);
     *err = ENOMEM;
