@@ -4,11 +4,7 @@ local H = require "spec.helper"
 
 local T = 10
 
-local function range(n)
-  local t = {}
-  for i = 1, n do t[i] = i end
-  return t
-end
+local range = H.range
 
 describe("progress", function()
   local ex, pool

@@ -1,6 +1,13 @@
 -- Shared helpers for the specs. Loaded with require "spec.helper".
 local H = {}
 
+--- The list {1, ..., n}.
+function H.range(n)
+  local t = {}
+  for i = 1, n do t[i] = i end
+  return t
+end
+
 --- Count this process's open file descriptors.
 function H.fd_count()
   local n = 0

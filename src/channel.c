@@ -59,34 +59,70 @@ int pp_out_addfd(pp_out *o, size_t at, int fd) {
   return 0;
 }
 
-/* Send p[0..n) with `fd` (or -1) attached to the first byte. */
-static ssize_t send_with_fd(int sock, const char *p, size_t n, int fd) {
+long pp_send_fds(int sock, const void *p, size_t n, const int *fds, int nfds, int flags) {
   struct iovec iov;
   struct msghdr mh;
   union {
     struct cmsghdr h;
-    char buf[CMSG_SPACE(sizeof(int))];
+    char buf[CMSG_SPACE(4 * sizeof(int))];
   } cm;
+  if (nfds < 0 || nfds > 4) {
+    errno = EINVAL;
+    return -1;
+  }
   memset(&mh, 0, sizeof mh);
   iov.iov_base = (void *)p;
   iov.iov_len = n;
   mh.msg_iov = &iov;
   mh.msg_iovlen = 1;
-  if (fd >= 0) {
+  if (nfds > 0) {
     memset(&cm, 0, sizeof cm);
     mh.msg_control = cm.buf;
-    mh.msg_controllen = sizeof cm.buf;
+    mh.msg_controllen = CMSG_SPACE((size_t)nfds * sizeof(int));
     struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
+    memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
   }
   ssize_t r;
   do {
-    r = sendmsg(sock, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+    r = sendmsg(sock, &mh, MSG_NOSIGNAL | flags);
   } while (r < 0 && errno == EINTR);
-  return r;
+  return (long)r;
+}
+
+long pp_recv_fds(int sock, void *p, size_t n, int *fds, int maxfds, int *nfds, int flags) {
+  struct iovec iov = {p, n};
+  struct msghdr mh;
+  union {
+    struct cmsghdr h;
+    char buf[CMSG_SPACE(8 * sizeof(int))];
+  } cm;
+  memset(&mh, 0, sizeof mh);
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  mh.msg_control = cm.buf;
+  mh.msg_controllen = sizeof cm.buf;
+  ssize_t r;
+  do {
+    r = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC | flags);
+  } while (r < 0 && errno == EINTR);
+  *nfds = 0;
+  if (r < 0) return -1;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < k; i++) {
+      int fd;
+      memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+      if (*nfds < maxfds)
+        fds[(*nfds)++] = fd;
+      else
+        close(fd);
+    }
+  }
+  return (long)r;
 }
 
 int pp_out_flush(pp_out *o, int sock) {
@@ -102,7 +138,7 @@ int pp_out_flush(pp_out *o, int sock) {
         end = o->fds[0].at;
     }
     if (fd >= 0 && o->nfds > 1 && o->fds[1].at < end) end = o->fds[1].at;
-    ssize_t r = send_with_fd(sock, o->buf.p + o->sent, end - o->sent, fd);
+    long r = pp_send_fds(sock, o->buf.p + o->sent, end - o->sent, &fd, fd >= 0, MSG_DONTWAIT);
     if (r < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : errno;
     if (fd >= 0) { /* the peer has its own reference now */
       close(fd);
@@ -178,33 +214,12 @@ long pp_in_read(pp_in *in, int sock, int block) {
       in->cap = PP_IN_MIN;
     }
   }
-  struct iovec iov;
-  struct msghdr mh;
-  union {
-    struct cmsghdr h;
-    char buf[CMSG_SPACE(8 * sizeof(int))];
-  } cm;
-  memset(&mh, 0, sizeof mh);
-  iov.iov_base = in->p + in->n;
-  iov.iov_len = in->cap - in->n;
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  mh.msg_control = cm.buf;
-  mh.msg_controllen = sizeof cm.buf;
-  ssize_t r;
-  do {
-    r = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC | (block ? 0 : MSG_DONTWAIT));
-  } while (r < 0 && errno == EINTR);
+  int fds[8], nfds;
+  long r =
+      pp_recv_fds(sock, in->p + in->n, in->cap - in->n, fds, 8, &nfds, block ? 0 : MSG_DONTWAIT);
+  for (int i = 0; i < nfds; i++)
+    if (in_pushfd(in, fds[i]) != 0) close(fds[i]);
   if (r < 0) return -1;
-  for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-    size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-    for (size_t i = 0; i < k; i++) {
-      int fd;
-      memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-      if (in_pushfd(in, fd) != 0) close(fd);
-    }
-  }
   if (r == 0) {
     in->eof = 1;
     return 0;

@@ -76,6 +76,13 @@ static inline uint64_t pp_get64(const unsigned char *p) {
   return (uint64_t)pp_get32(p) | (uint64_t)pp_get32(p + 4) << 32;
 }
 
+/* sendmsg/recvmsg with fds (SCM_RIGHTS), EINTR retried, no SIGPIPE.
+ * pp_send_fds attaches nfds fds (0..4) to the bytes p[0..n). pp_recv_fds
+ * receives into p[0..n) and up to maxfds fds (CLOEXEC; extra ones are
+ * closed), setting *nfds. Both return what sendmsg/recvmsg return. */
+long pp_send_fds(int sock, const void *p, size_t n, const int *fds, int nfds, int flags);
+long pp_recv_fds(int sock, void *p, size_t n, int *fds, int maxfds, int *nfds, int flags);
+
 /* Append a frame header; the body follows. Returns the header offset so
  * the length can be patched with pp_frame_end. */
 size_t pp_frame_begin(pp_wbuf *b, int type, int flags);

@@ -865,33 +865,10 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
 static void z_readable(pp_engine *e) {
   for (;;) {
     pp_zmsg m;
-    struct iovec iov = {&m, sizeof m};
-    struct msghdr mh;
-    union {
-      struct cmsghdr h;
-      char buf[CMSG_SPACE(4 * sizeof(int))];
-    } cm;
-    memset(&mh, 0, sizeof mh);
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = cm.buf;
-    mh.msg_controllen = sizeof cm.buf;
-    ssize_t r = recvmsg(e->zfd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-    if (r < 0 && errno == EINTR) continue;
+    memset(&m, 0, sizeof m);
+    int fds[4], nfds;
+    long r = pp_recv_fds(e->zfd, &m, sizeof m, fds, 4, &nfds, MSG_DONTWAIT);
     if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
-    int fds[4], nfds = 0;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-      size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      for (size_t i = 0; i < k; i++) {
-        int fd;
-        memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-        if (nfds < 4)
-          fds[nfds++] = fd;
-        else
-          close(fd);
-      }
-    }
     if (r <= 0) { /* the zygote is gone; its workers die with it */
       for (int i = 0; i < nfds; i++) close(fds[i]);
       e->zdead = 1;

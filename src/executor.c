@@ -65,6 +65,20 @@ static void add_sentinel(lua_State *L) {
   lua_pop(L, 1);
 }
 
+/* Give the zygote to a new engine; on failure, reap it and raise. */
+static void start_engine(lua_State *L, pp_exec *x, const pp_engine_cfg *cfg, pid_t zpid, int zfd) {
+  int err;
+  x->e = pp_engine_new(cfg, zpid, zfd, &err);
+  if (!x->e) {
+    close(zfd);
+    kill(zpid, SIGKILL);
+    while (waitpid(zpid, NULL, 0) < 0 && errno == EINTR) {
+    }
+    luaL_error(L, "procpool: cannot start the pool: %s", strerror(err));
+  }
+  add_sentinel(L);
+}
+
 static pp_exec *checkexec(lua_State *L, int idx) {
   pp_exec *x = luaL_checkudata(L, idx, PP_EXECUTOR_MT);
   if (!x->e) luaL_error(L, "procpool: the executor is closed");
@@ -87,6 +101,23 @@ static double opt_num(lua_State *L, int t, const char *k, double def) {
 }
 
 static pp_wbuf *push_box(lua_State *L);
+
+/* Push opts.initargs (opts at index 1) unpacked, 1..(t.n or #t); returns
+ * how many. */
+static int push_initargs(lua_State *L) {
+  if (lua_getfield(L, 1, "initargs") != LUA_TTABLE) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  int a = lua_gettop(L);
+  lua_getfield(L, a, "n");
+  lua_Integer n = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : (lua_Integer)lua_rawlen(L, a);
+  lua_pop(L, 1);
+  luaL_checkstack(L, (int)n + 4, "procpool: too many initargs");
+  for (lua_Integer i = 1; i <= n; i++) lua_rawgeti(L, a, i);
+  lua_remove(L, a);
+  return (int)n;
+}
 
 /* executor_new(opts) -> Executor. `opts` has been validated in Lua. */
 static int l_executor_new(lua_State *L) {
@@ -123,34 +154,15 @@ static int l_executor_new(lua_State *L) {
     lua_getfield(L, 1, "initializer");
     if (!lua_isnil(L, -1)) {
       int base = lua_gettop(L);
-      lua_Integer n = 0;
-      if (lua_getfield(L, 1, "initargs") == LUA_TTABLE) {
-        int a = lua_gettop(L);
-        lua_getfield(L, a, "n");
-        n = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : (lua_Integer)lua_rawlen(L, a);
-        lua_pop(L, 1);
-        luaL_checkstack(L, (int)n + 4, "procpool: too many initargs");
-        for (lua_Integer i = 1; i <= n; i++) lua_rawgeti(L, a, i);
-        lua_remove(L, a);
-      } else {
-        lua_pop(L, 1);
-      }
-      pp_encode(L, base, (int)n + 1, b, 1, "initializer", 0);
+      int n = push_initargs(L);
+      pp_encode(L, base, n + 1, b, 1, "initializer", 0);
     }
     pid_t zpid;
     int zfd;
     char why[256];
     int err = pp_zygote_spawn(exe, code, b->p, b->n, &zpid, &zfd, why, sizeof why);
     if (err) luaL_error(L, "procpool: cannot start the spawn context: %s", why);
-    x->e = pp_engine_new(&cfg, zpid, zfd, &err);
-    if (!x->e) {
-      close(zfd);
-      kill(zpid, SIGKILL);
-      while (waitpid(zpid, NULL, 0) < 0 && errno == EINTR) {
-      }
-      luaL_error(L, "procpool: cannot start the pool: %s", strerror(err));
-    }
-    add_sentinel(L);
+    start_engine(L, x, &cfg, zpid, zfd);
     lua_settop(L, xi);
     return 1;
   }
@@ -163,31 +175,12 @@ static int l_executor_new(lua_State *L) {
   if (!lua_isnil(L, -1)) {
     w.init_idx = lua_gettop(L);
     w.init_str = lua_type(L, -1) == LUA_TSTRING;
-    if (lua_getfield(L, 1, "initargs") == LUA_TTABLE) {
-      int a = lua_gettop(L);
-      lua_getfield(L, a, "n");
-      lua_Integer n = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : (lua_Integer)lua_rawlen(L, a);
-      lua_pop(L, 1);
-      luaL_checkstack(L, (int)n + 4, "procpool: too many initargs");
-      for (lua_Integer i = 1; i <= n; i++) lua_rawgeti(L, a, i);
-      lua_remove(L, a);
-      w.init_n = (int)n;
-    } else {
-      lua_pop(L, 1);
-    }
+    w.init_n = push_initargs(L);
   }
   pid_t zpid;
   int zfd, err = pp_zygote_fork(L, &w, &zpid, &zfd);
   if (err) luaL_error(L, "procpool: cannot start the zygote process: %s", strerror(err));
-  x->e = pp_engine_new(&cfg, zpid, zfd, &err);
-  if (!x->e) {
-    close(zfd);
-    kill(zpid, SIGKILL);
-    while (waitpid(zpid, NULL, 0) < 0 && errno == EINTR) {
-    }
-    luaL_error(L, "procpool: cannot start the pool: %s", strerror(err));
-  }
-  add_sentinel(L);
+  start_engine(L, x, &cfg, zpid, zfd);
   lua_settop(L, xi);
   return 1;
 }
@@ -371,16 +364,6 @@ static int l_pollfd(lua_State *L) {
   return 1;
 }
 
-static int l_events(lua_State *L) {
-  lua_pushliteral(L, "r");
-  return 1;
-}
-
-static int l_timeout(lua_State *L) {
-  lua_pushnil(L);
-  return 1;
-}
-
 /* poll(timeout) -> number of futures that ended since the last poll */
 static int l_poll(lua_State *L) {
   pp_exec *x = checkexec(L, 1);
@@ -462,13 +445,20 @@ static int l_current_worker(lua_State *L) {
 }
 
 void pp_engine_open(lua_State *L) {
-  static const luaL_Reg methods[] = {{"_submit", l_submit},     {"_submit_chunk", l_submit_chunk},
-                                     {"_shutdown", l_shutdown}, {"_kill", l_kill},
-                                     {"_join", l_join},         {"_state", l_state},
-                                     {"_item_ns", l_item_ns},   {"_nworkers", l_nworkers},
-                                     {"stats", l_stats},        {"poll", l_poll},
-                                     {"pollfd", l_pollfd},      {"events", l_events},
-                                     {"timeout", l_timeout},    {NULL, NULL}};
+  static const luaL_Reg methods[] = {{"_submit", l_submit},
+                                     {"_submit_chunk", l_submit_chunk},
+                                     {"_shutdown", l_shutdown},
+                                     {"_kill", l_kill},
+                                     {"_join", l_join},
+                                     {"_state", l_state},
+                                     {"_item_ns", l_item_ns},
+                                     {"_nworkers", l_nworkers},
+                                     {"stats", l_stats},
+                                     {"poll", l_poll},
+                                     {"pollfd", l_pollfd},
+                                     {"events", pp_pollable_events},
+                                     {"timeout", pp_pollable_timeout},
+                                     {NULL, NULL}};
   static const luaL_Reg fns[] = {{"executor_new", l_executor_new},
                                  {"cpu_count", l_cpu_count},
                                  {"current_worker", l_current_worker},

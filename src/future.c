@@ -511,12 +511,12 @@ static int fut_pollfd(lua_State *L) {
   return 1;
 }
 
-static int l_events(lua_State *L) {
+int pp_pollable_events(lua_State *L) {
   lua_pushliteral(L, "r");
   return 1;
 }
 
-static int l_timeout(lua_State *L) {
+int pp_pollable_timeout(lua_State *L) {
   lua_pushnil(L);
   return 1;
 }
@@ -727,8 +727,8 @@ void pp_future_open(lua_State *L) {
                                      {"add_done_callback", fut_add_done_callback},
                                      {"traceback", fut_traceback},
                                      {"pollfd", fut_pollfd},
-                                     {"events", l_events},
-                                     {"timeout", l_timeout},
+                                     {"events", pp_pollable_events},
+                                     {"timeout", pp_pollable_timeout},
                                      {"_outcome", fut_outcome},
                                      {"_item", fut_item},
                                      {"_collect", fut_collect},

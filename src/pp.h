@@ -18,6 +18,11 @@
 void pp_error_push(lua_State *L, const char *name, const char *msg);
 PP_NORETURN void pp_error_raise(lua_State *L, const char *name, const char *fmt, ...);
 
+/* The cqueues pollable protocol's events() ("r") and timeout() (nil),
+ * shared by executors and futures (future.c). */
+int pp_pollable_events(lua_State *L);
+int pp_pollable_timeout(lua_State *L);
+
 /* Per-file registration, called in order by luaopen_procpool_core with the
  * module table on top of the stack. */
 void pp_codec_open(lua_State *L);

@@ -53,27 +53,7 @@ void pp_close_from(int lowfd, int keep) {
 }
 
 static void zsend(const pp_zmsg *m, const int *fds, int nfds) {
-  struct iovec iov = {(void *)m, sizeof *m};
-  struct msghdr mh;
-  union {
-    struct cmsghdr h;
-    char buf[CMSG_SPACE(4 * sizeof(int))];
-  } cm;
-  memset(&mh, 0, sizeof mh);
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  if (nfds > 0) {
-    memset(&cm, 0, sizeof cm);
-    mh.msg_control = cm.buf;
-    mh.msg_controllen = CMSG_SPACE((size_t)nfds * sizeof(int));
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
-    memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
-  }
-  while (sendmsg(ZCTL, &mh, MSG_NOSIGNAL) < 0 && errno == EINTR) {
-  }
+  pp_send_fds(ZCTL, m, sizeof *m, fds, nfds, 0);
 }
 
 typedef struct zstate {
@@ -293,28 +273,7 @@ int pp_zygote_spawn(const char *exe, const char *code, const char *init, size_t 
     if (mfd < 0 || write(mfd, init, initlen) != (ssize_t)initlen) err = errno ? errno : EIO;
     m.len = initlen;
   }
-  if (!err) {
-    struct iovec iov = {&m, sizeof m};
-    struct msghdr mh;
-    union {
-      struct cmsghdr h;
-      char buf[CMSG_SPACE(sizeof(int))];
-    } cm;
-    memset(&mh, 0, sizeof mh);
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    if (mfd >= 0) {
-      memset(&cm, 0, sizeof cm);
-      mh.msg_control = cm.buf;
-      mh.msg_controllen = sizeof cm.buf;
-      struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-      c->cmsg_level = SOL_SOCKET;
-      c->cmsg_type = SCM_RIGHTS;
-      c->cmsg_len = CMSG_LEN(sizeof(int));
-      memcpy(CMSG_DATA(c), &mfd, sizeof mfd);
-    }
-    if (sendmsg(sv[0], &mh, MSG_NOSIGNAL) < 0) err = errno;
-  }
+  if (!err && pp_send_fds(sv[0], &m, sizeof m, &mfd, mfd >= 0, 0) < 0) err = errno;
   if (mfd >= 0) close(mfd);
   /* wait for HELLO: the interpreter started, loaded procpool, decoded the
    * initializer */
@@ -373,25 +332,11 @@ void pp_zygote_spawned(lua_State *L, pid_t parent) {
   if (getppid() != parent) _exit(0);
   /* the configuration: the initializer list, if any */
   pp_zmsg m;
-  struct iovec iov = {&m, sizeof m};
-  struct msghdr mh;
-  union {
-    struct cmsghdr h;
-    char buf[CMSG_SPACE(sizeof(int))];
-  } cm;
-  memset(&mh, 0, sizeof mh);
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  mh.msg_control = cm.buf;
-  mh.msg_controllen = sizeof cm.buf;
-  ssize_t r;
-  while ((r = recvmsg(ZCTL, &mh, MSG_CMSG_CLOEXEC)) < 0 && errno == EINTR) {
-  }
-  if (r != (ssize_t)sizeof m || m.type != PP_Z_CONFIG) _exit(1);
-  int mfd = -1;
-  struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-  if (c && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
-    memcpy(&mfd, CMSG_DATA(c), sizeof mfd);
+  memset(&m, 0, sizeof m);
+  int mfd = -1, nfds;
+  long r = pp_recv_fds(ZCTL, &m, sizeof m, &mfd, 1, &nfds, 0);
+  if (r != (long)sizeof m || m.type != PP_Z_CONFIG) _exit(1);
+  if (nfds == 0) mfd = -1;
   pp_wctx w;
   memset(&w, 0, sizeof w);
   lua_settop(L, 0);

@@ -247,6 +247,18 @@ local function context_of(opts, level)
   }
 end
 
+--- Check the initializer and initargs options; returns the initializer.
+local function initializer_of(opts, level)
+  local init = opts.initializer
+  if init ~= nil and type(init) ~= "function" and type(init) ~= "string" then
+    error("initializer must be a callable (a function or a \"module.name\" string)", level + 1)
+  end
+  if opts.initargs ~= nil and type(opts.initargs) ~= "table" then
+    error("initargs must be a table", level + 1)
+  end
+  return init
+end
+
 --- Create an executor.
 -- @tparam[opt] table opts `max_workers`, `context` ("fork"), `initializer`,
 --   `initargs`, `max_tasks_per_child`, `task_timeout`, `on_worker_lost`
@@ -257,13 +269,7 @@ function M.ProcessPoolExecutor(opts)
   if mw == nil then mw = core.cpu_count() end
   if not is_int(mw) or mw < 1 then error("max_workers must be greater than 0", 2) end
   local ctx = context_of(opts, 2)
-  local init = opts.initializer
-  if init ~= nil and type(init) ~= "function" and type(init) ~= "string" then
-    error("initializer must be a callable (a function or a \"module.name\" string)", 2)
-  end
-  if opts.initargs ~= nil and type(opts.initargs) ~= "table" then
-    error("initargs must be a table", 2)
-  end
+  local init = initializer_of(opts, 2)
   local mt = opts.max_tasks_per_child
   if mt ~= nil and (not is_int(mt) or mt < 1) then
     error("max_tasks_per_child must be an integer >= 1", 2)
@@ -562,7 +568,7 @@ core.Executor.__close = function(self) self:shutdown() end
 local internal = {
   raise = raise, check_opts = check_opts, deadline_of = deadline_of, is_int = is_int,
   check_fn = check_fn, items_of = items_of, map_impl = map_impl, finish = finish,
-  progress_of = progress_of, context_of = context_of,
+  progress_of = progress_of, context_of = context_of, initializer_of = initializer_of,
 }
 M.Pool = require("procpool.pool")(M, internal)
 core.Executor.__tostring = function(self)

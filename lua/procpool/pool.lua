@@ -7,7 +7,7 @@ local core = require "procpool.core"
 return function(M, I)
   local raise, check_opts, deadline_of, is_int = I.raise, I.check_opts, I.deadline_of, I.is_int
   local check_fn, items_of, map_impl, finish = I.check_fn, I.items_of, I.map_impl, I.finish
-  local progress_of, context_of = I.progress_of, I.context_of
+  local progress_of, context_of, initializer_of = I.progress_of, I.context_of, I.initializer_of
   local await = core.await
 
   ---------------------------------------------------------------------
@@ -157,13 +157,7 @@ return function(M, I)
       error("maxtasksperchild must be a positive integer or nil", 2)
     end
     local ctx = context_of(opts, 2)
-    local init = opts.initializer
-    if init ~= nil and type(init) ~= "function" and type(init) ~= "string" then
-      error("initializer must be a callable (a function or a \"module.name\" string)", 2)
-    end
-    if opts.initargs ~= nil and type(opts.initargs) ~= "table" then
-      error("initargs must be a table", 2)
-    end
+    local init = initializer_of(opts, 2)
     local ex = core.executor_new({
       max_workers = n, initializer = init, initargs = opts.initargs, max_tasks_per_child = mt,
       context = ctx.context, executable = ctx.executable, _bootstrap = ctx._bootstrap,

@@ -89,23 +89,7 @@ static void fake_worker(int fd, int pg) {
 }
 
 static void zsend(const pp_zmsg *m, const int *fds, int nfds) {
-  struct iovec iov = {(void *)m, sizeof *m};
-  struct msghdr mh;
-  char cbuf[CMSG_SPACE(4 * sizeof(int))];
-  memset(&mh, 0, sizeof mh);
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  if (nfds) {
-    memset(cbuf, 0, sizeof cbuf);
-    mh.msg_control = cbuf;
-    mh.msg_controllen = CMSG_SPACE((size_t)nfds * sizeof(int));
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
-    memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
-  }
-  sendmsg(zend, &mh, MSG_NOSIGNAL);
+  pp_send_fds(zend, m, sizeof *m, fds, nfds, 0);
 }
 
 /* The fake zygote: fork a fake worker per SPAWN, report exits. */
