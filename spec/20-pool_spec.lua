@@ -91,6 +91,32 @@ describe("Pool", function()
       assert.are.same({ 1, nil, 3, nil, 5 }, { r[1], r[2], r[3], r[4], r[5] })
     end)
 
+    it("moves every scalar item and result exactly, whatever its width", function()
+      local items = {
+        0, 1, -1, 127, 128, -128, -129, 255, 256, 32767, 32768, -32768, -32769,
+        65535, 65536, 2147483647, 2147483648, -2147483648, -2147483649,
+        math.maxinteger, math.mininteger, 3.0, -0.0, 0.5, 1e300, math.huge,
+        -math.huge, true, false, "", "s", string.rep("x", 300),
+      }
+      local function same(r)
+        assert.are.equal(#items, r.n)
+        for i, v in ipairs(items) do
+          assert.are.equal(math.type(v), math.type(r[i]), "item " .. i)
+          assert.are.equal(v, r[i], "item " .. i)
+        end
+        assert.are.equal("-0.0", string.format("%.1f", r[23])) -- items[23] is -0.0
+      end
+      local id = function(x) return x end
+      same(pool:map(id, items))
+      same(pool:map(id, items, 5))
+      local ex <close> = procpool.ProcessPoolExecutor { max_workers = 2 }
+      local r = { n = #items }
+      for i, v in ex:map(id, items, { chunksize = 3, timeout = T }) do r[i] = v end
+      same(r)
+      local nan = pool:map(id, { 0 / 0 })[1]
+      assert.is_true(nan ~= nan)
+    end)
+
     it("maps over an iterator function", function()
       local i = 0
       local r = pool:map("spec.tasks.square", function()

@@ -70,6 +70,25 @@ int pp_wbuf_grow(pp_wbuf *b, size_t extra) {
   return 0;
 }
 
+#define PP_PWRITE_MIN (256u << 10)
+
+int pp_wbuf_put_at(pp_wbuf *b, size_t off, const void *s, size_t len) {
+  if (b->fd < 0 || len < PP_PWRITE_MIN) {
+    memcpy(b->p + off, s, len);
+    return 0;
+  }
+  const char *q = s;
+  while (len > 0) {
+    ssize_t r = pwrite(b->fd, q, len, (off_t)off);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return r < 0 ? errno : EIO;
+    q += r;
+    off += (size_t)r;
+    len -= (size_t)r;
+  }
+  return 0;
+}
+
 void pp_wbuf_free(pp_wbuf *b) {
   if (b->fd >= 0) {
     munmap(b->p, b->cap);

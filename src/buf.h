@@ -30,6 +30,12 @@ static inline int pp_wbuf_reserve(pp_wbuf *b, size_t extra) {
   return (b->cap - b->n >= extra) ? 0 : pp_wbuf_grow(b, extra);
 }
 
+/* Copy len bytes to b->p + off (room already reserved). Large copies into
+ * a memfd go through pwrite: the kernel fills the page cache directly,
+ * which is about twice as fast as faulting in the mapping page by page.
+ * Returns 0 or an errno value. */
+int pp_wbuf_put_at(pp_wbuf *b, size_t off, const void *s, size_t len);
+
 /* A refcounted, immutable byte blob: heap memory or a read-only mapping.
  * Results and task payloads live in blobs so that several owners (a job,
  * its future, a chunk) can share them without copies. */

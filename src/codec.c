@@ -558,7 +558,8 @@ static void w_str(lua_State *L, pp_encoder *E, const char *s, size_t len) {
     lua_rawseti(L, E->gatheridx, 2 * E->ngaps);
     return;
   }
-  memcpy(p + n, s, len);
+  int err = pp_wbuf_put_at(E->out, E->out->n + n, s, len);
+  if (err) enc_fail(L, E, "cannot write the string: %s", strerror(err));
   E->out->n += n + len;
 }
 
@@ -1045,8 +1046,8 @@ static size_t raw_int(unsigned char *p, lua_Integer i) {
   return 9;
 }
 
-size_t pp_encode_scalar(lua_State *L, int idx, unsigned char *p) {
-  switch (lua_type(L, idx)) {
+size_t pp_encode_scalar(lua_State *L, int idx, int type, unsigned char *p) {
+  switch (type) {
   case LUA_TNIL:
     p[0] = 1; /* a list of one value */
     p[1] = T_NIL;
@@ -1092,6 +1093,14 @@ int pp_decode_first(lua_State *L, const char *s, size_t len) {
     size_t m = t & 0x3f;
     if ((size_t)(e - p) < m) return 0;
     lua_pushlstring(L, (const char *)p, m);
+  } else if (t >= T_INT8 && t <= T_INT64) {
+    int w = t == T_INT8 ? 1 : t == T_INT16 ? 2 : t == T_INT32 ? 4 : 8;
+    if (e - p < w) return 0;
+    uint64_t v = get_le(p, w);
+    lua_pushinteger(L, w == 1   ? (lua_Integer)(int8_t)v
+                       : w == 2 ? (lua_Integer)(int16_t)v
+                       : w == 4 ? (lua_Integer)(int32_t)v
+                                : (lua_Integer)v);
   } else if (t == T_NIL) {
     lua_pushnil(L);
   } else if (t == T_TRUE || t == T_FALSE) {

@@ -41,7 +41,7 @@ int pp_decode(lua_State *L, const char *s, size_t len, size_t *used, int header,
  * its length, or 0 if that value needs pp_encode. pp_decode_first pushes
  * the first value of a list when it is a simple scalar and returns 1, or
  * returns 0 having pushed nothing (use pp_decode). */
-size_t pp_encode_scalar(lua_State *L, int idx, unsigned char *p);
+size_t pp_encode_scalar(lua_State *L, int idx, int type, unsigned char *p);
 int pp_decode_first(lua_State *L, const char *s, size_t len);
 
 /* Push package.loaded[name], requiring it if needed. On failure returns 0

@@ -271,9 +271,20 @@ static int l_submit_chunk(lua_State *L) {
   patch_len(b, 0);
   int top = lua_gettop(L);
   for (uint32_t k = 0; k < n; k++) {
+    int t = lua_rawgeti(L, 3, lo + (lua_Integer)k);
+    if (!star && pp_wbuf_reserve(b, 84) == 0) {
+      /* the common case, without the general encoder */
+      unsigned char *q = (unsigned char *)b->p + b->n;
+      size_t m = pp_encode_scalar(L, -1, t, q + 4);
+      if (m) {
+        pp_put32(q, (uint32_t)m);
+        b->n += 4 + m;
+        lua_settop(L, top);
+        continue;
+      }
+    }
     size_t at = b->n;
     put_u32_placeholder(L, b);
-    lua_rawgeti(L, 3, lo + (lua_Integer)k);
     if (star) {
       int it = lua_gettop(L);
       if (!lua_istable(L, it))
@@ -287,14 +298,8 @@ static int l_submit_chunk(lua_State *L) {
       lua_insert(L, it + 1);
       pp_encode(L, it + 2, (int)m, b, 0, root, 0);
     } else {
-      size_t m;
-      if (pp_wbuf_reserve(b, 80) == 0 &&
-          (m = pp_encode_scalar(L, -1, (unsigned char *)b->p + b->n)) != 0) {
-        b->n += m; /* the common case, without the general encoder */
-      } else {
-        const char *root = lua_pushfstring(L, "=item[%d]", (int)(lo + (lua_Integer)k));
-        pp_encode(L, -2, 1, b, 0, root, 0);
-      }
+      const char *root = lua_pushfstring(L, "=item[%d]", (int)(lo + (lua_Integer)k));
+      pp_encode(L, -2, 1, b, 0, root, 0);
     }
     lua_settop(L, top);
     patch_len(b, at);

@@ -106,7 +106,12 @@ def cpu_speedup(n=8, work=2000000):
             t0 = time.perf_counter()
             list(ex.map(spin, [work] * n))
             return time.perf_counter() - t0
-    return run(1) / run(2)
+    # a virtual CPU's speed drifts: alternate, keep the best of each
+    t1 = t2 = float("inf")
+    for _ in range(3):
+        t1 = min(t1, run(1))
+        t2 = min(t2, run(2))
+    return t1 / t2
 
 
 WORKLOADS = {k: v for k, v in globals().items() if callable(v) and k not in (
