@@ -191,3 +191,5 @@ void pp_blob_unref(pp_blob *b) {
   if (b->fd >= 0) close(b->fd);
   free(b);
 }
+
+void pp_zero_touch(void *p, size_t n) { memset(p, 0, n); }

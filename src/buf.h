@@ -36,6 +36,10 @@ static inline int pp_wbuf_reserve(pp_wbuf *b, size_t extra) {
  * Returns 0 or an errno value. */
 int pp_wbuf_put_at(pp_wbuf *b, size_t off, const void *s, size_t len);
 
+/* memset(p, 0, n), kept out of line so that malloc + pp_zero_touch is not
+ * folded into calloc: the pages are written now, by the caller's thread. */
+void pp_zero_touch(void *p, size_t n);
+
 /* A refcounted, immutable byte blob: heap memory or a read-only mapping.
  * Results and task payloads live in blobs so that several owners (a job,
  * its future, a chunk) can share them without copies. */

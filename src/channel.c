@@ -12,6 +12,7 @@
 /* No inline body is anywhere near this; larger is a broken peer. */
 #define PP_FRAME_MAX (64u << 20)
 #define PP_IN_MIN (64u << 10)
+#define PP_IN_KEEP (1u << 20)
 
 size_t pp_frame_begin(pp_wbuf *b, int type, int flags) {
   size_t at = b->n;
@@ -206,8 +207,9 @@ long pp_in_read(pp_in *in, int sock, int block) {
     }
     in->p = p;
     in->cap = cap;
-  } else if (in->n == 0 && in->cap > 4 * PP_IN_MIN) {
-    /* shrink after a large frame */
+  } else if (in->n == 0 && in->cap > PP_IN_KEEP) {
+    /* shrink after a large frame (socket frames up to PP_IN_KEEP, such as
+     * a chunk of a map, reuse the buffer: fresh memory faults per page) */
     char *p = realloc(in->p, PP_IN_MIN);
     if (p) {
       in->p = p;

@@ -1082,7 +1082,7 @@ size_t pp_encode_scalar(lua_State *L, int idx, int type, unsigned char *p) {
   }
 }
 
-int pp_decode_first(lua_State *L, const char *s, size_t len) {
+size_t pp_decode_first(lua_State *L, const char *s, size_t len) {
   const unsigned char *p = (const unsigned char *)s, *e = p + len;
   if (len < 2 || p[0] == 0 || p[0] >= 0x80) return 0; /* need a count of 1..127 */
   unsigned t = p[1];
@@ -1093,6 +1093,7 @@ int pp_decode_first(lua_State *L, const char *s, size_t len) {
     size_t m = t & 0x3f;
     if ((size_t)(e - p) < m) return 0;
     lua_pushlstring(L, (const char *)p, m);
+    p += m;
   } else if (t >= T_INT8 && t <= T_INT64) {
     int w = t == T_INT8 ? 1 : t == T_INT16 ? 2 : t == T_INT32 ? 4 : 8;
     if (e - p < w) return 0;
@@ -1101,6 +1102,7 @@ int pp_decode_first(lua_State *L, const char *s, size_t len) {
                        : w == 2 ? (lua_Integer)(int16_t)v
                        : w == 4 ? (lua_Integer)(int32_t)v
                                 : (lua_Integer)v);
+    p += w;
   } else if (t == T_NIL) {
     lua_pushnil(L);
   } else if (t == T_TRUE || t == T_FALSE) {
@@ -1110,10 +1112,11 @@ int pp_decode_first(lua_State *L, const char *s, size_t len) {
     double d;
     memcpy(&d, &bits, 8);
     lua_pushnumber(L, (lua_Number)d);
+    p += 8;
   } else {
     return 0;
   }
-  return 1;
+  return (size_t)(p - (const unsigned char *)s);
 }
 
 static int encode_fast(lua_State *L, int first, int n, pp_wbuf *out, int header) {

@@ -39,10 +39,12 @@ int pp_decode(lua_State *L, const char *s, size_t len, size_t *used, int header,
 /* Fast paths for single values. pp_encode_scalar writes the list of the
  * one value at idx (count + value) to p (room for 80 bytes) and returns
  * its length, or 0 if that value needs pp_encode. pp_decode_first pushes
- * the first value of a list when it is a simple scalar and returns 1, or
- * returns 0 having pushed nothing (use pp_decode). */
+ * the first value of a list when it is a simple scalar and returns the
+ * bytes it read (count and value), or returns 0 having pushed nothing (use
+ * pp_decode); the list holds just that value when the count is 1 and the
+ * bytes read are all of it. */
 size_t pp_encode_scalar(lua_State *L, int idx, int type, unsigned char *p);
-int pp_decode_first(lua_State *L, const char *s, size_t len);
+size_t pp_decode_first(lua_State *L, const char *s, size_t len);
 
 /* Push package.loaded[name], requiring it if needed. On failure returns 0
  * with *err set (the message is on the stack). */

@@ -130,7 +130,11 @@ static void engine_break(pp_engine *e, const char *msg);
 pp_job *pp_job_new(uint32_t n) {
   pp_job *j = calloc(1, sizeof *j);
   if (!j) return NULL;
-  j->items = calloc(n ? n : 1, sizeof *j->items);
+  /* written here, by the submitting thread: calloc's untouched zero pages
+   * would be copied on first write by the I/O thread, a fault and a TLB
+   * shootdown per page */
+  j->items = malloc((n ? n : 1) * sizeof *j->items);
+  if (j->items) pp_zero_touch(j->items, (n ? n : 1) * sizeof *j->items);
   j->ranges = malloc(sizeof *j->ranges);
   if (!j->items || !j->ranges) {
     free(j->items);
@@ -164,13 +168,10 @@ static void wnodes_fire(pp_job *j) {
 
 void pp_job_unref(pp_job *j) {
   if (!j || __atomic_sub_fetch(&j->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
-  for (int i = 0; i < j->nblobs; i++) pp_blob_unref(j->blobs[i]);
+  for (uint32_t i = 0; i < j->nblobs; i++) pp_blob_unref(j->blobs[i]);
   free(j->blobs);
-  for (uint32_t i = 0; i < j->n; i++)
-    if (j->items[i].death) {
-      free(j->items[i].death->stderr_tail);
-      free(j->items[i].death);
-    }
+  for (uint32_t i = 0; i < j->ndeaths; i++) free(j->deaths[i].stderr_tail);
+  free(j->deaths);
   pp_blob_unref(j->payload);
   wnodes_fire(j);
   free(j->ranges);
@@ -240,6 +241,26 @@ static void notify(pp_engine *e) {
   uint64_t one = 1;
   ssize_t r = write(e->notifyfd, &one, sizeof one);
   (void)r;
+}
+
+static char *w_tail(pp_worker *w);
+
+/* Record how the worker running pending item i ended (before the item
+ * is set LOST or DEADLINE); without memory the error just has no pid. */
+static void job_note_death(pp_job *j, uint32_t i, pp_worker *w, int sig, int code) {
+  if (j->ndeaths == j->capdeaths) {
+    uint32_t cap = j->capdeaths ? 2 * j->capdeaths : 2;
+    pp_death *nd = realloc(j->deaths, cap * sizeof *nd);
+    if (!nd) return;
+    j->deaths = nd;
+    j->capdeaths = cap;
+  }
+  pp_death *d = &j->deaths[j->ndeaths++];
+  d->pid = w->pid;
+  d->sig = sig;
+  d->code = code;
+  d->stderr_tail = w_tail(w);
+  j->items[i].ref = j->ndeaths;
 }
 
 /* Set an item's final outcome (it has none yet). */
@@ -597,15 +618,7 @@ static void w_died(pp_engine *e, int slot, int status) {
       uint64_t seq = d->seq0 + k;
       uint32_t i = d->first + k;
       if (seq == started && j->items[i].status == PP_IT_PENDING) {
-        pp_item *it = &j->items[i];
-        if (!it->death) it->death = calloc(1, sizeof *it->death);
-        if (it->death) {
-          it->death->pid = w->pid;
-          it->death->sig = sig;
-          it->death->code = code;
-          free(it->death->stderr_tail);
-          it->death->stderr_tail = w_tail(w);
-        }
+        job_note_death(j, i, w, sig, code);
         e->st.running--;
         if (e->killing || e->broken ||
             (e->cfg.break_on_lost && !w->expected_exit && w->kill_seq != seq)) {
@@ -720,7 +733,7 @@ static int w_results(pp_engine *e, int slot, const pp_frame *f) {
     if (it->status == PP_IT_PENDING) {
       if (!j->nblobs || j->blobs[j->nblobs - 1] != blob) { /* the job keeps the frame */
         if (j->nblobs == j->capblobs) {
-          int cap = j->capblobs ? j->capblobs * 2 : 4;
+          uint32_t cap = j->capblobs ? j->capblobs * 2 : 4;
           pp_blob **nb = realloc(j->blobs, (size_t)cap * sizeof *nb);
           if (!nb) {
             pp_blob_unref(blob);
@@ -731,9 +744,9 @@ static int w_results(pp_engine *e, int slot, const pp_frame *f) {
         }
         j->blobs[j->nblobs++] = pp_blob_ref(blob);
       }
-      it->blob = blob;
+      it->ref = j->nblobs - 1;
       it->off = (uint32_t)off;
-      it->len = len;
+      it->len = f->flags & PP_FF_FD ? PP_WHOLE_BLOB : (uint32_t)len;
       item_set(e, j, i, status == PP_RES_OK ? PP_IT_OK : PP_IT_ERROR);
     }
     if (d->acked == d->count) {

@@ -32,13 +32,18 @@ typedef struct pp_death {
   char *stderr_tail;      /* the last lines the worker wrote (owned) */
 } pp_death;
 
+/* One item's outcome: 16 bytes, as a map of millions of items keeps one
+ * per item. `ref` is, for OK/ERROR, the index in the job's blobs of the
+ * frame body or memfd mapping holding the values; for LOST/DEADLINE, 1 +
+ * the index of its death record, or 0. */
 typedef struct pp_item {
-  pp_blob *blob; /* frame body or memfd mapping (the job holds it) */
-  pp_death *death;
-  uint64_t len;
+  uint32_t ref;
   uint32_t off;
+  uint32_t len; /* PP_WHOLE_BLOB: the rest of the blob (a memfd result) */
   uint8_t status;
 } pp_item;
+
+#define PP_WHOLE_BLOB UINT32_MAX
 
 /* Job states, as a Future shows them. */
 enum { PP_JOB_PENDING = 0, PP_JOB_RUNNING, PP_JOB_DONE, PP_JOB_CANCELLED };
@@ -73,11 +78,25 @@ typedef struct pp_job {
   int has_cb; /* the Lua side wants it on the callback list when done */
   pp_wnode *waiters;
   pp_blob **blobs; /* one reference per result frame its items point into */
-  int nblobs, capblobs;
+  uint32_t nblobs, capblobs;
+  pp_death *deaths; /* of its LOST/DEADLINE items */
+  uint32_t ndeaths, capdeaths;
   struct pp_job *qnext, *qprev; /* pending queue */
   struct pp_job *cnext;         /* callback list */
   pp_item *items;
 } pp_job;
+
+/* The encoded values of a done item that has them (OK/ERROR). */
+static inline const char *pp_item_bytes(const pp_job *j, const pp_item *it, size_t *len) {
+  const pp_blob *b = j->blobs[it->ref];
+  *len = it->len == PP_WHOLE_BLOB ? b->n - it->off : it->len;
+  return b->p + it->off;
+}
+
+/* The death record of a LOST/DEADLINE item, or NULL. */
+static inline const pp_death *pp_item_death(const pp_job *j, const pp_item *it) {
+  return it->ref && it->ref <= j->ndeaths ? &j->deaths[it->ref - 1] : NULL;
+}
 
 /* Lifecycle of the engine. */
 enum {

@@ -274,7 +274,8 @@ static void push_item_error(lua_State *L, pp_fut *f, const pp_item *it) {
     break;
   case PP_IT_LOST: {
     pp_death none = {0, 0, -1, NULL};
-    const pp_death *d = it->death ? it->death : &none;
+    const pp_death *d = pp_item_death(f->job, it);
+    if (!d) d = &none;
     const char *sn = signame(d->sig);
     if (d->sig)
       lua_pushfstring(L, "worker process %d died while running the task (signal %d%s%s)",
@@ -303,7 +304,7 @@ static void push_item_error(lua_State *L, pp_fut *f, const pp_item *it) {
   }
   case PP_IT_DEADLINE:
     pp_error_push(L, "DeadlineExceeded", "the task ran past its deadline and was stopped");
-    lua_pushinteger(L, it->death ? it->death->pid : 0);
+    lua_pushinteger(L, pp_item_death(f->job, it) ? pp_item_death(f->job, it)->pid : 0);
     lua_setfield(L, -2, "pid");
     lua_pushnumber(L, (lua_Number)f->job->timeout_ns / 1e9);
     lua_setfield(L, -2, "timeout");
@@ -318,10 +319,12 @@ static void push_item_error(lua_State *L, pp_fut *f, const pp_item *it) {
  * (error value, traceback or nil) for a failure. */
 static int push_item(lua_State *L, pp_fut *f, uint32_t i, int first_only) {
   const pp_item *it = &f->job->items[i];
+  size_t len;
   if (it->status == PP_IT_OK) {
-    if (first_only && pp_decode_first(L, it->blob->p + it->off, (size_t)it->len)) return 1;
+    const char *s = pp_item_bytes(f->job, it, &len);
+    if (first_only && pp_decode_first(L, s, len)) return 1;
     int top = lua_gettop(L);
-    int n = pp_decode(L, it->blob->p + it->off, (size_t)it->len, NULL, 0, 0);
+    int n = pp_decode(L, s, len, NULL, 0, 0);
     if (first_only) {
       if (n == 0) lua_pushnil(L);
       lua_settop(L, top + 1);
@@ -331,7 +334,8 @@ static int push_item(lua_State *L, pp_fut *f, uint32_t i, int first_only) {
   }
   if (it->status == PP_IT_ERROR) {
     int top = lua_gettop(L);
-    int n = pp_decode(L, it->blob->p + it->off, (size_t)it->len, NULL, 0, 0);
+    const char *s = pp_item_bytes(f->job, it, &len);
+    int n = pp_decode(L, s, len, NULL, 0, 0);
     lua_settop(L, top + 2); /* (error value, traceback) */
     (void)n;
     return -1;
