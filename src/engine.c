@@ -90,6 +90,7 @@ typedef struct pp_worker {
   uint64_t kill_at;  /* escalate to SIGKILL at (ns), 0: none */
   int expected_exit; /* retired/closing: not a loss */
   int ready;         /* initialized (a READY frame came) */
+  int unsent;        /* given tasks by the dispatch under way */
 } pp_worker;
 
 struct pp_engine {
@@ -106,7 +107,9 @@ struct pp_engine {
   int zfd, zdead;
   int epfd, wakefd, notifyfd;
   int notified;
-  uint64_t ended_total; /* jobs ended, ever */
+  uint64_t ended_total;   /* jobs ended, ever */
+  uint64_t submit_end_ns; /* when the last submit returned */
+  int wake_pending;       /* a submit woke the I/O thread to dispatch */
   pthread_t th;
   int th_running, th_detached, th_joined;
   pp_worker *w;
@@ -126,6 +129,11 @@ static void engine_break(pp_engine *e, const char *msg);
 
 /* ------------------------------------------------------------------ */
 /* jobs                                                                 */
+
+/* A job's state changes under the engine lock and is read without it
+ * (pp_engine_job_state): a release store publishes the items' outcomes
+ * written before it. */
+static void set_state(pp_job *j, int st) { __atomic_store_n(&j->state, st, __ATOMIC_RELEASE); }
 
 pp_job *pp_job_new(uint32_t n) {
   pp_job *j = calloc(1, sizeof *j);
@@ -288,7 +296,7 @@ static void item_set(pp_engine *e, pp_job *j, uint32_t i, int status) {
  * engine's reference (or hand it to the callback list). */
 static void job_end(pp_engine *e, pp_job *j) {
   q_remove(e, j);
-  if (j->state != PP_JOB_CANCELLED) j->state = PP_JOB_DONE;
+  if (j->state != PP_JOB_CANCELLED) set_state(j, PP_JOB_DONE);
   wnodes_fire(j);
   e->ended_total++;
   notify(e);
@@ -458,23 +466,35 @@ static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint6
  * burst never queues behind a task that just started and may be long).
  * Returns 1 if a timed task went out (the I/O thread must look at its
  * deadline). */
-static int dispatch(pp_engine *e, int idle_only) {
-  int timed = 0;
+/* How many items a worker may hold now (see window()); nor more than a
+ * fair share of the outstanding work, counting workers still starting: a
+ * burst must not pile onto the first worker up. */
+static uint32_t depth(const pp_engine *e) {
   uint32_t win = window(e);
-  /* nor more than a fair share of the outstanding work, counting workers
-   * still starting: a burst must not pile onto the first worker up */
   uint64_t total = e->st.pending + e->st.running;
   uint64_t share = (total + (uint64_t)e->cfg.nworkers - 1) / (uint64_t)e->cfg.nworkers;
   if (share < 1) share = 1;
-  if (share < win) win = (uint32_t)share;
+  return share < win ? (uint32_t)share : win;
+}
+
+/* The worker that should get the next task: the least loaded one below
+ * `win` (idle ones only, with `idle_only`); -1 if none. */
+static int pick_worker(const pp_engine *e, uint32_t win, int idle_only) {
+  int best = -1;
+  for (int s = 0; s < e->cfg.nworkers; s++) {
+    const pp_worker *w = &e->w[s];
+    if (w->state != W_READY || w->doomed || w->retire || w->inflight >= win) continue;
+    if (idle_only && w->inflight) continue;
+    if (best < 0 || w->inflight < e->w[best].inflight) best = s;
+  }
+  return best;
+}
+
+static int dispatch(pp_engine *e, int idle_only) {
+  int timed = 0;
+  uint32_t win = depth(e);
   while (e->qhead && e->state != PP_E_CLOSING && e->state != PP_E_DEAD) {
-    int best = -1;
-    for (int s = 0; s < e->cfg.nworkers; s++) {
-      pp_worker *w = &e->w[s];
-      if (w->state != W_READY || w->doomed || w->retire || w->inflight >= win) continue;
-      if (idle_only && w->inflight) continue;
-      if (best < 0 || w->inflight < e->w[best].inflight) best = s;
-    }
+    int best = pick_worker(e, win, idle_only);
     if (best < 0) break;
     pp_worker *w = &e->w[best];
     pp_job *j = e->qhead;
@@ -505,7 +525,7 @@ static int dispatch(pp_engine *e, int idle_only) {
     w->assigned += count;
     e->st.pending -= count;
     e->st.running += count;
-    j->state = PP_JOB_RUNNING;
+    set_state(j, PP_JOB_RUNNING);
     if (j->timeout_ns) timed = 1;
     if (lo + count == hi) {
       memmove(j->ranges, j->ranges + 1, (size_t)(j->nranges - 1) * sizeof *j->ranges);
@@ -518,8 +538,14 @@ static int dispatch(pp_engine *e, int idle_only) {
       w->retire = 1;
       w->expected_exit = 1;
     }
-    w_flush(e, best);
+    w->unsent = 1;
   }
+  /* one send per worker for all it was given */
+  for (int s = 0; s < e->cfg.nworkers; s++)
+    if (e->w[s].unsent) {
+      e->w[s].unsent = 0;
+      w_flush(e, s);
+    }
   return timed;
 }
 
@@ -1050,6 +1076,7 @@ static void *io_main(void *arg) {
         uint64_t v;
         ssize_t r = read(e->wakefd, &v, sizeof v);
         (void)r;
+        e->wake_pending = 0; /* what it was woken for is dispatched below */
       } else if (kind == EV_ZYGOTE) {
         if (e->zfd >= 0) z_readable(e);
       } else if (kind == EV_STDERR && slot < e->cfg.nworkers) {
@@ -1192,6 +1219,9 @@ void pp_engine_unref(pp_engine *e) {
   free(e);
 }
 
+/* Submits closer together than this are a burst. */
+#define BURST_GAP_NS 5000u
+
 int pp_engine_submit(pp_engine *e, pp_job *j, const char **msg) {
   pthread_mutex_lock(&e->mu);
   if (e->broken) {
@@ -1209,12 +1239,21 @@ int pp_engine_submit(pp_engine *e, pp_job *j, const char **msg) {
   __atomic_add_fetch(&j->refs, 1, __ATOMIC_RELAXED);
   e->st.pending += j->n;
   if (j->n == 0) {
-    j->state = PP_JOB_DONE;
+    set_state(j, PP_JOB_DONE);
     job_end(e, j);
   } else {
     q_push(e, j, 0);
-    if (dispatch(e, 1)) wake(e);
+    /* a lone task goes to an idle worker at once, from this thread; in a
+     * burst of submits that would cost a send and a worker wakeup per
+     * task, so the I/O thread is woken (once) to send them in batches */
+    if (pp_now_ns() - e->submit_end_ns >= BURST_GAP_NS) {
+      if (dispatch(e, 1)) wake(e);
+    } else if (!e->wake_pending && pick_worker(e, depth(e), 1) >= 0) {
+      e->wake_pending = 1; /* for idle workers: busy ones' results wake it */
+      wake(e);
+    }
   }
+  e->submit_end_ns = pp_now_ns();
   pthread_mutex_unlock(&e->mu);
   return 0;
 }
@@ -1225,7 +1264,7 @@ int pp_engine_cancel(pp_engine *e, pp_job *j) {
   if (j->state == PP_JOB_CANCELLED) {
     r = 1;
   } else if (j->state == PP_JOB_PENDING) {
-    j->state = PP_JOB_CANCELLED;
+    set_state(j, PP_JOB_CANCELLED);
     job_fail_pending(e, j, PP_IT_CANCELLED);
     r = 1;
   }
@@ -1234,10 +1273,8 @@ int pp_engine_cancel(pp_engine *e, pp_job *j) {
 }
 
 int pp_engine_job_state(pp_engine *e, pp_job *j) {
-  pthread_mutex_lock(&e->mu);
-  int s = j->state;
-  pthread_mutex_unlock(&e->mu);
-  return s;
+  (void)e; /* without the lock: a waiter polling it must not slow the I/O thread */
+  return __atomic_load_n(&j->state, __ATOMIC_ACQUIRE);
 }
 
 int pp_engine_watch(pp_engine *e, pp_job *j) {
@@ -1300,10 +1337,12 @@ int pp_engine_fd(const pp_engine *e) { return e->notifyfd; }
 
 uint64_t pp_engine_ack(pp_engine *e) {
   pthread_mutex_lock(&e->mu);
-  uint64_t v;
-  ssize_t r = read(e->notifyfd, &v, sizeof v);
-  (void)r;
-  e->notified = 0;
+  if (e->notified) { /* only notify() writes the eventfd, once till acked */
+    uint64_t v;
+    ssize_t r = read(e->notifyfd, &v, sizeof v);
+    (void)r;
+    e->notified = 0;
+  }
   uint64_t n = e->ended_total;
   pthread_mutex_unlock(&e->mu);
   return n;
@@ -1316,7 +1355,7 @@ void pp_engine_shutdown(pp_engine *e, int cancel) {
     while (j) {
       pp_job *next = j->qnext;
       if (j->state == PP_JOB_PENDING) {
-        j->state = PP_JOB_CANCELLED;
+        set_state(j, PP_JOB_CANCELLED);
         job_fail_pending(e, j, PP_IT_CANCELLED);
       }
       j = next;
