@@ -1,10 +1,14 @@
-/* fuzz_decode.c: libFuzzer target for procpool.deserialize. */
+/* fuzz_decode.c: libFuzzer target for procpool.deserialize and the
+ * decoder's fast path for one value (how the parent reads a worker's
+ * results). */
 #include <stddef.h>
 #include <stdint.h>
 
 #include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
+
+#include "codec.h"
 
 #ifndef PP_FUZZ_NO_FINALIZERS
 #error "build with -DPP_FUZZ_NO_FINALIZERS"
@@ -52,6 +56,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   push_deserialize(L);
   lua_pushlstring(L, (const char *)data, size);
   (void)lua_pcall(L, 1, LUA_MULTRET, 0);
+  lua_settop(L, 0);
+  size_t used = pp_decode_first(L, (const char *)data, size);
+  if (used > size || (used == 0 && lua_gettop(L) != 0)) __builtin_trap();
   lua_settop(L, 0);
   return 0;
 }
