@@ -1046,47 +1046,68 @@ static size_t raw_int(unsigned char *p, lua_Integer i) {
   return 9;
 }
 
-size_t pp_encode_scalar(lua_State *L, int idx, int type, unsigned char *p) {
+/* Write the one scalar at idx (nil, boolean, number or string; `type` is
+ * its type) as tag and bytes at p, which has room; returns the length. */
+static size_t fast_put(lua_State *L, int idx, int type, unsigned char *p) {
+  unsigned char *p0 = p;
   switch (type) {
   case LUA_TNIL:
-    p[0] = 1; /* a list of one value */
-    p[1] = T_NIL;
-    return 2;
+    *p++ = T_NIL;
+    break;
   case LUA_TBOOLEAN:
-    p[0] = 1;
-    p[1] = lua_toboolean(L, idx) ? T_TRUE : T_FALSE;
-    return 2;
+    *p++ = lua_toboolean(L, idx) ? T_TRUE : T_FALSE;
+    break;
   case LUA_TNUMBER: {
-    p[0] = 1;
     int isint;
     lua_Integer iv = lua_tointegerx(L, idx, &isint);
-    if (isint && lua_isinteger(L, idx)) return 1 + raw_int(p + 1, iv);
-    double d = (double)lua_tonumber(L, idx);
-    uint64_t bits;
-    memcpy(&bits, &d, 8);
-    p[1] = T_FLOAT;
-    put_le(p + 2, bits, 8);
-    return 10;
+    if (isint && lua_isinteger(L, idx)) {
+      p += raw_int(p, iv);
+    } else {
+      double d = (double)lua_tonumber(L, idx);
+      uint64_t bits;
+      memcpy(&bits, &d, 8);
+      *p++ = T_FLOAT;
+      put_le(p, bits, 8);
+      p += 8;
+    }
+    break;
   }
-  case LUA_TSTRING: {
+  default: { /* string */
     size_t len;
     const char *str = lua_tolstring(L, idx, &len);
-    if (len >= 64) return 0;
-    p[0] = 1;
-    p[1] = (unsigned char)(T_FIXSTR | len);
-    memcpy(p + 2, str, len);
-    return 2 + len;
+    if (len < 64) {
+      *p++ = (unsigned char)(T_FIXSTR | len);
+    } else if (len < 256) {
+      *p++ = T_STR8;
+      *p++ = (unsigned char)len;
+    } else {
+      *p++ = T_STR32;
+      put_le(p, len, 4);
+      p += 4;
+    }
+    memcpy(p, str, len);
+    p += len;
+    break;
   }
-  default:
-    return 0;
   }
+  return (size_t)(p - p0);
 }
 
-size_t pp_decode_first(lua_State *L, const char *s, size_t len) {
-  const unsigned char *p = (const unsigned char *)s, *e = p + len;
-  if (len < 2 || p[0] == 0 || p[0] >= 0x80) return 0; /* need a count of 1..127 */
-  unsigned t = p[1];
-  p += 2;
+size_t pp_encode_scalar(lua_State *L, int idx, int type, unsigned char *p) {
+  if (type != LUA_TNIL && type != LUA_TBOOLEAN && type != LUA_TNUMBER &&
+      (type != LUA_TSTRING || lua_rawlen(L, idx) >= 64))
+    return 0; /* (a string under 64 bytes keeps within the 80 promised) */
+  p[0] = 1;   /* a list of one value */
+  return 1 + fast_put(L, idx, type, p + 1);
+}
+
+/* Push the one scalar whose tag is at p (input ends at e); returns the
+ * bytes read, or 0 having pushed nothing when it is not a scalar or the
+ * input is short. */
+static size_t fast_get(lua_State *L, const unsigned char *p, const unsigned char *e) {
+  const unsigned char *p0 = p;
+  if (p >= e) return 0;
+  unsigned t = *p++;
   if (t >= T_FIXINT) {
     lua_pushinteger(L, (lua_Integer)(t & 0x7f));
   } else if (t >= T_FIXSTR) {
@@ -1094,29 +1115,62 @@ size_t pp_decode_first(lua_State *L, const char *s, size_t len) {
     if ((size_t)(e - p) < m) return 0;
     lua_pushlstring(L, (const char *)p, m);
     p += m;
-  } else if (t >= T_INT8 && t <= T_INT64) {
-    int w = t == T_INT8 ? 1 : t == T_INT16 ? 2 : t == T_INT32 ? 4 : 8;
-    if (e - p < w) return 0;
-    uint64_t v = get_le(p, w);
-    lua_pushinteger(L, w == 1   ? (lua_Integer)(int8_t)v
+  } else {
+    switch (t) {
+    case T_NIL:
+      lua_pushnil(L);
+      break;
+    case T_FALSE:
+    case T_TRUE:
+      lua_pushboolean(L, t == T_TRUE);
+      break;
+    case T_INT8:
+    case T_INT16:
+    case T_INT32:
+    case T_INT64: {
+      int w = t == T_INT8 ? 1 : t == T_INT16 ? 2 : t == T_INT32 ? 4 : 8;
+      if ((size_t)(e - p) < (size_t)w) return 0;
+      uint64_t v = get_le(p, w);
+      lua_Integer iv = w == 1   ? (lua_Integer)(int8_t)v
                        : w == 2 ? (lua_Integer)(int16_t)v
                        : w == 4 ? (lua_Integer)(int32_t)v
-                                : (lua_Integer)v);
-    p += w;
-  } else if (t == T_NIL) {
-    lua_pushnil(L);
-  } else if (t == T_TRUE || t == T_FALSE) {
-    lua_pushboolean(L, t == T_TRUE);
-  } else if (t == T_FLOAT && e - p >= 8) {
-    uint64_t bits = get_le(p, 8);
-    double d;
-    memcpy(&d, &bits, 8);
-    lua_pushnumber(L, (lua_Number)d);
-    p += 8;
-  } else {
-    return 0;
+                                : (lua_Integer)v;
+      lua_pushinteger(L, iv);
+      p += w;
+      break;
+    }
+    case T_FLOAT: {
+      if ((size_t)(e - p) < 8) return 0;
+      uint64_t bits = get_le(p, 8);
+      double d;
+      memcpy(&d, &bits, 8);
+      lua_pushnumber(L, (lua_Number)d);
+      p += 8;
+      break;
+    }
+    case T_STR8:
+    case T_STR32: {
+      size_t w = t == T_STR8 ? 1 : 4;
+      if ((size_t)(e - p) < w) return 0;
+      size_t m = (size_t)get_le(p, (int)w);
+      p += w;
+      if ((size_t)(e - p) < m) return 0;
+      lua_pushlstring(L, (const char *)p, m);
+      p += m;
+      break;
+    }
+    default:
+      return 0;
+    }
   }
-  return (size_t)(p - (const unsigned char *)s);
+  return (size_t)(p - p0);
+}
+
+size_t pp_decode_first(lua_State *L, const char *s, size_t len) {
+  const unsigned char *p = (const unsigned char *)s;
+  if (len < 2 || p[0] == 0 || p[0] >= 0x80) return 0; /* need a count of 1..127 */
+  size_t k = fast_get(L, p + 1, p + len);
+  return k ? 1 + k : 0;
 }
 
 static int encode_fast(lua_State *L, int first, int n, pp_wbuf *out, int header) {
@@ -1141,49 +1195,7 @@ static int encode_fast(lua_State *L, int first, int n, pp_wbuf *out, int header)
     p += PP_CODEC_HEADER;
   }
   p += pp_varint_put(p, (uint64_t)n);
-  for (int i = 0; i < n; i++) {
-    int idx = first + i;
-    switch (lua_type(L, idx)) {
-    case LUA_TNIL:
-      *p++ = T_NIL;
-      break;
-    case LUA_TBOOLEAN:
-      *p++ = lua_toboolean(L, idx) ? T_TRUE : T_FALSE;
-      break;
-    case LUA_TNUMBER: {
-      int isint;
-      lua_Integer iv = lua_tointegerx(L, idx, &isint);
-      if (isint && lua_isinteger(L, idx)) {
-        p += raw_int(p, iv);
-      } else {
-        double d = (double)lua_tonumber(L, idx);
-        uint64_t bits;
-        memcpy(&bits, &d, 8);
-        *p++ = T_FLOAT;
-        put_le(p, bits, 8);
-        p += 8;
-      }
-      break;
-    }
-    default: { /* string */
-      size_t len;
-      const char *str = lua_tolstring(L, idx, &len);
-      if (len < 64) {
-        *p++ = (unsigned char)(T_FIXSTR | len);
-      } else if (len < 256) {
-        *p++ = T_STR8;
-        *p++ = (unsigned char)len;
-      } else {
-        *p++ = T_STR32;
-        put_le(p, len, 4);
-        p += 4;
-      }
-      memcpy(p, str, len);
-      p += len;
-      break;
-    }
-    }
-  }
+  for (int i = 0; i < n; i++) p += fast_put(L, first + i, lua_type(L, first + i), p);
   out->n += (size_t)(p - p0);
   return 1;
 }
@@ -1204,63 +1216,9 @@ static int decode_fast(lua_State *L, const unsigned char *s, size_t len, size_t 
   if (!lua_checkstack(L, (int)n + 2)) return 0;
   int top = lua_gettop(L);
   for (uint64_t i = 0; i < n; i++) {
-    if (p >= e) goto bail;
-    unsigned t = *p++;
-    if (t >= T_FIXINT) {
-      lua_pushinteger(L, (lua_Integer)(t & 0x7f));
-    } else if (t >= T_FIXSTR) {
-      size_t m = t & 0x3f;
-      if ((size_t)(e - p) < m) goto bail;
-      lua_pushlstring(L, (const char *)p, m);
-      p += m;
-    } else {
-      switch (t) {
-      case T_NIL:
-        lua_pushnil(L);
-        break;
-      case T_FALSE:
-      case T_TRUE:
-        lua_pushboolean(L, t == T_TRUE);
-        break;
-      case T_INT8:
-      case T_INT16:
-      case T_INT32:
-      case T_INT64: {
-        int w = t == T_INT8 ? 1 : t == T_INT16 ? 2 : t == T_INT32 ? 4 : 8;
-        if ((size_t)(e - p) < (size_t)w) goto bail;
-        uint64_t v = get_le(p, w);
-        lua_Integer iv = w == 1   ? (lua_Integer)(int8_t)v
-                         : w == 2 ? (lua_Integer)(int16_t)v
-                         : w == 4 ? (lua_Integer)(int32_t)v
-                                  : (lua_Integer)v;
-        lua_pushinteger(L, iv);
-        p += w;
-        break;
-      }
-      case T_FLOAT: {
-        if ((size_t)(e - p) < 8) goto bail;
-        uint64_t bits = get_le(p, 8);
-        double d;
-        memcpy(&d, &bits, 8);
-        lua_pushnumber(L, (lua_Number)d);
-        p += 8;
-        break;
-      }
-      case T_STR8:
-      case T_STR32: {
-        size_t w = t == T_STR8 ? 1 : 4;
-        if ((size_t)(e - p) < w) goto bail;
-        size_t m = (size_t)get_le(p, (int)w);
-        p += w;
-        if ((size_t)(e - p) < m) goto bail;
-        lua_pushlstring(L, (const char *)p, m);
-        p += m;
-        break;
-      }
-      default:
-        goto bail;
-      }
-    }
+    k = fast_get(L, p, e);
+    if (!k) goto bail;
+    p += k;
   }
   if (used)
     *used = (size_t)(p - s);

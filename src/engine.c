@@ -141,8 +141,9 @@ pp_job *pp_job_new(uint32_t n) {
   /* written here, by the submitting thread: calloc's untouched zero pages
    * would be copied on first write by the I/O thread, a fault and a TLB
    * shootdown per page */
-  j->items = malloc((n ? n : 1) * sizeof *j->items);
-  if (j->items) pp_zero_touch(j->items, (n ? n : 1) * sizeof *j->items);
+  size_t isize = (n ? n : 1) * sizeof *j->items;
+  j->items = malloc(isize);
+  if (j->items) pp_zero_touch(j->items, isize);
   j->ranges = malloc(sizeof *j->ranges);
   if (!j->items || !j->ranges) {
     free(j->items);
@@ -459,13 +460,6 @@ static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint6
   return 0;
 }
 
-/* Hand queued work to workers with room, least loaded first. Called
- * under the lock by the I/O thread as results arrive, and by submit with
- * `idle_only` (a task reaches an idle worker at once, without waking the
- * I/O thread; deeper pipelines are filled only as results come back, so a
- * burst never queues behind a task that just started and may be long).
- * Returns 1 if a timed task went out (the I/O thread must look at its
- * deadline). */
 /* How many items a worker may hold now (see window()); nor more than a
  * fair share of the outstanding work, counting workers still starting: a
  * burst must not pile onto the first worker up. */
@@ -490,6 +484,13 @@ static int pick_worker(const pp_engine *e, uint32_t win, int idle_only) {
   return best;
 }
 
+/* Hand queued work to workers with room, least loaded first. Called
+ * under the lock by the I/O thread as results arrive, and by a lone submit with
+ * `idle_only` (a task reaches an idle worker at once, without waking the
+ * I/O thread; deeper pipelines are filled only as results come back, so a
+ * burst never queues behind a task that just started and may be long).
+ * Returns 1 if a timed task went out (the I/O thread must look at its
+ * deadline). */
 static int dispatch(pp_engine *e, int idle_only) {
   int timed = 0;
   uint32_t win = depth(e);

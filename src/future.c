@@ -302,13 +302,15 @@ static void push_item_error(lua_State *L, pp_fut *f, const pp_item *it) {
     }
     break;
   }
-  case PP_IT_DEADLINE:
+  case PP_IT_DEADLINE: {
+    const pp_death *d = pp_item_death(f->job, it);
     pp_error_push(L, "DeadlineExceeded", "the task ran past its deadline and was stopped");
-    lua_pushinteger(L, pp_item_death(f->job, it) ? pp_item_death(f->job, it)->pid : 0);
+    lua_pushinteger(L, d ? d->pid : 0);
     lua_setfield(L, -2, "pid");
     lua_pushnumber(L, (lua_Number)f->job->timeout_ns / 1e9);
     lua_setfield(L, -2, "timeout");
     break;
+  }
   default:
     pp_error_push(L, "BrokenProcessPool", pp_engine_fail_msg(f->e));
     break;
