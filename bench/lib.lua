@@ -21,6 +21,25 @@ function B.best(fn, reps)
   return best
 end
 
+--- Median wall time of `fn` over `reps` runs (3 by default), after a
+-- warm-up run; `setup`, if given, runs before each run, outside the
+-- timing, after which garbage is collected, also outside it.
+function B.median(fn, reps, setup)
+  reps = reps or 3
+  local ts = {}
+  for k = 0, reps do
+    if setup then setup() end
+    collectgarbage()
+    collectgarbage()
+    local t = B.now()
+    fn()
+    t = B.now() - t
+    if k > 0 then ts[k] = t end
+  end
+  table.sort(ts)
+  return reps % 2 == 1 and ts[(reps + 1) // 2] or (ts[reps // 2] + ts[reps // 2 + 1]) / 2
+end
+
 --- Print rows as an aligned table. rows[1] is the header.
 function B.table(rows)
   local w = {}
@@ -60,10 +79,10 @@ end
 
 B.bin = os.getenv("PROCPOOL_BENCH_BIN") or "build/bench"
 
---- "a/b x" formatted, or n/a.
-function B.ratio(a, b)
+--- "a/b x" formatted (with `digits` decimals, 1 by default), or n/a.
+function B.ratio(a, b, digits)
   if not a or not b or b == 0 then return "n/a" end
-  return string.format("%.1fx", a / b)
+  return string.format("%." .. (digits or 1) .. "fx", a / b)
 end
 
 --- Run Python's side of the workloads; returns a table name -> figure

@@ -44,7 +44,7 @@ enum {
   T_UPREF = 0x0f,    /* (upvalue position only) func offset:varint index:u8 */
   T_GLOBALS = 0x10,  /* the receiver's global table */
   T_MODULE = 0x11,   /* name:string -> package.loaded[name] */
-  T_CFUNC = 0x12,    /* module:string key:string */
+  T_CFUNC = 0x12,    /* module:string key:string (a C function or light userdata) */
   T_CUSTOM = 0x13,   /* constructor:string nargs:varint value*nargs */
   T_REFD = 0x20,
   T_FIXSTR = 0x40,
@@ -373,7 +373,8 @@ static void index_build(lua_State *L, pp_encoder *E) {
       int m = lua_gettop(L);
       lua_pushnil(L);
       while (lua_next(L, m)) {
-        if (lua_type(L, -2) == LUA_TSTRING && lua_iscfunction(L, -1)) {
+        if (lua_type(L, -2) == LUA_TSTRING &&
+            (lua_iscfunction(L, -1) || lua_islightuserdata(L, -1))) {
           size_t klen;
           const char *key = lua_tolstring(L, -2, &klen);
           index_add(L, rev, mod, mlen, key, klen);
@@ -731,7 +732,8 @@ static void encode_top(lua_State *L, pp_encoder *E) {
     if (enc_custom(L, E)) return;
     enc_fail(L, E, "cannot serialize a userdata (it has no __serialize metamethod)");
     break;
-  case LUA_TLIGHTUSERDATA:
+  case LUA_TLIGHTUSERDATA: /* a sentinel such as cjson.null goes by name */
+    if (enc_named(L, E, 1)) break;
     enc_fail(L, E, "cannot serialize a light userdata");
     break;
   case LUA_TTHREAD:
@@ -1732,7 +1734,7 @@ static int dec_value(lua_State *L, pp_decoder *D) {
       lua_pushlstring(L, key, klen);
       lua_gettable(L, -2);
       lua_remove(L, -2);
-      if (!lua_isfunction(L, -1))
+      if (!lua_isfunction(L, -1) && !lua_islightuserdata(L, -1))
         dec_fail(L, D, "'%s.%s' is not a function in this process", lua_pushlstring(L, mod, mlen),
                  lua_pushlstring(L, key, klen));
     }

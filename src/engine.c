@@ -276,7 +276,9 @@ static void job_note_death(pp_job *j, uint32_t i, pp_worker *w, int sig, int cod
 static void item_set(pp_engine *e, pp_job *j, uint32_t i, int status) {
   pp_item *it = &j->items[i];
   if (it->status != PP_IT_PENDING) return;
-  it->status = (uint8_t)status;
+  /* read without the lock by a waiter on this item: the outcome written
+   * before is published by the release */
+  __atomic_store_n(&it->status, (uint8_t)status, __ATOMIC_RELEASE);
   j->ndone++;
   switch (status) {
   case PP_IT_OK:
@@ -290,7 +292,12 @@ static void item_set(pp_engine *e, pp_job *j, uint32_t i, int status) {
     j->nfailed++;
     break;
   }
-  if (j->ndone == j->n) job_end(e, j);
+  if (j->ndone == j->n) {
+    job_end(e, j);
+  } else if (j->watch_items) { /* someone waits for items one by one */
+    wnodes_fire(j);
+    notify(e);
+  }
 }
 
 /* A job's last item has its outcome: wake whoever waits, drop the
@@ -354,11 +361,15 @@ static void w_epoll(pp_engine *e, int slot) {
   w->epev = ev;
 }
 
+/* Signal a worker. SIGTERM and SIGKILL go to its whole process group
+ * too, so that what its task started stops with it. The zygote has not
+ * reported the worker dead yet, so its pid (and group) is still its own. */
 static void w_signal(pp_worker *w, int sig) {
-  if (w->pidfd >= 0) {
-    if (syscall(SYS_pidfd_send_signal, w->pidfd, sig, NULL, 0) == 0 || errno != ENOSYS) return;
-  }
-  if (w->pid > 0) kill(w->pid, sig); /* no pidfd: the zygote has not reported it dead yet */
+  int sent = 0;
+  if (w->pidfd >= 0) sent = syscall(SYS_pidfd_send_signal, w->pidfd, sig, NULL, 0) == 0;
+  if (w->pid <= 0) return;
+  if (sig == SIGTERM || sig == SIGKILL) kill(-w->pid, sig);
+  if (!sent) kill(w->pid, sig);
 }
 
 static void w_flush(pp_engine *e, int slot) {
@@ -1287,6 +1298,29 @@ int pp_engine_watch(pp_engine *e, pp_job *j) {
   }
   pthread_mutex_unlock(&e->mu);
   return r;
+}
+
+void pp_engine_watch_items(pp_engine *e, pp_job *j) {
+  pthread_mutex_lock(&e->mu);
+  j->watch_items = 1;
+  pthread_mutex_unlock(&e->mu);
+}
+
+int pp_engine_item_get(pp_engine *e, pp_job *j, uint32_t i, pp_item_view *v) {
+  memset(v, 0, sizeof *v);
+  pthread_mutex_lock(&e->mu);
+  const pp_item *it = &j->items[i];
+  v->status = it->status;
+  if (it->status == PP_IT_OK || it->status == PP_IT_ERROR) {
+    v->blob = pp_blob_ref(j->blobs[it->ref]);
+    v->off = it->off;
+    v->len = it->len == PP_WHOLE_BLOB ? v->blob->n - it->off : it->len;
+  } else if (pp_item_death(j, it)) {
+    v->death = *pp_item_death(j, it); /* its tail string lives as long as the job */
+    v->has_death = 1;
+  }
+  pthread_mutex_unlock(&e->mu);
+  return v->status;
 }
 
 pp_job *pp_engine_take_ended(pp_engine *e) {

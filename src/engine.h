@@ -76,6 +76,7 @@ typedef struct pp_job {
   int nranges, capranges;
   int in_queue;
   int has_cb; /* the Lua side wants it on the callback list when done */
+  int watch_items; /* wake waiters as each item ends, not only the last */
   pp_wnode *waiters;
   pp_blob **blobs; /* one reference per result frame its items point into */
   uint32_t nblobs, capblobs;
@@ -143,6 +144,21 @@ int pp_engine_job_state(pp_engine *e, pp_job *j);
 /* Ask for the job on the callback list once it ends. 0 if it already has
  * (the caller runs the callback itself). */
 int pp_engine_watch(pp_engine *e, pp_job *j);
+/* Wake the job's waiters (and the engine's fd) as each of its items
+ * ends, for a wait on one item of a job still running. */
+void pp_engine_watch_items(pp_engine *e, pp_job *j);
+/* A copy of item i's outcome, taken under the lock (the job may still be
+ * running, its arrays growing): the status, and for OK/ERROR the blob
+ * (one reference, the caller's to drop) and the bytes' place in it, for
+ * LOST/DEADLINE the death record. */
+typedef struct pp_item_view {
+  int status;
+  pp_blob *blob;
+  size_t off, len;
+  pp_death death;
+  int has_death;
+} pp_item_view;
+int pp_engine_item_get(pp_engine *e, pp_job *j, uint32_t i, pp_item_view *v);
 /* Take the list of ended jobs that were watched (linked by cnext; the
  * caller owns one reference to each). */
 pp_job *pp_engine_take_ended(pp_engine *e);

@@ -18,16 +18,19 @@
 #include "proc.h"
 
 /* A registry-held object whose finalizer runs first when the state
- * closes (it is created after each executor, and lua_close finalizes the
- * most recent first): it tells executors that the state is closing, so
- * they stop their workers and wait instead of leaving threads behind. */
+ * closes: it tells executors that the state is closing, so they stop
+ * their workers and wait instead of leaving threads behind. lua_close
+ * finalizes the most recent objects first, so the sentinel must be newer
+ * than every executor: each new executor replaces it with a new one. A
+ * replaced sentinel that the collector finalizes later is stale (no
+ * longer the registry's) and does nothing. */
 typedef struct closing {
   int closing;
 } closing;
 
 #define CLOSING_MT "procpool.Closing"
 #define REG_CLOSING "procpool.closing"
-#define REG_SENTINELS "procpool.sentinels"
+#define REG_SENTINEL "procpool.sentinel"
 
 static closing *state_closing(lua_State *L) {
   if (lua_getfield(L, LUA_REGISTRYINDEX, REG_CLOSING) != LUA_TUSERDATA) {
@@ -43,26 +46,23 @@ static closing *state_closing(lua_State *L) {
 }
 
 static int sentinel_gc(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, REG_SENTINEL);
+  int current = lua_rawequal(L, 1, -1);
+  lua_pop(L, 1);
+  if (!current) return 0;
   lua_getiuservalue(L, 1, 1);
   closing *c = lua_touserdata(L, -1);
   if (c) c->closing = 1;
   return 0;
 }
 
-static void add_sentinel(lua_State *L) {
+static void renew_sentinel(lua_State *L) {
   state_closing(L);
-  if (lua_getfield(L, LUA_REGISTRYINDEX, REG_SENTINELS) != LUA_TTABLE) {
-    lua_pop(L, 1);
-    lua_newtable(L);
-    lua_pushvalue(L, -1);
-    lua_setfield(L, LUA_REGISTRYINDEX, REG_SENTINELS);
-  }
   lua_newuserdatauv(L, 1, 1);
   lua_getfield(L, LUA_REGISTRYINDEX, REG_CLOSING);
   lua_setiuservalue(L, -2, 1);
   luaL_setmetatable(L, CLOSING_MT);
-  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
-  lua_pop(L, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, REG_SENTINEL);
 }
 
 /* Give the zygote to a new engine; on failure, reap it and raise. */
@@ -74,15 +74,15 @@ static void start_engine(lua_State *L, pp_exec *x, const pp_engine_cfg *cfg, pid
     kill(zpid, SIGKILL);
     while (waitpid(zpid, NULL, 0) < 0 && errno == EINTR) {
     }
-    luaL_error(L, "procpool: cannot start the pool: %s", strerror(err));
+    pp_error_raise(L, "BrokenProcessPool", "cannot start the pool: %s", strerror(err));
   }
-  add_sentinel(L);
+  renew_sentinel(L);
 }
 
 static pp_exec *checkexec(lua_State *L, int idx) {
   pp_exec *x = luaL_checkudata(L, idx, PP_EXECUTOR_MT);
-  if (!x->e) luaL_error(L, "procpool: the executor is closed");
-  if (!pp_engine_mine(x->e)) luaL_error(L, "procpool: %s", pp_strerror(PP_EFOREIGN));
+  if (!x->e) pp_error_raise(L, "InvalidStateError", "the executor is closed");
+  if (!pp_engine_mine(x->e)) pp_error_raise(L, "InvalidStateError", "%s", pp_strerror(PP_EFOREIGN));
   return x;
 }
 
@@ -161,7 +161,7 @@ static int l_executor_new(lua_State *L) {
     int zfd;
     char why[256];
     int err = pp_zygote_spawn(exe, code, b->p, b->n, &zpid, &zfd, why, sizeof why);
-    if (err) luaL_error(L, "procpool: cannot start the spawn context: %s", why);
+    if (err) pp_error_raise(L, "BrokenProcessPool", "cannot start the spawn context: %s", why);
     start_engine(L, x, &cfg, zpid, zfd);
     lua_settop(L, xi);
     return 1;
@@ -179,7 +179,8 @@ static int l_executor_new(lua_State *L) {
   }
   pid_t zpid;
   int zfd, err = pp_zygote_fork(L, &w, &zpid, &zfd);
-  if (err) luaL_error(L, "procpool: cannot start the zygote process: %s", strerror(err));
+  if (err)
+    pp_error_raise(L, "BrokenProcessPool", "cannot start the zygote process: %s", strerror(err));
   start_engine(L, x, &cfg, zpid, zfd);
   lua_settop(L, xi);
   return 1;
@@ -249,9 +250,11 @@ static int l_submit(lua_State *L) {
   return 1;
 }
 
-/* _submit_chunk(fn, items, i, j, star, timeout|nil) -> Future for
- * fn(items[i]) .. fn(items[j]); with `star`, each item is a table of
- * arguments (unpacked 1..(t.n or #t)). */
+/* _submit_chunk(fn, items, i, j, star, timeout|nil, base|nil) -> Future
+ * for fn(items[i]) .. fn(items[j]); with `star`, each item is a table of
+ * arguments (unpacked 1..(t.n or #t)). An item that cannot be serialized
+ * is named by its input position, base + 1 for items[i] (base defaults
+ * to i - 1). */
 static int l_submit_chunk(lua_State *L) {
   pp_exec *x = checkexec(L, 1);
   check_fn(L, 2);
@@ -259,10 +262,11 @@ static int l_submit_chunk(lua_State *L) {
   lua_Integer lo = luaL_checkinteger(L, 4), hi = luaL_checkinteger(L, 5);
   int star = lua_toboolean(L, 6);
   double timeout = luaL_optnumber(L, 7, 0);
+  lua_Integer pos0 = luaL_optinteger(L, 8, lo - 1) + 1; /* input position of items[lo] */
   if (hi - lo + 1 < 0 || hi - lo + 1 > (lua_Integer)UINT32_MAX / 2)
     luaL_argerror(L, 5, "bad range");
   uint32_t n = (uint32_t)(hi - lo + 1);
-  lua_settop(L, 7);
+  lua_settop(L, 8);
   pp_wbuf *b = push_box(L);
   /* room for small items up front: no regrowing (and copying) per chunk */
   if (pp_wbuf_reserve(b, (size_t)n * 8 + 64) != 0) luaL_error(L, "procpool: not enough memory");
@@ -288,17 +292,18 @@ static int l_submit_chunk(lua_State *L) {
     if (star) {
       int it = lua_gettop(L);
       if (!lua_istable(L, it))
-        luaL_error(L, "procpool: starmap item %d is not a table of arguments", (int)(lo + k));
+        pp_error_raise(L, "SerializationError", "starmap item %d is not a table of arguments",
+                       (int)(pos0 + k));
       lua_getfield(L, it, "n");
       lua_Integer m = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : (lua_Integer)lua_rawlen(L, it);
       lua_pop(L, 1);
       luaL_checkstack(L, (int)m + 4, "procpool: too many arguments");
       for (lua_Integer a = 1; a <= m; a++) lua_rawgeti(L, it, a);
-      const char *root = lua_pushfstring(L, "item[%d]", (int)(lo + (lua_Integer)k));
+      const char *root = lua_pushfstring(L, "item[%d]", (int)(pos0 + (lua_Integer)k));
       lua_insert(L, it + 1);
       pp_encode(L, it + 2, (int)m, b, 0, root, 0);
     } else {
-      const char *root = lua_pushfstring(L, "=item[%d]", (int)(lo + (lua_Integer)k));
+      const char *root = lua_pushfstring(L, "=item[%d]", (int)(pos0 + (lua_Integer)k));
       pp_encode(L, -2, 1, b, 0, root, 0);
     }
     lua_settop(L, top);
@@ -418,8 +423,10 @@ static int l_gc(lua_State *L) {
     }
     pp_engine_join(e);
   } else {
-    /* running tasks finish in the background; queued ones are cancelled */
-    pp_engine_shutdown(e, 1);
+    /* running tasks finish in the background. Queued ones are cancelled
+     * if the executor was never shut down; after shutdown{wait=false}
+     * every accepted task runs to its end */
+    pp_engine_shutdown(e, pp_engine_state(e) == PP_E_RUNNING);
     pp_engine_detach(e);
   }
   pp_engine_unref(e);

@@ -3,6 +3,7 @@
 #include "future.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <poll.h>
 #include <sched.h>
@@ -28,8 +29,8 @@ enum { FUV_OUTCOME = 1, FUV_CALLBACKS, FUV_POLLFD, FUV_N = FUV_POLLFD };
 
 static pp_fut *checkfut(lua_State *L, int idx) {
   pp_fut *f = luaL_checkudata(L, idx, PP_FUTURE_MT);
-  if (!f->job) luaL_argerror(L, idx, "a released future");
-  if (!pp_engine_mine(f->e)) luaL_error(L, "procpool: %s", pp_strerror(PP_EFOREIGN));
+  if (!f->job) pp_error_raise(L, "InvalidStateError", "a released future");
+  if (!pp_engine_mine(f->e)) pp_error_raise(L, "InvalidStateError", "%s", pp_strerror(PP_EFOREIGN));
   return f;
 }
 
@@ -174,36 +175,63 @@ static void unregister(lua_State *L, pp_engine *e, pp_job *job) {
   lua_remove(L, -2);
 }
 
+/* Run the callbacks of the watched jobs of `e` that have ended. */
+static void drain_engine(lua_State *L, pp_engine *e) {
+  reg_table(L, REG_CBENGINES);
+  int live = lua_rawgetp(L, -1, e) != LUA_TNIL;
+  lua_pop(L, 2);
+  if (!live) return; /* a callback's drain got to it */
+  /* futures with callbacks hold the engine, so it is alive here */
+  pp_engine_ref(e);
+  pp_job *j = pp_engine_take_ended(e);
+  while (j) {
+    pp_job *next = j->cnext;
+    unregister(L, e, j);
+    if (!lua_isnil(L, -1)) run_callbacks(L, -1);
+    lua_pop(L, 1);
+    pp_job_unref(j);
+    j = next;
+  }
+  pp_engine_unref(e);
+}
+
 void pp_drain(lua_State *L) {
   reg_table(L, REG_CBENGINES);
   int t = lua_gettop(L);
-  /* snapshot: callbacks may add or remove engines */
-  pp_engine *engs[64];
-  int n = 0;
+  /* a snapshot (callbacks may add or remove engines): in C for the usual
+   * few, in a table when there are more */
+  pp_engine *engs[16];
+  int n = 0, many = 0;
   lua_pushnil(L);
-  while (n < 64 && lua_next(L, t)) {
-    engs[n++] = (pp_engine *)lua_touserdata(L, -2);
+  while (lua_next(L, t)) {
     lua_pop(L, 1);
-  }
-  lua_pop(L, 1);
-  for (int k = 0; k < n; k++) {
-    reg_table(L, REG_CBENGINES);
-    int live = lua_rawgetp(L, -1, engs[k]) != LUA_TNIL;
-    lua_pop(L, 2);
-    if (!live) continue; /* a callback's drain got to it */
-    /* futures with callbacks hold the engine, so it is alive here */
-    pp_engine_ref(engs[k]);
-    pp_job *j = pp_engine_take_ended(engs[k]);
-    while (j) {
-      pp_job *next = j->cnext;
-      unregister(L, engs[k], j);
-      if (!lua_isnil(L, -1)) run_callbacks(L, -1);
+    if (n == 16) {
       lua_pop(L, 1);
-      pp_job_unref(j);
-      j = next;
+      many = 1;
+      break;
     }
-    pp_engine_unref(engs[k]);
+    engs[n++] = (pp_engine *)lua_touserdata(L, -1);
   }
+  if (!many) {
+    lua_pop(L, 1);
+    for (int k = 0; k < n; k++) drain_engine(L, engs[k]);
+    return;
+  }
+  lua_newtable(L);
+  lua_Integer m = 0;
+  lua_pushnil(L);
+  while (lua_next(L, t)) {
+    lua_pop(L, 1);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, t + 1, ++m);
+  }
+  for (lua_Integer k = 1; k <= m; k++) {
+    lua_rawgeti(L, t + 1, k);
+    pp_engine *e = (pp_engine *)lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    drain_engine(L, e);
+  }
+  lua_pop(L, 2);
 }
 
 static int l_drain(lua_State *L) {
@@ -266,15 +294,15 @@ static const char *signame(int sig) {
   return sig > 0 && sig < (int)(sizeof names / sizeof names[0]) ? names[sig] : NULL;
 }
 
-/* Push the error object for a failed item that has no error value. */
-static void push_item_error(lua_State *L, pp_fut *f, const pp_item *it) {
-  switch (it->status) {
+/* Push the error object for a failed item that has no error value;
+ * `d` is its death record (NULL if none). */
+static void push_item_error(lua_State *L, pp_fut *f, int status, const pp_death *d) {
+  switch (status) {
   case PP_IT_CANCELLED:
     pp_error_push(L, "CancelledError", "the future was cancelled");
     break;
   case PP_IT_LOST: {
     pp_death none = {0, 0, -1, NULL};
-    const pp_death *d = pp_item_death(f->job, it);
     if (!d) d = &none;
     const char *sn = signame(d->sig);
     if (d->sig)
@@ -303,7 +331,6 @@ static void push_item_error(lua_State *L, pp_fut *f, const pp_item *it) {
     break;
   }
   case PP_IT_DEADLINE: {
-    const pp_death *d = pp_item_death(f->job, it);
     pp_error_push(L, "DeadlineExceeded", "the task ran past its deadline and was stopped");
     lua_pushinteger(L, d ? d->pid : 0);
     lua_setfield(L, -2, "pid");
@@ -317,9 +344,47 @@ static void push_item_error(lua_State *L, pp_fut *f, const pp_item *it) {
   }
 }
 
-/* Push the values of item i; returns the count, or -1 after pushing
- * (error value, traceback or nil) for a failure. */
-static int push_item(lua_State *L, pp_fut *f, uint32_t i, int first_only) {
+/* Item i (0-based) has its outcome; its job may still be running. */
+static int item_ready(const pp_fut *f, uint32_t i) {
+  return __atomic_load_n(&f->job->items[i].status, __ATOMIC_ACQUIRE) != PP_IT_PENDING;
+}
+
+/* Push the values of item i of a job still running (its outcome is in):
+ * its place is read under the engine's lock, as the job's arrays may
+ * still grow; the blob holding it is kept in *held (the caller drops it,
+ * also when decoding raises). */
+static int push_item_running(lua_State *L, pp_fut *f, uint32_t i, int first_only,
+                             pp_blob **held) {
+  pp_item_view v;
+  int status = pp_engine_item_get(f->e, f->job, i, &v);
+  if (status == PP_IT_OK || status == PP_IT_ERROR) {
+    *held = v.blob;
+    int top = lua_gettop(L);
+    int n = pp_decode(L, v.blob->p + v.off, v.len, NULL, 0, 0);
+    *held = NULL;
+    pp_blob_unref(v.blob);
+    if (status == PP_IT_ERROR) {
+      lua_settop(L, top + 2); /* (error value, traceback) */
+      return -1;
+    }
+    if (first_only) {
+      if (n == 0) lua_pushnil(L);
+      lua_settop(L, top + 1);
+      return 1;
+    }
+    return n;
+  }
+  push_item_error(L, f, status, v.has_death ? &v.death : NULL);
+  lua_pushnil(L);
+  return -1;
+}
+
+/* Push the values of item i (its outcome is in); returns the count, or
+ * -1 after pushing (error value, traceback or nil) for a failure. Raises
+ * if the values cannot be decoded here. */
+static int push_item(lua_State *L, pp_fut *f, uint32_t i, int first_only, pp_blob **held) {
+  if (!is_done(pp_engine_job_state(f->e, f->job)))
+    return push_item_running(L, f, i, first_only, held);
   const pp_item *it = &f->job->items[i];
   size_t len;
   if (it->status == PP_IT_OK) {
@@ -342,9 +407,60 @@ static int push_item(lua_State *L, pp_fut *f, uint32_t i, int first_only) {
     (void)n;
     return -1;
   }
-  push_item_error(L, f, it);
+  push_item_error(L, f, it->status, pp_item_death(f->job, it));
   lua_pushnil(L);
   return -1;
+}
+
+/* Items decoded inside a protected call: a value that cannot be decoded
+ * here (a module or constructor the parent lacks) becomes that item's
+ * failure instead of an error escaping from a wait or a callback. */
+typedef struct dstate {
+  pp_fut *f;
+  uint32_t i, end; /* the item being decoded; one past the last */
+  int first_only;
+  int tbl, base; /* collect: the table (caller's stack index) and its first key */
+  int mode;      /* D_ONE, D_COLLECT (stop at a failure), D_VALUES */
+  pp_blob *held; /* a blob being decoded from (dropped if that raises) */
+} dstate;
+
+enum { D_ONE, D_COLLECT, D_VALUES };
+
+/* [dstate, table] -> D_ONE: the item's values, with the count (negative for a
+ * failure) last; D_COLLECT/D_VALUES: stores first values into the table
+ * until done (nothing) or a failed item (error, traceback, -1). */
+static int decode_body(lua_State *L) {
+  dstate *d = lua_touserdata(L, 1);
+  if (d->mode == D_ONE) {
+    int n = push_item(L, d->f, d->i, d->first_only, &d->held);
+    lua_pushinteger(L, n);
+    return (n < 0 ? 2 : n) + 1;
+  }
+  for (; d->i < d->end; d->i++) {
+    if (push_item(L, d->f, d->i, 1, &d->held) < 0) {
+      lua_pushinteger(L, -1);
+      return 3;
+    }
+    lua_rawseti(L, 2, d->base + (lua_Integer)d->i);
+  }
+  return 0;
+}
+
+/* Run decode_body protected. Returns what it returned (>= 0 values on
+ * top), or -1 with (error, nil) on top when decoding raised. */
+static int decode_protected(lua_State *L, dstate *d) {
+  int top = lua_gettop(L);
+  luaL_checkstack(L, 8, NULL);
+  lua_pushcfunction(L, decode_body);
+  lua_pushlightuserdata(L, d);
+  lua_pushvalue(L, d->mode == D_ONE ? 1 : d->tbl);
+  if (lua_pcall(L, 2, LUA_MULTRET, 0) != LUA_OK) {
+    pp_blob_unref(d->held);
+    d->held = NULL;
+    lua_pushnil(L);
+    return -1;
+  }
+  return lua_gettop(L) - top;
 }
 
 /* _outcome() -> true, values... | false, error, traceback. Decoded once,
@@ -358,7 +474,17 @@ static int fut_outcome(lua_State *L) {
     lua_pop(L, 1);
     lua_newtable(L);
     int t = lua_gettop(L);
-    int n = f->job->n ? push_item(L, f, 0, 0) : 0;
+    int n = 0;
+    if (f->job->n) {
+      dstate d = {f, 0, 1, 0, 0, 0, D_ONE, NULL};
+      n = decode_protected(L, &d);
+      if (n >= 0) { /* the values, then their count */
+        n = (int)lua_tointeger(L, -1);
+        lua_pop(L, 1);
+      } else {
+        n = -1;
+      }
+    }
     int ok = n >= 0;
     if (!ok) n = 2;
     for (int k = n; k >= 1; k--) lua_rawseti(L, t, k);
@@ -384,17 +510,29 @@ static int fut_item(lua_State *L) {
   pp_fut *f = checkfut(L, 1);
   lua_Integer i = luaL_checkinteger(L, 2);
   if (i < 1 || i > (lua_Integer)f->job->n) luaL_argerror(L, 2, "no such item");
-  if (!is_done(pp_engine_job_state(f->e, f->job)))
-    pp_error_raise(L, "InvalidStateError", "the future is not done");
+  if (!item_ready(f, (uint32_t)(i - 1)))
+    pp_error_raise(L, "InvalidStateError", "the item is not done");
   lua_settop(L, 2);
   lua_pushboolean(L, 1);
-  int n = push_item(L, f, (uint32_t)(i - 1), 1);
-  if (n < 0) {
+  dstate d = {f, (uint32_t)(i - 1), 0, 1, 0, 0, D_ONE, NULL};
+  int r = decode_protected(L, &d);
+  if (r < 0 || lua_tointeger(L, -1) < 0) { /* false, error, traceback */
+    if (r >= 0) lua_pop(L, 1);
     lua_pushboolean(L, 0);
     lua_replace(L, 3);
     return 3;
   }
+  lua_pop(L, 1);
   return 2;
+}
+
+/* _item_ready(i) -> whether item i has its outcome */
+static int fut_item_ready(lua_State *L) {
+  pp_fut *f = checkfut(L, 1);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  if (i < 1 || i > (lua_Integer)f->job->n) luaL_argerror(L, 2, "no such item");
+  lua_pushboolean(L, item_ready(f, (uint32_t)(i - 1)));
+  return 1;
 }
 
 /* _collect(out, base) -> nil | index, error, traceback: the first values
@@ -404,46 +542,56 @@ static int fut_collect(lua_State *L) {
   pp_fut *f = checkfut(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_Integer base = luaL_checkinteger(L, 3);
+  if (base < INT_MIN + 1 || base > INT_MAX - (lua_Integer)f->job->n) luaL_argerror(L, 3, "bad base");
   if (!is_done(pp_engine_job_state(f->e, f->job)))
     pp_error_raise(L, "InvalidStateError", "the future is not done");
   lua_settop(L, 3);
-  for (uint32_t i = 0; i < f->job->n; i++) {
-    if (push_item(L, f, i, 1) < 0) {
-      lua_pushinteger(L, (lua_Integer)i + 1);
-      lua_insert(L, -3);
-      return 3;
-    }
-    lua_rawseti(L, 2, base + (lua_Integer)i);
-  }
-  return 0;
+  dstate d = {f, 0, f->job->n, 1, 2, (int)base, D_COLLECT, NULL};
+  int r = decode_protected(L, &d);
+  if (r == 0) return 0;
+  if (r > 0) lua_pop(L, 1); /* the -1 after (error, traceback) */
+  lua_pushinteger(L, (lua_Integer)d.i + 1);
+  lua_insert(L, -3);
+  return 3;
 }
 
-/* _values() -> values, failures: values[i] is item i's first value;
- * failures is nil, or a table failures[i] = { error } for failed items
- * (wrapped: an error value may be nil or false). */
+/* _values([from]) -> values, failures, last: values[i] is item i's first
+ * value for items from..last; failures is nil, or a table failures[i] =
+ * { error } for failed items (wrapped: an error value may be nil or
+ * false). For a done future, last is its item count; for one still
+ * running, the last of the items from `from` on that are in (item `from`
+ * must be). */
 static int fut_values(lua_State *L) {
   pp_fut *f = checkfut(L, 1);
-  if (!is_done(pp_engine_job_state(f->e, f->job)))
-    pp_error_raise(L, "InvalidStateError", "the future is not done");
-  lua_settop(L, 1);
-  lua_createtable(L, (int)f->job->n, 0);
-  lua_pushnil(L); /* failures, created on the first one */
-  for (uint32_t i = 0; i < f->job->n; i++) {
-    if (push_item(L, f, i, 1) < 0) {
-      lua_pop(L, 1); /* the traceback */
-      if (lua_isnil(L, 3)) {
-        lua_newtable(L);
-        lua_replace(L, 3);
-      }
-      lua_createtable(L, 1, 0);
-      lua_insert(L, -2);
-      lua_rawseti(L, -2, 1);
-      lua_rawseti(L, 3, (lua_Integer)i + 1);
-      continue;
-    }
-    lua_rawseti(L, 2, (lua_Integer)i + 1);
+  lua_Integer from = luaL_optinteger(L, 2, 1);
+  uint32_t n = f->job->n, end = n;
+  if (from < 1 || from > (lua_Integer)n + 1) luaL_argerror(L, 2, "no such item");
+  if (!is_done(pp_engine_job_state(f->e, f->job))) {
+    end = (uint32_t)(from - 1);
+    while (end < n && item_ready(f, end)) end++;
+    if (end < (uint32_t)from) pp_error_raise(L, "InvalidStateError", "the item is not done");
   }
-  return 2;
+  lua_settop(L, 1);
+  lua_createtable(L, from == 1 ? (int)end : 0, 0);
+  lua_pushnil(L); /* failures, created on the first one */
+  dstate d = {f, (uint32_t)(from - 1), end, 1, 2, 1, D_VALUES, NULL};
+  while (d.i < d.end) {
+    int r = decode_protected(L, &d);
+    if (r == 0) break;
+    if (r > 0) lua_pop(L, 1); /* the -1 */
+    lua_pop(L, 1);            /* the traceback */
+    if (lua_isnil(L, 3)) {
+      lua_newtable(L);
+      lua_replace(L, 3);
+    }
+    lua_createtable(L, 1, 0);
+    lua_insert(L, -2);
+    lua_rawseti(L, -2, 1);
+    lua_rawseti(L, 3, (lua_Integer)d.i + 1);
+    d.i++;
+  }
+  lua_pushinteger(L, (lua_Integer)end);
+  return 3;
 }
 
 static int fut_traceback(lua_State *L) {
@@ -533,26 +681,52 @@ int pp_pollable_timeout(lua_State *L) {
 /*
  * await(target, deadline, mode) -> true when the condition holds, false
  * when the deadline (absolute, monotonic seconds; nil: none) passes.
- * target: a Future; a sequence of Futures with mode "any" (one done),
- * "all" (all done) or "exc" (one failed, or all done); or an Executor
- * (its engine has ended).
+ * target: a Future, with mode nil (it is done) or an item number i (its
+ * item i is done, or the whole future); a sequence of Futures with mode
+ * "any" (one done), "all" (all done), "exc" (one failed, or all done) or
+ * a sequence of item numbers (item pos[k] of future k is done, for any
+ * k); or an Executor (its engine has ended).
  * In a yieldable coroutine with a waiter installed, it calls the waiter
  * through lua_callk, so the waiter may yield; otherwise it blocks in poll.
  */
 #define AW_TARGET 1
 #define AW_DEADLINE 2
 #define AW_MODE 3
-#define AW_BOX 4
+#define AW_BOX 4     /* the waitbox while a waiter runs */
+#define AW_ENGINES 5 /* scratch for many engines (a userdata), or nil */
+#define AW_TOP AW_ENGINES
 
+/* The engines a wait involves, each once, without a limit on how many. */
 typedef struct awstate {
-  pp_engine *engs[32];
-  int nengs;
+  pp_engine **engs;
+  int nengs, cap;
+  pp_engine *inl[16];
 } awstate;
 
-static void aw_engine(awstate *s, pp_engine *e) {
+static void aw_engine(lua_State *L, awstate *s, pp_engine *e) {
   for (int i = 0; i < s->nengs; i++)
     if (s->engs[i] == e) return;
-  if (s->nengs < 32) s->engs[s->nengs++] = e;
+  if (s->nengs == s->cap) { /* grow into a Lua-owned scratch buffer */
+    int cap = s->cap * 2;
+    pp_engine **n = lua_newuserdatauv(L, (size_t)cap * sizeof *n, 0);
+    memcpy(n, s->engs, (size_t)s->nengs * sizeof *n);
+    lua_replace(L, AW_ENGINES);
+    s->engs = n;
+    s->cap = cap;
+  }
+  s->engs[s->nengs++] = e;
+}
+
+static void aw_init(awstate *s) {
+  s->engs = s->inl;
+  s->cap = 16;
+  s->nengs = 0;
+}
+
+/* Item i (1-based) of the future's job, or the whole job, is done. */
+static int aw_item_done(pp_fut *f, lua_Integer i) {
+  if (is_done(pp_engine_job_state(f->e, f->job))) return 1;
+  return i >= 1 && i <= (lua_Integer)f->job->n && item_ready(f, (uint32_t)(i - 1));
 }
 
 /* 1 if the condition holds; collects the engines involved */
@@ -561,16 +735,18 @@ static int aw_check(lua_State *L, awstate *s) {
   pp_fut *f = luaL_testudata(L, AW_TARGET, PP_FUTURE_MT);
   if (f) {
     checkfut(L, AW_TARGET);
-    aw_engine(s, f->e);
+    aw_engine(L, s, f->e);
+    if (lua_isinteger(L, AW_MODE)) return aw_item_done(f, lua_tointeger(L, AW_MODE));
     return is_done(pp_engine_job_state(f->e, f->job));
   }
   pp_exec *x = luaL_testudata(L, AW_TARGET, PP_EXECUTOR_MT);
   if (x) {
     if (!x->e) return 1;
-    aw_engine(s, x->e);
+    aw_engine(L, s, x->e);
     return pp_engine_state(x->e) == PP_E_DEAD;
   }
-  const char *mode = luaL_optstring(L, AW_MODE, "all");
+  int items = lua_istable(L, AW_MODE);
+  const char *mode = items ? "" : luaL_optstring(L, AW_MODE, "all");
   lua_Integer n = (lua_Integer)lua_rawlen(L, AW_TARGET), done = 0;
   if (n == 0) return 1;
   for (lua_Integer i = 1; i <= n; i++) {
@@ -578,15 +754,39 @@ static int aw_check(lua_State *L, awstate *s) {
     pp_fut *g = luaL_testudata(L, -1, PP_FUTURE_MT);
     lua_pop(L, 1);
     if (!g || !g->job) continue;
+    aw_engine(L, s, g->e);
+    if (items) {
+      lua_rawgeti(L, AW_MODE, i);
+      lua_Integer pos = lua_tointeger(L, -1);
+      lua_pop(L, 1);
+      if (aw_item_done(g, pos)) return 1;
+      continue;
+    }
     int st = pp_engine_job_state(g->e, g->job);
-    aw_engine(s, g->e);
     if (is_done(st)) {
       done++;
       if (mode[0] == 'a' && mode[1] == 'n') return 1; /* any */
       if (mode[0] == 'e' && st == PP_JOB_DONE && g->job->nfailed) return 1;
     }
   }
-  return done == n;
+  return !items && done == n;
+}
+
+/* A wait on single items: have the jobs report each item as it ends. */
+static void aw_watch_items(lua_State *L) {
+  pp_fut *f = luaL_testudata(L, AW_TARGET, PP_FUTURE_MT);
+  if (f) {
+    if (lua_isinteger(L, AW_MODE) && f->job) pp_engine_watch_items(f->e, f->job);
+    return;
+  }
+  if (!lua_istable(L, AW_TARGET) || !lua_istable(L, AW_MODE)) return;
+  lua_Integer n = (lua_Integer)lua_rawlen(L, AW_TARGET);
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, AW_TARGET, i);
+    pp_fut *g = luaL_testudata(L, -1, PP_FUTURE_MT);
+    lua_pop(L, 1);
+    if (g && g->job) pp_engine_watch_items(g->e, g->job);
+  }
 }
 
 static void signal_waiter(pp_waiter *w) {
@@ -626,10 +826,43 @@ static double now_s(void) { return (double)pp_now_ns() / 1e9; }
 /* How long a wait keeps looking before it sleeps in poll. */
 #define SPIN_NS 30000u
 
+/* Sleep in poll on the engines' fds until one is readable or `ms` pass
+ * (-1: no limit). A signal ends the sleep early, and a hook the signal's
+ * handler installed (lua.c's Ctrl-C handler raises "interrupted!" from
+ * one) is given its chance to run: a wait is never deaf to Ctrl-C. */
+static void aw_sleep(lua_State *L, awstate *s, int ms) {
+  struct pollfd inl[16], *pfd = inl;
+  if (s->nengs > 16) pfd = lua_newuserdatauv(L, (size_t)s->nengs * sizeof *pfd, 0);
+  for (int i = 0; i < s->nengs; i++) {
+    pfd[i].fd = pp_engine_fd(s->engs[i]);
+    pfd[i].events = POLLIN;
+    pfd[i].revents = 0;
+  }
+  int r;
+  if (s->nengs == 0) {
+    if (ms < 0) luaL_error(L, "procpool: nothing to wait for");
+    r = poll(NULL, 0, ms);
+  } else {
+    r = poll(pfd, (nfds_t)s->nengs, ms);
+  }
+  lua_settop(L, AW_TOP);
+  if (r < 0 && errno == EINTR && lua_gethook(L)) {
+    /* calling any function runs the hook's call event */
+    lua_pushcfunction(L, pp_pollable_timeout);
+    lua_call(L, 0, 0);
+    lua_settop(L, AW_TOP);
+  }
+}
+
 static int await_k(lua_State *L, int status, lua_KContext ctx) {
   (void)status;
   (void)ctx;
   awstate s;
+  aw_init(&s);
+  if (lua_type(L, AW_ENGINES) == LUA_TUSERDATA) { /* back from the waiter: keep the scratch */
+    s.engs = lua_touserdata(L, AW_ENGINES);
+    s.cap = (int)(lua_rawlen(L, AW_ENGINES) / sizeof *s.engs);
+  }
   int spun = 0;
   for (;;) {
     if (lua_type(L, AW_BOX) == LUA_TUSERDATA) { /* back from the waiter */
@@ -638,7 +871,7 @@ static int await_k(lua_State *L, int status, lua_KContext ctx) {
       lua_pushnil(L);
       lua_replace(L, AW_BOX);
     }
-    lua_settop(L, AW_BOX);
+    lua_settop(L, AW_TOP);
     /* clear the notifications first, so none that follow are missed */
     aw_check(L, &s);
     for (int i = 0; i < s.nengs; i++) pp_engine_ack(s.engs[i]);
@@ -676,7 +909,7 @@ static int await_k(lua_State *L, int status, lua_KContext ctx) {
       lua_callk(L, 2, 0, 0, await_k);
       continue;
     }
-    lua_settop(L, AW_BOX);
+    lua_settop(L, AW_TOP);
     /* a result often arrives within microseconds: look again briefly
      * before sleeping, which costs far more to wake from */
     if (!spun) {
@@ -689,19 +922,7 @@ static int await_k(lua_State *L, int status, lua_KContext ctx) {
       }
       if (done) continue;
     }
-    struct pollfd pfd[32];
-    for (int i = 0; i < s.nengs; i++) {
-      pfd[i].fd = pp_engine_fd(s.engs[i]);
-      pfd[i].events = POLLIN;
-      pfd[i].revents = 0;
-    }
-    int ms = left < 0 ? -1 : (int)ceil(left * 1000.0);
-    if (s.nengs == 0) {
-      if (ms < 0) luaL_error(L, "procpool: nothing to wait for");
-      poll(NULL, 0, ms);
-    } else {
-      poll(pfd, (nfds_t)s.nengs, ms);
-    }
+    aw_sleep(L, &s, left < 0 ? -1 : (int)ceil(left * 1000.0));
   }
 }
 
@@ -710,6 +931,8 @@ static int l_await(lua_State *L) {
   if (!lua_isnoneornil(L, AW_DEADLINE)) luaL_checknumber(L, AW_DEADLINE);
   lua_settop(L, AW_MODE);
   lua_pushnil(L); /* AW_BOX */
+  lua_pushnil(L); /* AW_ENGINES */
+  aw_watch_items(L);
   return await_k(L, LUA_OK, 0);
 }
 
@@ -737,6 +960,7 @@ void pp_future_open(lua_State *L) {
                                      {"timeout", pp_pollable_timeout},
                                      {"_outcome", fut_outcome},
                                      {"_item", fut_item},
+                                     {"_item_ready", fut_item_ready},
                                      {"_collect", fut_collect},
                                      {"_values", fut_values},
                                      {"_state", fut_state},

@@ -97,7 +97,9 @@ static void spawn_worker(zstate *z, uint32_t slot, uint32_t gen) {
     pid_t zpid = getpid();
     pid = fork();
     if (pid == 0) {
-      /* the worker */
+      /* the worker, leading a process group of its own: what its tasks
+       * start (os.execute, io.popen) is stopped with it */
+      setpgid(0, 0);
       prctl(PR_SET_PDEATHSIG, SIGKILL);
       if (getppid() != zpid) _exit(1);
       close(sv[0]);
@@ -111,6 +113,7 @@ static void spawn_worker(zstate *z, uint32_t slot, uint32_t gen) {
       pp_worker_main(z->L, sv[1], page, (int)slot, z->wctx);
     }
     if (pid < 0) err = errno;
+    else setpgid(pid, pid); /* also here: no signal to the group can precede it */
   }
   if (err) {
     m.type = PP_Z_SPAWNFAIL;
@@ -197,7 +200,7 @@ __attribute__((noreturn)) static void zygote_main(lua_State *L, const pp_wctx *w
     }
   }
   /* our workers go with us */
-  for (int i = 0; i < z.nkids; i++) kill(z.kids[i], SIGKILL);
+  for (int i = 0; i < z.nkids; i++) kill(-z.kids[i], SIGKILL);
   while (waitpid(-1, NULL, 0) > 0 || errno == EINTR) {
   }
   _exit(0);

@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -19,9 +20,14 @@
 #include "pp.h"
 #include "proc.h"
 
-/* Flush a batch of results once it is this large or this old. */
+/* Results of tiny items are sent in batches, but a result never waits
+ * more than BATCH_WAIT_NS for others to join it: a long item that starts
+ * while a batch is open must not hold the finished ones back. The worker's
+ * flusher thread sends a batch that the task thread left open that long;
+ * a batch also goes out once it holds BATCH_BYTES, and a result of an
+ * item that itself took BATCH_WAIT_NS or more goes out at once. */
 #define BATCH_BYTES (64u << 10)
-#define BATCH_NS 1000000u
+#define BATCH_WAIT_NS 100000u
 /* How long an idle worker keeps looking for a next task before sleeping. */
 #define SPIN_NS 50000u
 
@@ -30,10 +36,18 @@ typedef struct wstate {
   int fd;
   pp_page *page;
   pp_in in;
+  /* `mu` guards `out` and the open batch: the task thread appends
+   * results, the flusher thread may send them */
+  pthread_mutex_t mu;
+  pthread_cond_t cv;   /* wakes the flusher when it has no time set */
+  int flusher;         /* 1: the flusher thread runs */
+  int flusher_idle;    /* it waits with no time set */
+  uint64_t flush_due;  /* send the open batch by then (0: nothing due) */
   pp_out out;
   pp_wbuf res;  /* one item's encoded result (memfd when large) */
   size_t batch; /* header offset of the open RESULT frame, or SIZE_MAX */
   uint64_t batch_seq0, batch_t0, batch_end;
+  uint64_t batch_ready0; /* when the batch's first result was ready */
   uint64_t last_t; /* when the previous item ended (the next one started) */
   uint32_t quick;  /* items in a row that took under 20 us */
   uint32_t batch_n;
@@ -60,9 +74,10 @@ static void out_drain(wstate *ws) {
   }
 }
 
-static void batch_close(wstate *ws) {
+/* Close the open RESULT frame; `end` is when its last item ended. */
+static void batch_close(wstate *ws, uint64_t end) {
   if (ws->batch == SIZE_MAX) return;
-  ws->batch_end = pp_now_ns();
+  ws->batch_end = end;
   unsigned char *h = (unsigned char *)ws->out.buf.p + ws->batch + PP_FRAME_HDR;
   pp_put32(h + 8, ws->batch_n);
   pp_put64(h + 16, ws->batch_end - ws->batch_t0);
@@ -70,10 +85,76 @@ static void batch_close(wstate *ws) {
   ws->batch = SIZE_MAX;
 }
 
-static void flush(wstate *ws) {
-  batch_close(ws);
+/* Send everything queued (`mu` held). */
+static void flush_locked(wstate *ws, uint64_t end) {
+  batch_close(ws, end);
+  ws->flush_due = 0;
   fflush(NULL); /* what the tasks printed comes out before their results */
   out_drain(ws);
+}
+
+static void flush(wstate *ws) {
+  pthread_mutex_lock(&ws->mu);
+  flush_locked(ws, pp_now_ns());
+  pthread_mutex_unlock(&ws->mu);
+}
+
+/* The flusher thread: sends a batch the task thread left open once it is
+ * due (the task thread is then running a long item). */
+static void *flusher_main(void *arg) {
+  wstate *ws = arg;
+  pthread_mutex_lock(&ws->mu);
+  for (;;) {
+    if (!ws->flush_due) {
+      ws->flusher_idle = 1;
+      pthread_cond_wait(&ws->cv, &ws->mu);
+      ws->flusher_idle = 0;
+      continue;
+    }
+    uint64_t due = ws->flush_due;
+    if (pp_now_ns() >= due) {
+      flush_locked(ws, ws->batch_end);
+      continue;
+    }
+    struct timespec ts = {(time_t)(due / 1000000000u), (long)(due % 1000000000u)};
+    pthread_cond_timedwait(&ws->cv, &ws->mu, &ts);
+  }
+  return NULL;
+}
+
+/* Have the open batch sent by `due` (`mu` held). 0 when no flusher thread
+ * can be had: the caller sends it now. */
+static int flush_by(wstate *ws, uint64_t due) {
+  if (!ws->flusher) {
+    pthread_condattr_t ca;
+    pthread_attr_t ta;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    int rc = pthread_cond_init(&ws->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    if (rc != 0) return 0;
+    pthread_attr_init(&ta);
+    pthread_attr_setstacksize(&ta, 256u << 10);
+    pthread_t th;
+    /* the thread takes no signals: deadlines and kills are for the task */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = pthread_create(&th, &ta, flusher_main, ws);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&ta);
+    if (rc != 0) {
+      pthread_cond_destroy(&ws->cv);
+      return 0;
+    }
+    pthread_detach(th);
+    ws->flusher = 1;
+  }
+  if (!ws->flush_due || due < ws->flush_due) {
+    ws->flush_due = due;
+    if (ws->flusher_idle) pthread_cond_signal(&ws->cv);
+  }
+  return 1;
 }
 
 static void reserve(wstate *ws, size_t n) {
@@ -83,8 +164,9 @@ static void reserve(wstate *ws, size_t n) {
 /* Append one item's result (status + the encoded list in ws->res);
  * `now` is the time the item ended. */
 static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now) {
+  pthread_mutex_lock(&ws->mu);
   if (ws->res.fd >= 0) { /* large: its own frame, the bytes in the memfd */
-    flush(ws);
+    flush_locked(ws, ws->last_t);
     reserve(ws, PP_FRAME_HDR + 40);
     size_t h = pp_frame_begin(&ws->out.buf, PP_FR_RESULT, PP_FF_FD);
     unsigned char *q = (unsigned char *)ws->out.buf.p + ws->out.buf.n;
@@ -102,8 +184,9 @@ static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now) {
     ws->res.n = ws->res.cap = 0;
     ws->res.fd = -1;
     if (pp_out_addfd(&ws->out, h, fd) != 0) wexit(ws, 70);
-    flush(ws);
+    flush_locked(ws, now);
     ws->last_t = now;
+    pthread_mutex_unlock(&ws->mu);
     return;
   }
   if (ws->batch == SIZE_MAX) {
@@ -116,6 +199,7 @@ static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now) {
     ws->batch_seq0 = seq;
     ws->batch_n = 0;
     ws->batch_t0 = ws->last_t; /* when this batch's first item started */
+    ws->batch_ready0 = now;
   }
   reserve(ws, 5 + ws->res.n);
   unsigned char *q = (unsigned char *)ws->out.buf.p + ws->out.buf.n;
@@ -125,11 +209,13 @@ static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now) {
   ws->out.buf.n += 5 + ws->res.n;
   ws->batch_n++;
   ws->res.n = 0;
+  uint64_t took = now - ws->last_t;
   ws->last_t = now;
   ws->batch_end = now;
-  /* a batch goes out once large or old: a long item goes out at once,
-   * so a death is charged to the item that caused it */
-  if (ws->out.buf.n - ws->batch > BATCH_BYTES || now - ws->batch_t0 > BATCH_NS) flush(ws);
+  if (ws->out.buf.n - ws->batch > BATCH_BYTES || took >= BATCH_WAIT_NS ||
+      now - ws->batch_ready0 >= BATCH_WAIT_NS || !flush_by(ws, ws->batch_ready0 + BATCH_WAIT_NS))
+    flush_locked(ws, now);
+  pthread_mutex_unlock(&ws->mu);
 }
 
 /* Message handler: keep the error value, remember a traceback. The
@@ -357,6 +443,7 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
   ws.batch = SIZE_MAX;
   pp_in_init(&ws.in);
   pp_out_init(&ws.out);
+  pthread_mutex_init(&ws.mu, NULL);
   pp_wbuf_init(&ws.res, PP_MEMFD_MIN);
   /* Ctrl-C is for the parent (which then stops the pool), not for the
    * tasks: an inherited interpreter handler would fail them all */
@@ -393,13 +480,17 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
     if (!ok || lua_pcall(L, w->init_n, 0, h) != LUA_OK) {
       const char *msg = luaL_tolstring(L, ok ? -1 : -1 - w->init_n, NULL);
       size_t len = strlen(msg);
+      /* said on stderr first: the INITFAIL frame breaks the pool, whose
+       * workers are then killed, and the parent reads a dead worker's
+       * stderr before it lets the pool end */
+      fprintf(stderr, "procpool: worker %d: exception in initializer: %s\n", slot + 1, msg);
+      fflush(stderr);
       reserve(&ws, PP_FRAME_HDR + len);
       size_t hh = pp_frame_begin(&ws.out.buf, PP_FR_INITFAIL, 0);
       memcpy(ws.out.buf.p + ws.out.buf.n, msg, len);
       ws.out.buf.n += len;
       pp_frame_end(&ws.out.buf, hh);
       flush(&ws);
-      fprintf(stderr, "procpool: worker %d: exception in initializer: %s\n", slot + 1, msg);
       wexit(&ws, 1);
     }
     lua_settop(L, ws.fncache);

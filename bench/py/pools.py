@@ -114,8 +114,107 @@ def cpu_speedup(n=8, work=2000000):
     return t1 / t2
 
 
+# Makespan (bench/makespan.lua): the wall time from the first submit to the
+# last result of sleeps of heterogeneous durations, median of 3 runs after
+# a warm-up.
+
+def median(fn, reps=3, setup=None):
+    ts = []
+    for k in range(reps + 1):
+        if setup:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        if k:
+            ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[reps // 2] if reps % 2 else (ts[reps // 2 - 1] + ts[reps // 2]) / 2
+
+
+def heavy_tail(n=200, seed=3):
+    """The durations of bench/makespan.lua: the same LCG, the same Pareto
+    (scale 1 ms, shape 0.9, capped at 300 ms), in whole microseconds."""
+    s, ds = seed, []
+    for _ in range(n):
+        s = (s * 1103515245 + 12345) % 2147483648
+        us = int(1000 * (1 - s / 2147483648) ** (-1 / 0.9))
+        ds.append(min(us, 300000) / 1e6)
+    return ds
+
+
+ADVERSARIAL = [0.5] + [0.002] * 200
+N_BURST = 2000
+
+
+def submit_all(ex, ds):
+    fs = [ex.submit(time.sleep, d) for d in ds]
+    for f in fs:
+        f.result()
+
+
+def ex_burst(ex):
+    def run():
+        fs = [ex.submit(noop, i) for i in range(N_BURST)]
+        for f in fs:
+            f.result()
+    return run
+
+
+def pool_burst(p):
+    def run():
+        rs = [p.apply_async(noop, (i,)) for i in range(N_BURST)]
+        for r in rs:
+            r.get()
+    return run
+
+
+def makespan_heavy_work():
+    return sum(heavy_tail())  # checked against Lua's sequence
+
+
+def makespan_heavy_submit():
+    ds = heavy_tail()
+    with ProcessPoolExecutor(W, mp_context=CTX) as ex:
+        ex.submit(noop).result()
+        return median(lambda: submit_all(ex, ds))
+
+
+def makespan_adv_submit():
+    with ProcessPoolExecutor(W, mp_context=CTX) as ex:
+        ex.submit(noop).result()
+        return median(lambda: submit_all(ex, ADVERSARIAL), setup=ex_burst(ex))
+
+
+def makespan_heavy_map():
+    ds = heavy_tail()
+    with CTX.Pool(W) as p:
+        p.map(noop, range(10))
+        return median(lambda: p.map(time.sleep, ds))
+
+
+def makespan_heavy_imap():
+    ds = heavy_tail()
+    with CTX.Pool(W) as p:
+        p.map(noop, range(10))
+        return median(lambda: list(p.imap_unordered(time.sleep, ds, 1)))
+
+
+def makespan_adv_map():
+    with CTX.Pool(W) as p:
+        p.map(noop, range(10))
+        return median(lambda: p.map(time.sleep, ADVERSARIAL), setup=pool_burst(p))
+
+
+def makespan_adv_imap():
+    with CTX.Pool(W) as p:
+        p.map(noop, range(10))
+        return median(lambda: list(p.imap_unordered(time.sleep, ADVERSARIAL, 1)),
+                      setup=pool_burst(p))
+
+
 WORKLOADS = {k: v for k, v in globals().items() if callable(v) and k not in (
-    "best", "noop", "echo", "spin", "ProcessPoolExecutor")}
+    "best", "noop", "echo", "spin", "ProcessPoolExecutor", "median", "heavy_tail",
+    "submit_all", "ex_burst", "pool_burst")}
 
 if __name__ == "__main__":
     out = {}

@@ -381,7 +381,13 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode, task_timeout)
     if broken then raise("BrokenProcessPool", broken) end
     raise("InvalidStateError", "cannot schedule new futures after shutdown")
   end
+  -- a function that cannot travel fails the call, not every item
+  local okfn, fnerr = pcall(core.serialize, fn)
+  if not okfn then error(fnerr, 3) end
   local nw = ex:_nworkers()
+  -- chunks in input order: { fut, n, pos (items taken), base (input index
+  -- before its first), values, failed, upto (items decoded) }; a chunk
+  -- whose item could not be sent has no fut and fails at its position
   local chunks, head, tail = {}, 1, 0
   local ahead, exhausted, closed, nread = 0, false, false, 0
   local current -- unordered: the chunk being yielded
@@ -395,6 +401,34 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode, task_timeout)
     return cs
   end
 
+  local function push(c)
+    tail = tail + 1
+    chunks[tail] = c
+    nread = nread + c.n
+    ahead = ahead + c.n
+  end
+
+  -- Submit items[lo..hi] (input positions base+1..); an item that cannot
+  -- be serialized becomes a failed chunk of its own, the others still go.
+  -- When the pool takes no more work (shut down or broken), the map ends
+  -- there: what was submitted is still yielded, then the error is raised
+  -- once, as for an input that raises.
+  local function submit(items, lo, hi, base)
+    local ok, fut = pcall(ex._submit_chunk, ex, fn, items, lo, hi, star, task_timeout, base)
+    if ok then
+      push({ fut = fut, n = hi - lo + 1, pos = 0, base = base })
+    elseif not core.is_error(fut, "SerializationError") then
+      input_failed, input_error, exhausted = true, fut, true
+    elseif lo == hi then
+      push({ n = 1, pos = 0, base = base, failed = { { fut } }, values = {}, upto = 1 })
+    else
+      for k = lo, hi do
+        if exhausted then return end
+        submit(items, k, k, base + (k - lo))
+      end
+    end
+  end
+
   local function fill()
     while not exhausted do
       local cs = chunksize()
@@ -405,37 +439,26 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode, task_timeout)
           exhausted = true
           return
         end
-        local fut = ex:_submit_chunk(fn, source, nread + 1, nread + k, star, task_timeout)
-        tail = tail + 1
-        chunks[tail] = { fut = fut, n = k, pos = 0, base = nread }
-        nread = nread + k
-        ahead = ahead + k
-        goto continue
-      end
-      do
-      local items, k = {}, 0
-      while k < cs do
-        local okn, has, v = pcall(nexti)
-        if not okn then -- raised where iteration reaches it
-          input_failed, input_error = true, has
-          exhausted = true
-          break
+        submit(source, nread + 1, nread + k, nread)
+      else
+        local items, k = {}, 0
+        while k < cs do
+          local okn, has, v = pcall(nexti)
+          if not okn then -- raised where iteration reaches it
+            input_failed, input_error = true, has
+            exhausted = true
+            break
+          end
+          if not has then
+            exhausted = true
+            break
+          end
+          k = k + 1
+          items[k] = v
         end
-        if not has then
-          exhausted = true
-          break
-        end
-        k = k + 1
-        items[k] = v
+        if k == 0 then return end
+        submit(items, 1, k, nread)
       end
-      if k == 0 then return end
-      local fut = ex:_submit_chunk(fn, items, 1, k, star, task_timeout)
-      tail = tail + 1
-      chunks[tail] = { fut = fut, n = k, pos = 0, base = nread }
-      nread = nread + k
-      ahead = ahead + k
-      end
-      ::continue::
     end
   end
 
@@ -447,7 +470,8 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode, task_timeout)
     end
     closed = true
     for i = head, tail do
-      if chunks[i] then chunks[i].fut:cancel() end
+      local c = chunks[i]
+      if c and c.fut then c.fut:cancel() end
       chunks[i] = nil
     end
     head, tail, current = 1, 0, nil
@@ -459,10 +483,18 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode, task_timeout)
       opts.timeout))
   end
 
-  -- the next item of a done chunk (decoded all at once, on first use)
+  -- whether the chunk's next item can be taken without waiting
+  local function ready(c)
+    if c.upto and c.pos < c.upto then return true end
+    local f = c.fut
+    return f:done() or f:_item_ready(c.pos + 1)
+  end
+
+  -- the chunk's next item (it is in): results are decoded as a run of
+  -- all the items that are in, the whole chunk once it is done
   local function take(c)
-    if not c.values then c.values, c.failed = c.fut:_values() end
     local pos = c.pos + 1
+    if not c.upto or pos > c.upto then c.values, c.failed, c.upto = c.fut:_values(pos) end
     c.pos = pos
     ahead = ahead - 1
     local failed = c.failed and c.failed[pos]
@@ -483,7 +515,7 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode, task_timeout)
       if input_failed then error(input_error, 0) end
       return nil
     end
-    if not await(c.fut, d) then timed_out() end
+    if not ready(c) and not await(c.fut, d, c.pos + 1) then timed_out() end
     if c.pos + 1 == c.n then
       chunks[head] = nil
       head = head + 1
@@ -491,9 +523,17 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode, task_timeout)
     return take(c)
   end
 
+  -- the first chunk whose next item is in
+  local function find_ready()
+    for i = head, tail do
+      if ready(chunks[i]) then return chunks[i] end
+    end
+  end
+
   local function unordered()
     if closed then return nil end
-    if not current or current.pos == current.n then
+    local c = current
+    if not (c and c.pos < c.n and ready(c)) then
       current = nil
       fill()
       if head > tail then
@@ -501,19 +541,28 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode, task_timeout)
         if input_failed then error(input_error, 0) end
         return nil
       end
-      local list = {}
-      for i = head, tail do list[#list + 1] = chunks[i].fut end
-      if not await(list, d, "any") then timed_out() end
+      c = find_ready()
+      if not c then
+        local list, pos = {}, {}
+        for i = head, tail do
+          list[#list + 1] = chunks[i].fut
+          pos[#pos + 1] = chunks[i].pos + 1
+        end
+        if not await(list, d, pos) then timed_out() end
+        c = find_ready()
+      end
+      current = c
+    end
+    if c.pos + 1 == c.n then -- its last item: the chunk leaves the list
       for i = head, tail do
-        if chunks[i].fut:done() then
-          current = chunks[i]
+        if chunks[i] == c then
           table.remove(chunks, i)
           tail = tail - 1
           break
         end
       end
     end
-    return take(current)
+    return take(c)
   end
 
   local closer = setmetatable({}, { __close = function() cancel_rest() end })
@@ -562,13 +611,26 @@ function Executor:terminate_workers() stop(self, 15) end
 --- As terminate_workers, with SIGKILL.
 function Executor:kill_workers() stop(self, 9) end
 
-core.Executor.__close = function(self) self:shutdown() end
+-- Leaving a `<close>` scope normally waits for every task (shutdown);
+-- leaving it by an error (Ctrl-C's "interrupted!" included) stops the
+-- work: pending tasks are cancelled, running ones fail as their workers
+-- are killed, and the workers are reaped before the error goes on.
+local function abandon(ex)
+  if ex:_state() == "dead" then return end
+  ex:_shutdown(true)
+  stop(ex, 9)
+end
+
+core.Executor.__close = function(self, err)
+  if err ~= nil then abandon(self) else self:shutdown() end
+end
 
 -- what the Pool module shares with this one
 local internal = {
   raise = raise, check_opts = check_opts, deadline_of = deadline_of, is_int = is_int,
   check_fn = check_fn, items_of = items_of, map_impl = map_impl, finish = finish,
   progress_of = progress_of, context_of = context_of, initializer_of = initializer_of,
+  abandon = abandon,
 }
 M.Pool = require("procpool.pool")(M, internal)
 core.Executor.__tostring = function(self)

@@ -236,8 +236,13 @@ return function(M, I)
     end
     local futs = {}
     for lo = 1, n, math.max(cs, 1) do
-      futs[#futs + 1] = self._ex:_submit_chunk(fn, list, lo, math.min(lo + cs - 1, n), star,
-        opts.timeout)
+      local ok, f = pcall(self._ex._submit_chunk, self._ex, fn, list, lo, math.min(lo + cs - 1, n),
+        star, opts.timeout)
+      if not ok then -- an item that cannot be sent: the call fails, nothing stays queued
+        for _, g in ipairs(futs) do g:cancel() end
+        error(f, 3)
+      end
+      futs[#futs + 1] = f
     end
     local r = new_result("map", futs, n, opts.callback, opts.error_callback)
     r._pstep, r._pfinish = progress_of(opts.progress, n, fname)
@@ -327,7 +332,13 @@ return function(M, I)
     core.drain()
   end
 
-  Pool.__close = function(self)
+  -- as the executor's: a normal exit waits for the work, an error stops it
+  Pool.__close = function(self, err)
+    if err ~= nil then
+      self._state = "TERMINATE"
+      I.abandon(self._ex)
+      return
+    end
     self:close()
     self:join()
   end
