@@ -56,7 +56,8 @@ run_busted "" ${SPECS:-spec}
 # the API and reliability specs again, with workers from a fresh interpreter
 if [ -z "$SPECS" ]; then
   PROCPOOL_CONTEXT=spawn run_busted "[spawn] " spec/1[0-7]-*_spec.lua spec/20-pool_spec.lua \
-    spec/30-faults_spec.lua spec/40-coroutines_spec.lua
+    spec/30-faults_spec.lua spec/40-coroutines_spec.lua spec/70-cpython_futures_spec.lua \
+    spec/71-cpython_pool_spec.lua
 fi
 
 echo "$passed passed, $failed failed"

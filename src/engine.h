@@ -75,7 +75,7 @@ typedef struct pp_job {
   uint32_t (*ranges)[2];
   int nranges, capranges;
   int in_queue;
-  int has_cb; /* the Lua side wants it on the callback list when done */
+  int has_cb;      /* the Lua side wants it on the callback list when done */
   int watch_items; /* wake waiters as each item ends, not only the last */
   pp_wnode *waiters;
   pp_blob **blobs; /* one reference per result frame its items point into */

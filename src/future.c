@@ -353,8 +353,7 @@ static int item_ready(const pp_fut *f, uint32_t i) {
  * its place is read under the engine's lock, as the job's arrays may
  * still grow; the blob holding it is kept in *held (the caller drops it,
  * also when decoding raises). */
-static int push_item_running(lua_State *L, pp_fut *f, uint32_t i, int first_only,
-                             pp_blob **held) {
+static int push_item_running(lua_State *L, pp_fut *f, uint32_t i, int first_only, pp_blob **held) {
   pp_item_view v;
   int status = pp_engine_item_get(f->e, f->job, i, &v);
   if (status == PP_IT_OK || status == PP_IT_ERROR) {
@@ -542,7 +541,8 @@ static int fut_collect(lua_State *L) {
   pp_fut *f = checkfut(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_Integer base = luaL_checkinteger(L, 3);
-  if (base < INT_MIN + 1 || base > INT_MAX - (lua_Integer)f->job->n) luaL_argerror(L, 3, "bad base");
+  if (base < INT_MIN + 1 || base > INT_MAX - (lua_Integer)f->job->n)
+    luaL_argerror(L, 3, "bad base");
   if (!is_done(pp_engine_job_state(f->e, f->job)))
     pp_error_raise(L, "InvalidStateError", "the future is not done");
   lua_settop(L, 3);

@@ -112,8 +112,10 @@ static void spawn_worker(zstate *z, uint32_t slot, uint32_t gen) {
       sigprocmask(SIG_SETMASK, &z->mask, NULL);
       pp_worker_main(z->L, sv[1], page, (int)slot, z->wctx);
     }
-    if (pid < 0) err = errno;
-    else setpgid(pid, pid); /* also here: no signal to the group can precede it */
+    if (pid < 0)
+      err = errno;
+    else
+      setpgid(pid, pid); /* also here: no signal to the group can precede it */
   }
   if (err) {
     m.type = PP_Z_SPAWNFAIL;

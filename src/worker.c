@@ -39,17 +39,17 @@ typedef struct wstate {
   /* `mu` guards `out` and the open batch: the task thread appends
    * results, the flusher thread may send them */
   pthread_mutex_t mu;
-  pthread_cond_t cv;   /* wakes the flusher when it has no time set */
-  int flusher;         /* 1: the flusher thread runs */
-  int flusher_idle;    /* it waits with no time set */
-  uint64_t flush_due;  /* send the open batch by then (0: nothing due) */
+  pthread_cond_t cv;  /* wakes the flusher when it has no time set */
+  int flusher;        /* 1: the flusher thread runs */
+  int flusher_idle;   /* it waits with no time set */
+  uint64_t flush_due; /* send the open batch by then (0: nothing due) */
   pp_out out;
   pp_wbuf res;  /* one item's encoded result (memfd when large) */
   size_t batch; /* header offset of the open RESULT frame, or SIZE_MAX */
   uint64_t batch_seq0, batch_t0, batch_end;
   uint64_t batch_ready0; /* when the batch's first result was ready */
-  uint64_t last_t; /* when the previous item ended (the next one started) */
-  uint32_t quick;  /* items in a row that took under 20 us */
+  uint64_t last_t;       /* when the previous item ended (the next one started) */
+  uint32_t quick;        /* items in a row that took under 20 us */
   uint32_t batch_n;
   int fncache; /* stack index of the function cache */
 } wstate;

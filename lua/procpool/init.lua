@@ -498,12 +498,14 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode, task_timeout)
     c.pos = pos
     ahead = ahead - 1
     local failed = c.failed and c.failed[pos]
+    local v = c.values[pos]
+    c.values[pos] = nil -- what was yielded is the caller's to keep or drop
     if pstep then pstep(1) end
     if failed then
       if mode == "stop" then cancel_rest() end
       error(failed[1], 0)
     end
-    return c.base + pos, c.values[pos]
+    return c.base + pos, v
   end
 
   local function ordered()
