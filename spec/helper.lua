@@ -60,6 +60,16 @@ function H.eventually(fn, timeout)
   end
 end
 
+--- How many processes have a command line matching `pattern` (pgrep -f;
+-- write one character in brackets, "[s]leep 3", so that the pgrep's own
+-- shell does not match).
+function H.count_procs(pattern)
+  local p = io.popen("pgrep -f '" .. pattern .. "' | wc -l")
+  local n = p:read("n")
+  p:close()
+  return n
+end
+
 --- Run a Lua snippet in a fresh lua5.4 process; returns ok, stdout, stderr.
 function H.run_lua(code, timeout)
   local tmp = os.tmpname()

@@ -6,12 +6,7 @@ local procpool = require "procpool"
 local core = require "procpool.core"
 local H = require "spec.helper"
 
-local function sleepers(marker)
-  local p = io.popen("pgrep -f '[s]leep " .. marker .. "' | wc -l")
-  local n = p:read("n")
-  p:close()
-  return n
-end
+local function sleepers(marker) return H.count_procs("[s]leep " .. marker) end
 
 describe("regression: <close> left by an error", function()
   it("stops an executor's work within 1 s", function()

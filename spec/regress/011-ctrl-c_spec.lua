@@ -25,12 +25,7 @@ end
 print("not interrupted")
 ]]
 
-local function count(pattern)
-  local p = io.popen("pgrep -f '" .. pattern .. "' | wc -l")
-  local n = p:read("n")
-  p:close()
-  return n
-end
+local count = H.count_procs
 
 local function run(which)
   local script = os.tmpname() .. "-ctrlc.lua"
@@ -64,7 +59,7 @@ describe("regression: Ctrl-C", function()
       assert.is_true(took < 1.0, "exit took " .. took .. " s")
       -- no worker, zygote or task process is left
       assert.are.equal(0, count("[s]leep " .. marker))
-      assert.are.equal(0, count(script:gsub("^(.)", "[%1]")))
+      assert.are.equal(0, count((script:gsub("^(.)", "[%1]"))))
     end)
   end
 end)
