@@ -1312,9 +1312,9 @@ int pp_engine_item_get(pp_engine *e, pp_job *j, uint32_t i, pp_item_view *v) {
   const pp_item *it = &j->items[i];
   v->status = it->status;
   if (it->status == PP_IT_OK || it->status == PP_IT_ERROR) {
+    pp_item_bytes(j, it, &v->len);
     v->blob = pp_blob_ref(j->blobs[it->ref]);
     v->off = it->off;
-    v->len = it->len == PP_WHOLE_BLOB ? v->blob->n - it->off : it->len;
   } else if (pp_item_death(j, it)) {
     v->death = *pp_item_death(j, it); /* its tail string lives as long as the job */
     v->has_death = 1;

@@ -349,66 +349,59 @@ static int item_ready(const pp_fut *f, uint32_t i) {
   return __atomic_load_n(&f->job->items[i].status, __ATOMIC_ACQUIRE) != PP_IT_PENDING;
 }
 
-/* Push the values of item i of a job still running (its outcome is in):
- * its place is read under the engine's lock, as the job's arrays may
- * still grow; the blob holding it is kept in *held (the caller drops it,
- * also when decoding raises). */
-static int push_item_running(lua_State *L, pp_fut *f, uint32_t i, int first_only, pp_blob **held) {
-  pp_item_view v;
-  int status = pp_engine_item_get(f->e, f->job, i, &v);
-  if (status == PP_IT_OK || status == PP_IT_ERROR) {
-    *held = v.blob;
-    int top = lua_gettop(L);
-    int n = pp_decode(L, v.blob->p + v.off, v.len, NULL, 0, 0);
-    *held = NULL;
-    pp_blob_unref(v.blob);
-    if (status == PP_IT_ERROR) {
-      lua_settop(L, top + 2); /* (error value, traceback) */
-      return -1;
-    }
-    if (first_only) {
-      if (n == 0) lua_pushnil(L);
-      lua_settop(L, top + 1);
-      return 1;
-    }
-    return n;
-  }
-  push_item_error(L, f, status, v.has_death ? &v.death : NULL);
-  lua_pushnil(L);
-  return -1;
-}
-
 /* Push the values of item i (its outcome is in); returns the count, or
  * -1 after pushing (error value, traceback or nil) for a failure. Raises
- * if the values cannot be decoded here. */
+ * if the values cannot be decoded here. For a job still running, the
+ * item's place is read under the engine's lock (the job's arrays may
+ * still grow), and the blob holding it is kept in *held while it is
+ * decoded (the caller drops it if decoding raises). */
 static int push_item(lua_State *L, pp_fut *f, uint32_t i, int first_only, pp_blob **held) {
-  if (!is_done(pp_engine_job_state(f->e, f->job)))
-    return push_item_running(L, f, i, first_only, held);
-  const pp_item *it = &f->job->items[i];
-  size_t len;
-  if (it->status == PP_IT_OK) {
-    const char *s = pp_item_bytes(f->job, it, &len);
-    if (first_only && pp_decode_first(L, s, len)) return 1;
-    int top = lua_gettop(L);
-    int n = pp_decode(L, s, len, NULL, 0, 0);
-    if (first_only) {
-      if (n == 0) lua_pushnil(L);
-      lua_settop(L, top + 1);
-      return 1;
+  int status;
+  const char *s = NULL;
+  size_t len = 0;
+  pp_item_view v;
+  const pp_death *death = NULL;
+  if (is_done(pp_engine_job_state(f->e, f->job))) {
+    const pp_item *it = &f->job->items[i];
+    status = it->status;
+    if (status == PP_IT_OK || status == PP_IT_ERROR)
+      s = pp_item_bytes(f->job, it, &len);
+    else
+      death = pp_item_death(f->job, it);
+  } else {
+    status = pp_engine_item_get(f->e, f->job, i, &v);
+    if (v.blob) {
+      *held = v.blob;
+      s = v.blob->p + v.off;
+      len = v.len;
+    } else if (v.has_death) {
+      death = &v.death;
     }
-    return n;
   }
-  if (it->status == PP_IT_ERROR) {
-    int top = lua_gettop(L);
-    const char *s = pp_item_bytes(f->job, it, &len);
-    int n = pp_decode(L, s, len, NULL, 0, 0);
+  int n = -1, top = lua_gettop(L);
+  if (status == PP_IT_OK) {
+    if (first_only && pp_decode_first(L, s, len)) {
+      n = 1;
+    } else {
+      n = pp_decode(L, s, len, NULL, 0, 0);
+      if (first_only) {
+        if (n == 0) lua_pushnil(L);
+        lua_settop(L, top + 1);
+        n = 1;
+      }
+    }
+  } else if (status == PP_IT_ERROR) {
+    pp_decode(L, s, len, NULL, 0, 0);
     lua_settop(L, top + 2); /* (error value, traceback) */
-    (void)n;
-    return -1;
+  } else {
+    push_item_error(L, f, status, death);
+    lua_pushnil(L);
   }
-  push_item_error(L, f, it->status, pp_item_death(f->job, it));
-  lua_pushnil(L);
-  return -1;
+  if (*held) {
+    pp_blob_unref(*held);
+    *held = NULL;
+  }
+  return n;
 }
 
 /* Items decoded inside a protected call: a value that cannot be decoded
@@ -417,20 +410,18 @@ static int push_item(lua_State *L, pp_fut *f, uint32_t i, int first_only, pp_blo
 typedef struct dstate {
   pp_fut *f;
   uint32_t i, end; /* the item being decoded; one past the last */
+  int one;         /* one item, all its values (first_only: the first) */
   int first_only;
-  int tbl, base; /* collect: the table (caller's stack index) and its first key */
-  int mode;      /* D_ONE, D_COLLECT (stop at a failure), D_VALUES */
+  int base;      /* a run: item i's first value goes to table[base + i] */
   pp_blob *held; /* a blob being decoded from (dropped if that raises) */
 } dstate;
 
-enum { D_ONE, D_COLLECT, D_VALUES };
-
-/* [dstate, table] -> D_ONE: the item's values, with the count (negative for a
- * failure) last; D_COLLECT/D_VALUES: stores first values into the table
+/* [dstate, table] -> one item: its values, with the count (negative for
+ * a failure) last; a run: stores the items' first values into the table
  * until done (nothing) or a failed item (error, traceback, -1). */
 static int decode_body(lua_State *L) {
   dstate *d = lua_touserdata(L, 1);
-  if (d->mode == D_ONE) {
+  if (d->one) {
     int n = push_item(L, d->f, d->i, d->first_only, &d->held);
     lua_pushinteger(L, n);
     return (n < 0 ? 2 : n) + 1;
@@ -445,14 +436,15 @@ static int decode_body(lua_State *L) {
   return 0;
 }
 
-/* Run decode_body protected. Returns what it returned (>= 0 values on
- * top), or -1 with (error, nil) on top when decoding raised. */
+/* Run decode_body protected; a run stores into the table at stack index
+ * 2. Returns what it returned (>= 0 values on top), or -1 with (error,
+ * nil) on top when decoding raised. */
 static int decode_protected(lua_State *L, dstate *d) {
   int top = lua_gettop(L);
   luaL_checkstack(L, 8, NULL);
   lua_pushcfunction(L, decode_body);
   lua_pushlightuserdata(L, d);
-  lua_pushvalue(L, d->mode == D_ONE ? 1 : d->tbl);
+  lua_pushvalue(L, d->one ? 1 : 2);
   if (lua_pcall(L, 2, LUA_MULTRET, 0) != LUA_OK) {
     pp_blob_unref(d->held);
     d->held = NULL;
@@ -475,7 +467,7 @@ static int fut_outcome(lua_State *L) {
     int t = lua_gettop(L);
     int n = 0;
     if (f->job->n) {
-      dstate d = {f, 0, 1, 0, 0, 0, D_ONE, NULL};
+      dstate d = {f, 0, 1, 1, 0, 0, NULL};
       n = decode_protected(L, &d);
       if (n >= 0) { /* the values, then their count */
         n = (int)lua_tointeger(L, -1);
@@ -513,7 +505,7 @@ static int fut_item(lua_State *L) {
     pp_error_raise(L, "InvalidStateError", "the item is not done");
   lua_settop(L, 2);
   lua_pushboolean(L, 1);
-  dstate d = {f, (uint32_t)(i - 1), 0, 1, 0, 0, D_ONE, NULL};
+  dstate d = {f, (uint32_t)(i - 1), 0, 1, 1, 0, NULL};
   int r = decode_protected(L, &d);
   if (r < 0 || lua_tointeger(L, -1) < 0) { /* false, error, traceback */
     if (r >= 0) lua_pop(L, 1);
@@ -546,7 +538,7 @@ static int fut_collect(lua_State *L) {
   if (!is_done(pp_engine_job_state(f->e, f->job)))
     pp_error_raise(L, "InvalidStateError", "the future is not done");
   lua_settop(L, 3);
-  dstate d = {f, 0, f->job->n, 1, 2, (int)base, D_COLLECT, NULL};
+  dstate d = {f, 0, f->job->n, 0, 1, (int)base, NULL};
   int r = decode_protected(L, &d);
   if (r == 0) return 0;
   if (r > 0) lua_pop(L, 1); /* the -1 after (error, traceback) */
@@ -574,7 +566,7 @@ static int fut_values(lua_State *L) {
   lua_settop(L, 1);
   lua_createtable(L, from == 1 ? (int)end : 0, 0);
   lua_pushnil(L); /* failures, created on the first one */
-  dstate d = {f, (uint32_t)(from - 1), end, 1, 2, 1, D_VALUES, NULL};
+  dstate d = {f, (uint32_t)(from - 1), end, 0, 1, 1, NULL};
   while (d.i < d.end) {
     int r = decode_protected(L, &d);
     if (r == 0) break;
@@ -723,6 +715,15 @@ static void aw_init(awstate *s) {
   s->nengs = 0;
 }
 
+/* The i-th entry of a target sequence if it is a live Future, else NULL
+ * (such entries are passed over). */
+static pp_fut *aw_nth(lua_State *L, lua_Integer i) {
+  lua_rawgeti(L, AW_TARGET, i);
+  pp_fut *g = luaL_testudata(L, -1, PP_FUTURE_MT);
+  lua_pop(L, 1);
+  return g && g->job ? g : NULL;
+}
+
 /* Item i (1-based) of the future's job, or the whole job, is done. */
 static int aw_item_done(pp_fut *f, lua_Integer i) {
   if (is_done(pp_engine_job_state(f->e, f->job))) return 1;
@@ -750,10 +751,8 @@ static int aw_check(lua_State *L, awstate *s) {
   lua_Integer n = (lua_Integer)lua_rawlen(L, AW_TARGET), done = 0;
   if (n == 0) return 1;
   for (lua_Integer i = 1; i <= n; i++) {
-    lua_rawgeti(L, AW_TARGET, i);
-    pp_fut *g = luaL_testudata(L, -1, PP_FUTURE_MT);
-    lua_pop(L, 1);
-    if (!g || !g->job) continue;
+    pp_fut *g = aw_nth(L, i);
+    if (!g) continue;
     aw_engine(L, s, g->e);
     if (items) {
       lua_rawgeti(L, AW_MODE, i);
@@ -782,10 +781,8 @@ static void aw_watch_items(lua_State *L) {
   if (!lua_istable(L, AW_TARGET) || !lua_istable(L, AW_MODE)) return;
   lua_Integer n = (lua_Integer)lua_rawlen(L, AW_TARGET);
   for (lua_Integer i = 1; i <= n; i++) {
-    lua_rawgeti(L, AW_TARGET, i);
-    pp_fut *g = luaL_testudata(L, -1, PP_FUTURE_MT);
-    lua_pop(L, 1);
-    if (g && g->job) pp_engine_watch_items(g->e, g->job);
+    pp_fut *g = aw_nth(L, i);
+    if (g) pp_engine_watch_items(g->e, g->job);
   }
 }
 
@@ -810,10 +807,8 @@ static void aw_register(lua_State *L, pp_waiter *w, int add) {
   if (!lua_istable(L, AW_TARGET)) return;
   lua_Integer n = (lua_Integer)lua_rawlen(L, AW_TARGET);
   for (lua_Integer i = 1; i <= n; i++) {
-    lua_rawgeti(L, AW_TARGET, i);
-    pp_fut *g = luaL_testudata(L, -1, PP_FUTURE_MT);
-    lua_pop(L, 1);
-    if (!g || !g->job) continue;
+    pp_fut *g = aw_nth(L, i);
+    if (!g) continue;
     if (!add)
       pp_engine_wait_del(g->e, g->job, w);
     else if (!pp_engine_wait_add(g->e, g->job, w))

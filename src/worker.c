@@ -122,34 +122,39 @@ static void *flusher_main(void *arg) {
   return NULL;
 }
 
+/* Start the flusher thread (on first need: a worker whose results all go
+ * out at once never has one). 0 if it cannot be had. */
+static int start_flusher(wstate *ws) {
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  int rc = pthread_cond_init(&ws->cv, &ca);
+  pthread_condattr_destroy(&ca);
+  if (rc != 0) return 0;
+  pthread_attr_t ta;
+  pthread_attr_init(&ta);
+  pthread_attr_setstacksize(&ta, 256u << 10);
+  pthread_t th;
+  /* the thread takes no signals: deadlines and kills are for the task */
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  rc = pthread_create(&th, &ta, flusher_main, ws);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  pthread_attr_destroy(&ta);
+  if (rc != 0) {
+    pthread_cond_destroy(&ws->cv);
+    return 0;
+  }
+  pthread_detach(th);
+  ws->flusher = 1;
+  return 1;
+}
+
 /* Have the open batch sent by `due` (`mu` held). 0 when no flusher thread
  * can be had: the caller sends it now. */
 static int flush_by(wstate *ws, uint64_t due) {
-  if (!ws->flusher) {
-    pthread_condattr_t ca;
-    pthread_attr_t ta;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    int rc = pthread_cond_init(&ws->cv, &ca);
-    pthread_condattr_destroy(&ca);
-    if (rc != 0) return 0;
-    pthread_attr_init(&ta);
-    pthread_attr_setstacksize(&ta, 256u << 10);
-    pthread_t th;
-    /* the thread takes no signals: deadlines and kills are for the task */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    rc = pthread_create(&th, &ta, flusher_main, ws);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    pthread_attr_destroy(&ta);
-    if (rc != 0) {
-      pthread_cond_destroy(&ws->cv);
-      return 0;
-    }
-    pthread_detach(th);
-    ws->flusher = 1;
-  }
+  if (!ws->flusher && !start_flusher(ws)) return 0;
   if (!ws->flush_due || due < ws->flush_due) {
     ws->flush_due = due;
     if (ws->flusher_idle) pthread_cond_signal(&ws->cv);
