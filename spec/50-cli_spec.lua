@@ -470,11 +470,13 @@ describe("procpool map", function()
       local out_path, err_path = tmp .. "/int.out", tmp .. "/int.err"
       -- its own process group, as a terminal's foreground job: SIGINT goes
       -- to procpool and to its workers alike
+      -- SIGINT once the run has started (results are out), then 0.3 s on
       local code, out = sh(string.format("setsid %s map -j 2 %s %s > %s 2> %s & p=$!; "
-        .. "sleep 1; kill -INT -$p; wait $p; echo $?", CLI, tmp .. "/pid.lua", input,
-        out_path, err_path), 60)
+        .. "for i in $(seq 300); do [ -s %s ] && break; sleep 0.1; done; sleep 0.3; "
+        .. "kill -INT -$p; wait $p; echo $?", CLI, tmp .. "/pid.lua", input,
+        out_path, err_path, out_path), 60)
       assert.are.equal(0, code)
-      assert.are.equal("130", out:match("%d+"))
+      assert.are.equal("130", out:match("%d+"), read_file(err_path))
       local err = read_file(err_path)
       assert.matches("^procpool: interrupted\n$", err)
       local pids, seen = {}, {}
@@ -486,6 +488,18 @@ describe("procpool map", function()
       end
       assert.are.equal(2, #pids) -- it had started
       assert.is_true(all_gone(pids))
+    end)
+
+    it("while the script loads also exits with status 130, quietly", function()
+      local slow = tmp .. "/slow-load.lua"
+      write_file(slow, "local t = os.time() + 20\nwhile os.time() < t do end\n"
+        .. "return { map = function(line) return line end }\n")
+      local err_path = tmp .. "/int-load.err"
+      local code, out = sh(string.format("echo x | setsid %s map -j 2 %s > /dev/null 2> %s & "
+        .. "p=$!; sleep 0.5; kill -INT -$p; wait $p; echo $?", CLI, slow, err_path), 60)
+      assert.are.equal(0, code)
+      assert.are.equal("130", out:match("%d+"), read_file(err_path))
+      assert.matches("^procpool: interrupted\n$", read_file(err_path))
     end)
   end)
 

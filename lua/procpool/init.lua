@@ -508,10 +508,31 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode, task_timeout)
     return c.base + pos, v
   end
 
+  -- the fast path, per item: the chunk's next item when it is decoded,
+  -- did not fail and is not the chunk's last (nothing else to do then);
+  -- nil otherwise
+  local function take_decoded(c)
+    local pos = c.pos + 1
+    if pos < c.n and pos <= (c.upto or 0) and not c.failed then
+      c.pos = pos
+      ahead = ahead - 1
+      local values = c.values
+      local v = values[pos]
+      values[pos] = nil -- what was yielded is the caller's to keep or drop
+      if pstep then pstep(1) end
+      return c.base + pos, v
+    end
+  end
+
   local function ordered()
+    local c = chunks[head]
+    if c then
+      local i, v = take_decoded(c)
+      if i then return i, v end
+    end
     if closed then return nil end
     fill()
-    local c = chunks[head]
+    c = chunks[head]
     if not c then
       cancel_rest()
       if input_failed then error(input_error, 0) end
@@ -533,8 +554,12 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode, task_timeout)
   end
 
   local function unordered()
-    if closed then return nil end
     local c = current
+    if c then
+      local i, v = take_decoded(c)
+      if i then return i, v end
+    end
+    if closed then return nil end
     if not (c and c.pos < c.n and ready(c)) then
       current = nil
       fill()
