@@ -48,8 +48,12 @@ typedef struct wstate {
   int fd;
   pp_page *page;
   pp_in in;
-  /* `mu` guards `out` and the open batch: the task thread appends
-   * results, the flusher thread may send them */
+  /* `out` and the open batch belong to whoever set `owner` (atomic):
+   * OWN_NONE, OWN_TASK (the task thread appends or sends) or OWN_FLUSHER
+   * (the flusher sends, holding `mu`, which a task thread that finds it
+   * busy waits on). The task thread's claim is one compare-and-swap per
+   * result: the flusher rarely sends. */
+  int owner;
   pthread_mutex_t mu;
   /* The flusher sleeps on `cv` under `fmu` (its own, so that its wakes
    * never hold up the task thread) and takes `mu` only to send. */
@@ -77,6 +81,20 @@ typedef struct wstate {
 } wstate;
 
 enum { BATCH_NONE, BATCH_OPEN, BATCH_WATCHED };
+enum { OWN_NONE, OWN_TASK, OWN_FLUSHER };
+
+/* The task thread takes `out` (waiting while the flusher sends). */
+static void claim(wstate *ws) {
+  int none = OWN_NONE;
+  while (!__atomic_compare_exchange_n(&ws->owner, &none, OWN_TASK, 0, __ATOMIC_ACQUIRE,
+                                      __ATOMIC_RELAXED)) {
+    none = OWN_NONE;
+    pthread_mutex_lock(&ws->mu); /* held by the flusher while it sends */
+    pthread_mutex_unlock(&ws->mu);
+  }
+}
+
+static void unclaim(wstate *ws) { __atomic_store_n(&ws->owner, OWN_NONE, __ATOMIC_RELEASE); }
 
 __attribute__((noreturn)) static void wexit(wstate *ws, int code) {
   (void)ws;
@@ -110,7 +128,7 @@ static void batch_close(wstate *ws, uint64_t end) {
   __atomic_store_n(&ws->bstate, BATCH_NONE, __ATOMIC_RELAXED);
 }
 
-/* Send everything queued (`mu` held). */
+/* Send everything queued (`out` claimed). */
 static void flush_locked(wstate *ws, uint64_t end) {
   batch_close(ws, end);
   fflush(NULL); /* what the tasks printed comes out before their results */
@@ -118,9 +136,9 @@ static void flush_locked(wstate *ws, uint64_t end) {
 }
 
 static void flush(wstate *ws) {
-  pthread_mutex_lock(&ws->mu);
+  claim(ws);
   flush_locked(ws, pp_now_ns());
-  pthread_mutex_unlock(&ws->mu);
+  unclaim(ws);
 }
 
 /* The flusher thread: sends a watched batch still open when due (the
@@ -139,10 +157,19 @@ static void *flusher_main(void *arg) {
       seen = now;
       if (now >= due) {
         pthread_mutex_lock(&ws->mu);
-        if (__atomic_load_n(&ws->bstate, __ATOMIC_RELAXED) == BATCH_WATCHED && ws->batch_gen == gen)
-          flush_locked(ws, ws->batch_end);
+        int none = OWN_NONE;
+        int mine = __atomic_compare_exchange_n(&ws->owner, &none, OWN_FLUSHER, 0, __ATOMIC_ACQUIRE,
+                                               __ATOMIC_RELAXED);
+        if (mine) {
+          if (__atomic_load_n(&ws->bstate, __ATOMIC_RELAXED) == BATCH_WATCHED &&
+              ws->batch_gen == gen)
+            flush_locked(ws, ws->batch_end);
+          __atomic_store_n(&ws->owner, OWN_NONE, __ATOMIC_RELEASE);
+        }
         pthread_mutex_unlock(&ws->mu);
-        continue;
+        if (mine) continue;
+        /* the task thread is between items, so not stuck: look again */
+        due = now + FLUSH_FAST_NS;
       }
       wake = due;
     } else if (now - seen < FLUSH_SLOW_NS) {
@@ -223,7 +250,7 @@ static void reserve(wstate *ws, size_t n) {
 /* Append one item's result (status + the encoded list in ws->res);
  * `now` is the time the item ended, `took` about how long it ran. */
 static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now, uint64_t took) {
-  pthread_mutex_lock(&ws->mu);
+  claim(ws);
   if (ws->res.fd >= 0) { /* large: its own frame, the bytes in the memfd */
     flush_locked(ws, ws->last_t);
     reserve(ws, PP_FRAME_HDR + 40);
@@ -245,7 +272,7 @@ static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now, uint6
     if (pp_out_addfd(&ws->out, h, fd) != 0) wexit(ws, 70);
     flush_locked(ws, now);
     ws->last_t = now;
-    pthread_mutex_unlock(&ws->mu);
+    unclaim(ws);
     return;
   }
   if (ws->batch == SIZE_MAX) {
@@ -275,7 +302,7 @@ static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now, uint6
   if (ws->out.buf.n - ws->batch > BATCH_BYTES || took >= LONG_ITEM_NS ||
       now - ws->batch_ready0 >= BATCH_WAIT_NS)
     flush_locked(ws, pp_now_ns()); /* `now` is not read after every quick item */
-  pthread_mutex_unlock(&ws->mu);
+  unclaim(ws);
 }
 
 /* Message handler: keep the error value, remember a traceback. The
