@@ -18,6 +18,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "forkgate.h"
+
 /* ------------------------------------------------------------------ */
 /* process identity                                                     */
 
@@ -1074,12 +1076,15 @@ static int deadlines(pp_engine *e) {
 static void *io_main(void *arg) {
   pp_engine *e = arg;
   struct epoll_event ev[64];
+  pp_forkgate_enter();
   pthread_mutex_lock(&e->mu);
   progress(e);
   while (e->state != PP_E_DEAD) {
     int tmo = deadlines(e);
     pthread_mutex_unlock(&e->mu);
+    pp_forkgate_leave(); /* a fork may happen while it waits */
     int n = epoll_wait(e->epfd, ev, 64, tmo);
+    pp_forkgate_enter();
     pthread_mutex_lock(&e->mu);
     for (int i = 0; i < n; i++) {
       uint64_t key = ev[i].data.u64;
@@ -1105,6 +1110,7 @@ static void *io_main(void *arg) {
   e->th_running = 0;
   pthread_mutex_unlock(&e->mu);
   if (detached) pp_engine_unref(e);
+  pp_forkgate_leave();
   return NULL;
 }
 

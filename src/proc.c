@@ -22,6 +22,7 @@
 #include <lauxlib.h>
 
 #include "codec.h"
+#include "forkgate.h"
 
 #define ZCTL 3 /* the zygote's control socket lives at this fd */
 
@@ -216,7 +217,7 @@ int pp_zygote_fork(lua_State *L, const pp_wctx *w, pid_t *zpid, int *zfd) {
   fflush(NULL); /* no buffered output is written twice */
   pthread_sigmask(SIG_SETMASK, &all, &old);
   pid_t parent = getpid();
-  pid_t pid = fork();
+  pid_t pid = pp_forkgate_fork();
   if (pid == 0) {
     close(sv[0]);
     zygote_main(L, w, sv[1], parent, &old);
