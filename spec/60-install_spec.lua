@@ -60,6 +60,20 @@ describe("installing", function()
     assert.is_falsy((sh("test -e " .. tmp .. "/lib/lua/5.4/procpool/core.so")))
   end)
 
+  it("has the rockspec build every C file of src/", function()
+    local f = assert(io.open("rockspec/procpool-scm-1.rockspec"))
+    local spec = f:read("a")
+    f:close()
+    local p = io.popen("ls src/*.c")
+    local n = 0
+    for path in p:lines() do
+      n = n + 1
+      assert.is_truthy(spec:find('"' .. path .. '"', 1, true), path .. " is not in the rockspec")
+    end
+    p:close()
+    assert.is_true(n > 0)
+  end)
+
   it("luarocks make installs a working procpool into a tree", function()
     if not sh("command -v luarocks") then return pending("luarocks is not installed") end
     local ok, out = sh("luarocks --lua-version 5.4 --tree " .. tmp

@@ -1,5 +1,6 @@
 /* codec.c: the value codec: Lua values <-> bytes (no I/O, no processes). */
 #include "codec.h"
+#include "error.h"
 
 #include <errno.h>
 #include <stdarg.h>

@@ -13,6 +13,7 @@
 
 #include "codec.h"
 #include "engine.h"
+#include "error.h"
 #include "future.h"
 #include "pp.h"
 #include "proc.h"

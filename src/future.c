@@ -16,6 +16,7 @@
 #include <lauxlib.h>
 
 #include "codec.h"
+#include "error.h"
 #include "pp.h"
 
 /* user values of a Future */

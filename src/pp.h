@@ -13,11 +13,6 @@
 #define PP_PRINTF(a, b)
 #endif
 
-/* Error objects (procpool.c): tables {name=, message=, ...} with the
- * shared "procpool.Error" metatable. */
-void pp_error_push(lua_State *L, const char *name, const char *msg);
-PP_NORETURN void pp_error_raise(lua_State *L, const char *name, const char *fmt, ...);
-
 /* The cqueues pollable protocol's events() ("r") and timeout() (nil),
  * shared by executors and futures (future.c). */
 int pp_pollable_events(lua_State *L);
@@ -25,6 +20,8 @@ int pp_pollable_timeout(lua_State *L);
 
 /* Per-file registration, called in order by luaopen_procpool_core with the
  * module table on top of the stack. */
+void pp_error_open(lua_State *L);
+void pp_sys_open(lua_State *L);
 void pp_codec_open(lua_State *L);
 void pp_future_open(lua_State *L);
 void pp_engine_open(lua_State *L);

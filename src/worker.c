@@ -17,6 +17,7 @@
 
 #include "codec.h"
 #include "engine.h"
+#include "error.h"
 #include "pp.h"
 #include "proc.h"
 
