@@ -11,15 +11,7 @@
  * A frame is an 8-byte header (u32 body length, u8 type, u8 flags, u16 0)
  * and a body, little-endian. With PP_FF_FD the frame also owns the next fd
  * passed on the socket (SCM_RIGHTS): a memfd holding its large payload.
- *
- * TASK (parent -> worker):
- *   u64 seq0, u32 count, u32 flags, then
- *   inline: u32 fnlen, fn, items (u32 len, bytes) * count
- *   FD:     u64 fnoff, u32 fnlen, u64 itemsoff, u64 itemslen (ranges of the memfd)
- * RESULT (worker -> parent):
- *   u64 seq0, u32 count, u32 0, u64 elapsed_ns, then
- *   inline: (u8 status, u32 len, bytes) * count
- *   FD:     u8 status, u64 len (count is 1; the bytes are the memfd)
+ * The bodies of TASK and RESULT are wire.h's.
  * INITFAIL (worker -> parent): the initializer's error, as text.
  * READY (worker -> parent): initialized; empty body.
  */

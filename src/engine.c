@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "forkgate.h"
+#include "wire.h"
 
 /* ------------------------------------------------------------------ */
 /* process identity                                                     */
@@ -410,12 +411,12 @@ static uint32_t window(const pp_engine *e) {
 static size_t item_offset(pp_job *j, uint32_t i) {
   const unsigned char *p = (const unsigned char *)j->payload->p;
   if (i == j->n) return j->payload->n;
-  size_t k = 0, off = 4 + (size_t)pp_get32(p);
+  size_t k = 0, off = PP_LEN_PREFIX + (size_t)pp_wire_len(p);
   if (j->scan_off && j->scan_item <= i) {
     k = j->scan_item;
     off = j->scan_off;
   }
-  for (; k < i; k++) off += 4 + (size_t)pp_get32(p + off);
+  for (; k < i; k++) off += PP_LEN_PREFIX + (size_t)pp_wire_len(p + off);
   j->scan_item = i;
   j->scan_off = off;
   return off;
@@ -424,34 +425,30 @@ static size_t item_offset(pp_job *j, uint32_t i) {
 /* Append a TASK frame for items [first, first+count) of job j. */
 static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint64_t seq0) {
   pp_blob *P = j->payload;
-  uint32_t fnlen = pp_get32((const unsigned char *)P->p);
+  uint32_t fnlen = pp_wire_len((const unsigned char *)P->p);
   size_t ilo, ihi;
   if (first == 0 && first + count == j->n) { /* the common case: the whole job */
-    ilo = 4 + (size_t)fnlen;
+    ilo = PP_LEN_PREFIX + (size_t)fnlen;
     ihi = P->n;
   } else {
     ilo = item_offset(j, first);
     ihi = item_offset(j, first + count);
   }
-  int flags = j->timeout_ns ? PP_TASK_TIMED : 0;
+  pp_task_hdr th = {seq0, count, j->timeout_ns ? PP_TASK_TIMED : 0};
   pp_wbuf *b = &w->out.buf;
   if (P->fd >= 0) {
     int fd = dup(P->fd);
     if (fd < 0) return errno;
-    if (pp_wbuf_reserve(b, PP_FRAME_HDR + 48) != 0) {
+    if (pp_wbuf_reserve(b, PP_FRAME_HDR + PP_TASK_FD_BODY) != 0) {
       close(fd);
       return ENOMEM;
     }
     size_t h = pp_frame_begin(b, PP_FR_TASK, PP_FF_FD);
     unsigned char *q = (unsigned char *)b->p + b->n;
-    pp_put64(q, seq0);
-    pp_put32(q + 8, count);
-    pp_put32(q + 12, (uint32_t)flags);
-    pp_put64(q + 16, 4);
-    pp_put32(q + 24, fnlen);
-    pp_put64(q + 28, ilo);
-    pp_put64(q + 36, ihi - ilo);
-    b->n += 44;
+    pp_task_hdr_put(q, &th);
+    pp_task_fd r = {PP_LEN_PREFIX, fnlen, ilo, ihi - ilo};
+    pp_task_fd_put(q + PP_TASK_HDR, &r);
+    b->n += PP_TASK_FD_BODY;
     pp_frame_end(b, h);
     if (pp_out_addfd(&w->out, h, fd) != 0) {
       close(fd);
@@ -460,15 +457,14 @@ static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint6
     }
     return 0;
   }
-  if (pp_wbuf_reserve(b, PP_FRAME_HDR + 16 + 4 + fnlen + (ihi - ilo)) != 0) return ENOMEM;
+  size_t fnpart = PP_LEN_PREFIX + (size_t)fnlen; /* u32 fnlen, fn */
+  if (pp_wbuf_reserve(b, PP_FRAME_HDR + PP_TASK_HDR + fnpart + (ihi - ilo)) != 0) return ENOMEM;
   size_t h = pp_frame_begin(b, PP_FR_TASK, 0);
   unsigned char *q = (unsigned char *)b->p + b->n;
-  pp_put64(q, seq0);
-  pp_put32(q + 8, count);
-  pp_put32(q + 12, (uint32_t)flags);
-  memcpy(q + 16, P->p, 4 + (size_t)fnlen);
-  memcpy(q + 20 + fnlen, P->p + ilo, ihi - ilo);
-  b->n += 20 + fnlen + (ihi - ilo);
+  pp_task_hdr_put(q, &th);
+  memcpy(q + PP_TASK_HDR, P->p, fnpart);
+  memcpy(q + PP_TASK_HDR + fnpart, P->p + ilo, ihi - ilo);
+  b->n += PP_TASK_HDR + fnpart + (ihi - ilo);
   pp_frame_end(b, h);
   return 0;
 }
@@ -713,15 +709,16 @@ static int w_results(pp_engine *e, int slot, const pp_frame *f) {
   pp_worker *w = &e->w[slot];
   const unsigned char *b = f->body;
   pp_blob *blob = NULL;
-  if (f->len < 24) return -1;
-  uint64_t seq0 = pp_get64(b);
-  uint32_t count = pp_get32(b + 8);
-  uint64_t elapsed = pp_get64(b + 16);
-  size_t pos = 24;
+  if (f->len < PP_RESULT_HDR) return -1;
+  pp_result_hdr rh;
+  pp_result_hdr_get(b, &rh);
+  uint64_t seq0 = rh.seq0, elapsed = rh.elapsed_ns;
+  uint32_t count = rh.count;
+  size_t pos = PP_RESULT_HDR;
   if (f->flags & PP_FF_FD) {
-    if (count != 1 || f->len < pos + 9) return -1;
+    if (count != 1 || f->len < pos + PP_RESULT_FD_ITEM) return -1;
     int err = 0;
-    uint64_t len = pp_get64(b + pos + 1);
+    uint64_t len = pp_result_fd_item_len(b + pos);
     blob = pp_blob_map(f->fd, (size_t)len, &err);
     if (!blob) return -1;
   } else {
@@ -747,13 +744,13 @@ static int w_results(pp_engine *e, int slot, const pp_frame *f) {
       off = 0;
       len = blob->n;
     } else {
-      if (f->len < pos + 5) {
+      if (f->len < pos + PP_RESULT_ITEM) {
         pp_blob_unref(blob);
         return -1;
       }
       status = b[pos];
-      len = pp_get32(b + pos + 1);
-      off = pos + 5;
+      len = pp_result_item_len(b + pos);
+      off = pos + PP_RESULT_ITEM;
       if (len > f->len - off) {
         pp_blob_unref(blob);
         return -1;

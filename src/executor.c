@@ -17,6 +17,7 @@
 #include "future.h"
 #include "pp.h"
 #include "proc.h"
+#include "wire.h"
 
 /* A registry-held object whose finalizer runs first when the state
  * closes: it tells executors that the state is closing, so they stop
@@ -196,13 +197,15 @@ static pp_wbuf *push_box(lua_State *L) {
   return b;
 }
 
+/* Room for a payload length prefix (wire.h), filled in by patch_len once
+ * what it counts is written. */
 static void put_u32_placeholder(lua_State *L, pp_wbuf *b) {
-  if (pp_wbuf_reserve(b, 4) != 0) luaL_error(L, "procpool: not enough memory");
-  b->n += 4;
+  if (pp_wbuf_reserve(b, PP_LEN_PREFIX) != 0) luaL_error(L, "procpool: not enough memory");
+  b->n += PP_LEN_PREFIX;
 }
 
 static void patch_len(pp_wbuf *b, size_t at) {
-  pp_put32((unsigned char *)b->p + at, (uint32_t)(b->n - at - 4));
+  pp_wire_put_len((unsigned char *)b->p + at, (uint32_t)(b->n - at - PP_LEN_PREFIX));
 }
 
 static void check_fn(lua_State *L, int idx) {
@@ -280,10 +283,10 @@ static int l_submit_chunk(lua_State *L) {
     if (!star && pp_wbuf_reserve(b, 84) == 0) {
       /* the common case, without the general encoder */
       unsigned char *q = (unsigned char *)b->p + b->n;
-      size_t m = pp_encode_scalar(L, -1, t, q + 4);
+      size_t m = pp_encode_scalar(L, -1, t, q + PP_LEN_PREFIX);
       if (m) {
-        pp_put32(q, (uint32_t)m);
-        b->n += 4 + m;
+        pp_wire_put_len(q, (uint32_t)m);
+        b->n += PP_LEN_PREFIX + m;
         lua_settop(L, top);
         continue;
       }

@@ -20,6 +20,7 @@
 #include "error.h"
 #include "pp.h"
 #include "proc.h"
+#include "wire.h"
 
 /* Results of quick items are sent in batches: one send per result would
  * cost more than the items. The task thread sends a batch when an item
@@ -122,8 +123,8 @@ static void batch_close(wstate *ws, uint64_t end) {
   if (ws->batch == SIZE_MAX) return;
   ws->batch_end = end;
   unsigned char *h = (unsigned char *)ws->out.buf.p + ws->batch + PP_FRAME_HDR;
-  pp_put32(h + 8, ws->batch_n);
-  pp_put64(h + 16, ws->batch_end - ws->batch_t0);
+  pp_result_hdr rh = {ws->batch_seq0, ws->batch_n, ws->batch_end - ws->batch_t0};
+  pp_result_hdr_put(h, &rh);
   pp_frame_end(&ws->out.buf, ws->batch);
   ws->batch = SIZE_MAX;
   __atomic_store_n(&ws->bstate, BATCH_NONE, __ATOMIC_RELAXED);
@@ -254,16 +255,13 @@ static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now, uint6
   claim(ws);
   if (ws->res.fd >= 0) { /* large: its own frame, the bytes in the memfd */
     flush_locked(ws, ws->last_t);
-    reserve(ws, PP_FRAME_HDR + 40);
+    reserve(ws, PP_FRAME_HDR + PP_RESULT_HDR + PP_RESULT_FD_ITEM);
     size_t h = pp_frame_begin(&ws->out.buf, PP_FR_RESULT, PP_FF_FD);
     unsigned char *q = (unsigned char *)ws->out.buf.p + ws->out.buf.n;
-    pp_put64(q, seq);
-    pp_put32(q + 8, 1);
-    pp_put32(q + 12, 0);
-    pp_put64(q + 16, now - ws->last_t);
-    q[24] = (unsigned char)status;
-    pp_put64(q + 25, ws->res.n);
-    ws->out.buf.n += 33;
+    pp_result_hdr rh = {seq, 1, now - ws->last_t};
+    pp_result_hdr_put(q, &rh);
+    pp_result_fd_item_put(q + PP_RESULT_HDR, status, ws->res.n);
+    ws->out.buf.n += PP_RESULT_HDR + PP_RESULT_FD_ITEM;
     pp_frame_end(&ws->out.buf, h);
     int fd = ws->res.fd;
     munmap(ws->res.p, ws->res.cap);
@@ -277,12 +275,11 @@ static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now, uint6
     return;
   }
   if (ws->batch == SIZE_MAX) {
-    reserve(ws, PP_FRAME_HDR + 24);
+    reserve(ws, PP_FRAME_HDR + PP_RESULT_HDR);
     ws->batch = pp_frame_begin(&ws->out.buf, PP_FR_RESULT, 0);
-    unsigned char *q = (unsigned char *)ws->out.buf.p + ws->out.buf.n;
-    pp_put64(q, seq);
-    memset(q + 8, 0, 16);
-    ws->out.buf.n += 24;
+    /* the header is written when the batch closes (batch_close) */
+    memset(ws->out.buf.p + ws->out.buf.n, 0, PP_RESULT_HDR);
+    ws->out.buf.n += PP_RESULT_HDR;
     ws->batch_seq0 = seq;
     ws->batch_n = 0;
     ws->batch_t0 = ws->last_t; /* when this batch's first item started */
@@ -290,12 +287,11 @@ static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now, uint6
     __atomic_store_n(&ws->batch_gen, ws->batch_gen + 1, __ATOMIC_RELEASE);
     __atomic_store_n(&ws->bstate, BATCH_OPEN, __ATOMIC_RELEASE);
   }
-  reserve(ws, 5 + ws->res.n);
+  reserve(ws, PP_RESULT_ITEM + ws->res.n);
   unsigned char *q = (unsigned char *)ws->out.buf.p + ws->out.buf.n;
-  q[0] = (unsigned char)status;
-  pp_put32(q + 1, (uint32_t)ws->res.n);
-  memcpy(q + 5, ws->res.p, ws->res.n);
-  ws->out.buf.n += 5 + ws->res.n;
+  pp_result_item_put(q, status, (uint32_t)ws->res.n);
+  memcpy(q + PP_RESULT_ITEM, ws->res.p, ws->res.n);
+  ws->out.buf.n += PP_RESULT_ITEM + ws->res.n;
   ws->batch_n++;
   ws->res.n = 0;
   ws->last_t = now;
@@ -362,11 +358,11 @@ static int item_loop(lua_State *L) {
   batch *b = lua_touserdata(L, 1);
   wstate *ws = b->ws;
   for (; b->k < b->count; b->k++) {
-    if (b->itemslen - b->pos < 4) wexit(ws, 71);
-    size_t ilen = pp_get32((const unsigned char *)b->items + b->pos);
-    if (b->itemslen - b->pos - 4 < ilen) wexit(ws, 71);
-    const char *item = b->items + b->pos + 4;
-    b->pos += 4 + ilen;
+    if (b->itemslen - b->pos < PP_LEN_PREFIX) wexit(ws, 71);
+    size_t ilen = pp_wire_len((const unsigned char *)b->items + b->pos);
+    if (b->itemslen - b->pos - PP_LEN_PREFIX < ilen) wexit(ws, 71);
+    const char *item = b->items + b->pos + PP_LEN_PREFIX;
+    b->pos += PP_LEN_PREFIX + ilen;
     uint64_t seq = b->seq0 + b->k;
     if (b->timed) __atomic_store_n(&ws->page->started_ns, ws->last_t, __ATOMIC_RELEASE);
     __atomic_store_n(&ws->page->started, seq, __ATOMIC_RELEASE);
@@ -464,18 +460,21 @@ static int decode_fn(lua_State *L) {
 
 static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
   lua_State *L = ws->L;
-  if (blen < 16) wexit(ws, 71);
-  uint64_t seq0 = pp_get64(fb);
-  uint32_t count = pp_get32(fb + 8);
-  uint32_t flags = pp_get32(fb + 12);
+  if (blen < PP_TASK_HDR) wexit(ws, 71);
+  pp_task_hdr th;
+  pp_task_hdr_get(fb, &th);
+  uint64_t seq0 = th.seq0;
+  uint32_t count = th.count, flags = th.flags;
   const char *fn, *items;
   size_t fnlen, itemslen;
   pp_blob *map = NULL;
   if (fd >= 0) {
-    if (blen < 44) wexit(ws, 71);
-    uint64_t fnoff = pp_get64(fb + 16), ioff = pp_get64(fb + 28);
-    fnlen = pp_get32(fb + 24);
-    itemslen = (size_t)pp_get64(fb + 36);
+    if (blen < PP_TASK_FD_BODY) wexit(ws, 71);
+    pp_task_fd r;
+    pp_task_fd_get(fb + PP_TASK_HDR, &r);
+    uint64_t fnoff = r.fnoff, ioff = r.itemsoff;
+    fnlen = r.fnlen;
+    itemslen = (size_t)r.itemslen;
     int err = 0;
     off_t size = lseek(fd, 0, SEEK_END);
     if (size < 0) wexit(ws, 71);
@@ -485,11 +484,12 @@ static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
     fn = map->p + fnoff;
     items = map->p + ioff;
   } else {
-    fnlen = pp_get32(fb + 16);
-    if (20 + fnlen > blen) wexit(ws, 71);
-    fn = (const char *)fb + 20;
+    size_t at = PP_TASK_HDR + PP_LEN_PREFIX; /* the fn, after its u32 length */
+    fnlen = pp_wire_len(fb + PP_TASK_HDR);
+    if (at + fnlen > blen) wexit(ws, 71);
+    fn = (const char *)fb + at;
     items = fn + fnlen;
-    itemslen = blen - 20 - fnlen;
+    itemslen = blen - at - fnlen;
   }
   int top = lua_gettop(L);
   lua_pushcfunction(L, msgh);

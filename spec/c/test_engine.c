@@ -19,6 +19,7 @@
 #include "channel.h"
 #include "ctest.h"
 #include "engine.h"
+#include "wire.h"
 
 /* What the fake worker writes once it has read its task. */
 enum { W_VALID, W_HUGE, W_BADTYPE, W_BADSEQ, W_NOFD, W_SHORT, W_CLOSE, W_DEAF };
@@ -47,17 +48,17 @@ static void fake_worker(int fd, int pg) {
   __atomic_store_n(&page->started, 1, __ATOMIC_RELEASE);
   unsigned char body[64];
   memset(body, 0, sizeof body);
-  pp_put64(body, 1);       /* seq0: the first item a new worker gets */
-  pp_put32(body + 8, 1);   /* count */
-  pp_put64(body + 16, 10); /* elapsed */
-  body[24] = PP_RES_OK;
-  pp_put32(body + 25, 2);
-  body[29] = 1;    /* a list of one value: */
-  body[30] = 0x85; /* the integer 5 */
+  /* seq0 1: the first item a new worker gets */
+  pp_result_hdr rh = {1, 1, 10};
+  pp_result_hdr_put(body, &rh);
+  pp_result_item_put(body + PP_RESULT_HDR, PP_RES_OK, 2);
+  body[PP_RESULT_HDR + PP_RESULT_ITEM] = 1;        /* a list of one value: */
+  body[PP_RESULT_HDR + PP_RESULT_ITEM + 1] = 0x85; /* the integer 5 */
+  const uint32_t blen = PP_RESULT_HDR + PP_RESULT_ITEM + 2;
   switch (*mode) {
   case W_VALID:
   case W_DEAF:
-    put_frame(fd, PP_FR_RESULT, 0, body, 31);
+    put_frame(fd, PP_FR_RESULT, 0, body, blen);
     break;
   case W_HUGE: {
     unsigned char h[8] = {0xff, 0xff, 0xff, 0xff, PP_FR_RESULT, 0, 0, 0};
@@ -65,18 +66,19 @@ static void fake_worker(int fd, int pg) {
     break;
   }
   case W_BADTYPE:
-    put_frame(fd, 99, 0, body, 31);
+    put_frame(fd, 99, 0, body, blen);
     break;
   case W_BADSEQ:
-    pp_put64(body, 77);
-    put_frame(fd, PP_FR_RESULT, 0, body, 31);
+    rh.seq0 = 77;
+    pp_result_hdr_put(body, &rh);
+    put_frame(fd, PP_FR_RESULT, 0, body, blen);
     break;
   case W_NOFD:
-    put_frame(fd, PP_FR_RESULT, PP_FF_FD, body, 40);
+    put_frame(fd, PP_FR_RESULT, PP_FF_FD, body, PP_RESULT_HDR + PP_RESULT_FD_ITEM);
     break;
   case W_SHORT:
-    pp_put32(body + 25, 100); /* an item longer than its frame */
-    put_frame(fd, PP_FR_RESULT, 0, body, 31);
+    pp_result_item_put(body + PP_RESULT_HDR, PP_RES_OK, 100); /* longer than its frame */
+    put_frame(fd, PP_FR_RESULT, 0, body, blen);
     break;
   case W_CLOSE:
     _exit(3); /* dies with a status, having sent nothing */
@@ -157,11 +159,11 @@ static void *zygote(void *arg) {
 /* One task whose function and argument lists are empty. */
 static pp_job *tiny_job(void) {
   pp_job *j = pp_job_new(1);
-  unsigned char payload[10];
-  pp_put32(payload, 1);
-  payload[4] = 0; /* fn: an empty list */
-  pp_put32(payload + 5, 1);
-  payload[9] = 0; /* args: an empty list */
+  unsigned char payload[2 * (PP_LEN_PREFIX + 1)];
+  pp_wire_put_len(payload, 1);
+  payload[PP_LEN_PREFIX] = 0; /* fn: an empty list */
+  pp_wire_put_len(payload + PP_LEN_PREFIX + 1, 1);
+  payload[2 * PP_LEN_PREFIX + 1] = 0; /* args: an empty list */
   j->payload = pp_blob_new(payload, sizeof payload);
   return j;
 }
