@@ -109,7 +109,7 @@ format-check:
 lint:
 	cppcheck --quiet --force --error-exitcode=1 --enable=warning,performance,portability \
 	  --suppress=missingIncludeSystem -Isrc $(LUA_CFLAGS) src
-	@if command -v luacheck >/dev/null; then luacheck lua spec bench examples; \
+	@if command -v luacheck >/dev/null; then luacheck -q lua spec bench examples bin/procpool; \
 	  else echo "luacheck not installed; skipped"; fi
 
 # --- install, demo, embedding -----------------------------------------------

@@ -192,8 +192,8 @@ describe("codec", function()
     it("rebinds even a custom _ENV (data travels in ordinary upvalues)", function()
       local f
       do
-        local _ENV = { x = 42 }
-        f = function() return x end
+        local _ENV = { x = 42 } -- luacheck: ignore 211
+        f = function() return x end -- luacheck: ignore 113
       end
       rawset(_G, "x", "global x")
       local v = rt(f)()

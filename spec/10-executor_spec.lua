@@ -35,7 +35,12 @@ describe("ProcessPoolExecutor", function()
 
   it("uses every worker (least-loaded dispatch)", function()
     local fs = {}
-    for i = 1, 6 do fs[i] = ex:submit(function() require("procpool.core").sleep(0.1) return require("procpool").current_worker().id end) end
+    for i = 1, 6 do
+      fs[i] = ex:submit(function()
+        require("procpool.core").sleep(0.1)
+        return require("procpool").current_worker().id
+      end)
+    end
     local ids = {}
     for i = 1, 6 do ids[fs[i]:result(T)] = true end
     assert.is_true(ids[1] and ids[2])
@@ -287,6 +292,7 @@ describe("ProcessPoolExecutor", function()
       assert.is_false(ok)
       assert.matches("bad timeout", e)
       ok, e = pcall(ex.submit_with, ex, { deadline = 1 }, print)
+      assert.is_false(ok)
       assert.matches("unknown option 'deadline'", e)
     end)
   end)

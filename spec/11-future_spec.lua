@@ -67,15 +67,19 @@ describe("Future", function()
     assert.is_false(ok)
     assert.is_true(procpool.is_error(e, "TimeoutError"))
     ok, e = pcall(f.blocker.result, f.blocker, 0)
+    assert.is_false(ok)
     assert.is_true(procpool.is_error(e, "TimeoutError"))
     ok, e = pcall(f.cancelled.result, f.cancelled, 0)
+    assert.is_false(ok)
     assert.is_true(procpool.is_error(e, "CancelledError"))
     assert.is_true(core.monotonic() - t0 < 0.2)
     assert.are.equal(42, f.ok:result(T))
     f.err:exception(T)
     ok, e = pcall(f.err.result, f.err, 0)
+    assert.is_false(ok)
     assert.are.equal("oops", e)
     ok, e = pcall(f.pending.result, f.pending, -1) -- negative is 0
+    assert.is_false(ok)
     assert.is_true(procpool.is_error(e, "TimeoutError"))
   end)
 
@@ -103,7 +107,7 @@ describe("Future", function()
 
   it("wakes a waiting coroutine at once when cancelled (no gh-92001 hang)", function()
     local yielded = {}
-    procpool.set_waiter(function(fd, timeout)
+    procpool.set_waiter(function(fd)
       yielded[#yielded + 1] = fd
       coroutine.yield()
     end)

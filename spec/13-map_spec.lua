@@ -178,6 +178,7 @@ describe("Executor:map", function()
     assert.is_false(ok)
     assert.matches("table or iterator function expected", e)
     ok, e = pcall(ex.map, ex, "spec.tasks.square", {}, { chunk = 2 })
+    assert.is_false(ok)
     assert.matches("unknown option 'chunk'", e)
     ok, e = pcall(function()
       for _ in ex:starmap("spec.tasks.add", { 1 }, { timeout = T }) do end

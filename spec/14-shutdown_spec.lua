@@ -16,7 +16,12 @@ end
 
 local function worker_pids(ex, n)
   local pids, fs = {}, {}
-  for i = 1, n do fs[i] = ex:submit(function() require("procpool.core").sleep(0.05) return require("procpool").current_worker().pid end) end
+  for i = 1, n do
+    fs[i] = ex:submit(function()
+      require("procpool.core").sleep(0.05)
+      return require("procpool").current_worker().pid
+    end)
+  end
   for i = 1, n do pids[fs[i]:result(T)] = true end
   local list = {}
   for p in pairs(pids) do list[#list + 1] = p end

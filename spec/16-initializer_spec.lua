@@ -21,7 +21,10 @@ describe("initializer", function()
     }
     local fs = {}
     for i = 1, 8 do
-      fs[i] = ex:submit(function() require("procpool.core").sleep(0.02) return rawget(_G, "spec_init_value"), rawget(_G, "spec_inits") end)
+      fs[i] = ex:submit(function()
+        require("procpool.core").sleep(0.02)
+        return rawget(_G, "spec_init_value"), rawget(_G, "spec_inits")
+      end)
     end
     for i = 1, 8 do
       local v, n = fs[i]:result(T)

@@ -90,7 +90,7 @@ describe("progress", function()
     local iter = pool:imap("spec.tasks.sleep", { 0.01, 3, 0.01 }, { timeout = 0.3 })
     local got = {}
     for _ = 1, 3 do
-      local ok, i, v = pcall(iter)
+      local ok, i = pcall(iter)
       got[#got + 1] = ok and "ok" or i.name
     end
     assert.are.same({ "ok", "DeadlineExceeded", "ok" }, got)

@@ -10,7 +10,7 @@ local T = 10
 local function scheduler()
   local S = { cos = {}, waits = 0 }
   function S.spawn(fn) S.cos[#S.cos + 1] = coroutine.create(fn) end
-  function S.waiter(fd, timeout)
+  function S.waiter()
     S.waits = S.waits + 1
     coroutine.yield()
   end

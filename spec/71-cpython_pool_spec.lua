@@ -422,7 +422,7 @@ describe("CPython's Pool tests", function()
         assert.are.same({ i }, res[i])
         weak[res[i]] = true
       end
-      objs, res = nil, nil
+      objs, res = nil, nil -- luacheck: ignore 311 (dropped for the collector)
       collectgarbage()
       collectgarbage()
       assert.is_nil(next(weak))

@@ -275,7 +275,7 @@ function M.ProcessPoolExecutor(opts)
     error("max_tasks_per_child must be an integer >= 1", 2)
   end
   local tt = opts.task_timeout
-  if tt ~= nil and (type(tt) ~= "number" or not (tt > 0)) then
+  if tt ~= nil and (type(tt) ~= "number" or not (tt > 0)) then -- luacheck: ignore 581 (NaN too)
     error("task_timeout must be a number of seconds > 0", 2)
   end
   local owl = opts.on_worker_lost
@@ -303,7 +303,7 @@ end
 function Executor:submit_with(opts, fn, ...)
   opts = check_opts(opts, { timeout = true }, "submit_with")
   local t = opts.timeout
-  if t ~= nil and (type(t) ~= "number" or not (t > 0)) then
+  if t ~= nil and (type(t) ~= "number" or not (t > 0)) then -- luacheck: ignore 581 (NaN too)
     error("bad timeout to 'submit_with' (number of seconds > 0 expected)", 2)
   end
   check_fn(fn, 2, "submit_with")
@@ -350,10 +350,10 @@ local function progress_of(spec, total, fname)
       draw(false)
     end
   end
-  local function finish()
+  local function finish_bar()
     draw(true)
   end
-  return step, finish
+  return step, finish_bar
 end
 
 -- The lazy chunked map behind Executor:map/starmap and Pool:imap/

@@ -173,7 +173,7 @@ return function(M, I)
   end
 
   local function check_timeout(t, fname)
-    if t ~= nil and (type(t) ~= "number" or not (t > 0)) then
+    if t ~= nil and (type(t) ~= "number" or not (t > 0)) then -- luacheck: ignore 581 (NaN too)
       error("bad timeout to '" .. fname .. "' (a task deadline in seconds > 0 expected)", 3)
     end
   end

@@ -6,7 +6,7 @@ local procpool = require "procpool"
 
 describe("regression: bytecode with inconsistent upvalue counts", function()
   it("rejects upvalue names beyond the upvalue array (fuzzer find)", function()
-    local input = "\27PP\1\2.\1p\27LuaT\0\25\147\13\10\26\10\4\8\8xV\0\0\0\0\0\0\0\0\0\0\0(w@\1\155@spec/fuzz/make_corpus.lua\135\135\0\0\2\135\9\0\0\0\21\0\0\128/\0\128\6\10\0\0\0\9\0\0\0\1\0\128\129\1\3\0\135\128\0\0\0\0\0\0\0\128\128\129\0\0\0\128\128\129\130n\1\15[\138\8\1"
+    local input = "\27PP\1\2.\1p\27LuaT\0\25\147\13\10\26\10\4\8\8xV\0\0\0\0\0\0\0\0\0\0\0(w@\1\155@spec/fuzz/make_corpus.lua\135\135\0\0\2\135\9\0\0\0\21\0\0\128/\0\128\6\10\0\0\0\9\0\0\0\1\0\128\129\1\3\0\135\128\0\0\0\0\0\0\0\128\128\129\0\0\0\128\128\129\130n\1\15[\138\8\1" -- luacheck: ignore 631
     local ok, e = pcall(procpool.deserialize, input)
     assert.is_false(ok)
     assert.is_true(procpool.is_error(e, "SerializationError"))
