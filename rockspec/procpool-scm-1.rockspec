@@ -1,3 +1,4 @@
+rockspec_format = "3.0"
 package = "procpool"
 version = "scm-1"
 source = {
@@ -11,12 +12,24 @@ futures (concurrent.futures style) and a multiprocessing-style Pool, over a
 C engine with an I/O thread per pool. Closures with upvalues travel by
 value, modules and C functions by name; a crash in a task cannot take the
 host down; waits yield inside coroutines (cqueues, luv, or any scheduler).
+The procpool command maps a Lua function over lines; its --json mode needs
+lua-cjson.
 ]],
   homepage = "https://github.com/procpool/procpool",
   license = "MIT",
 }
+-- epoll, eventfd, memfd, pidfd and prctl: Linux only
+supported_platforms = { "linux" }
+-- lua-cjson is not a dependency: only the procpool command's --json
+-- records need it (luarocks install lua-cjson, or Debian's lua-cjson)
 dependencies = {
   "lua >= 5.4, < 5.5",
+}
+test_dependencies = {
+  "busted",
+}
+test = {
+  type = "busted",
 }
 build = {
   type = "builtin",

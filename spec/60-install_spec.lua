@@ -76,6 +76,8 @@ describe("installing", function()
 
   it("luarocks make installs a working procpool into a tree", function()
     if not sh("command -v luarocks") then return pending("luarocks is not installed") end
+    local okl, outl = sh("luarocks --lua-version 5.4 lint rockspec/procpool-scm-1.rockspec")
+    assert.is_true(okl, outl)
     local ok, out = sh("luarocks --lua-version 5.4 --tree " .. tmp
       .. " make rockspec/procpool-scm-1.rockspec")
     assert.is_true(ok, out)
