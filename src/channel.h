@@ -16,7 +16,6 @@
  * READY (worker -> parent): initialized; empty body.
  */
 #define PP_FRAME_HDR 8
-#define PP_PROTO_VERSION 1
 
 enum { PP_FR_TASK = 1, PP_FR_RESULT = 2, PP_FR_INITFAIL = 3, PP_FR_READY = 4 };
 enum { PP_FF_FD = 0x01 };

@@ -53,6 +53,9 @@ enum {
 };
 
 #define FN_PURE 0x01 /* upvalues are all names or immutable scalars */
+
+/* Every message's first bytes: "\x1bPP" and the format version. */
+static const char MSG_HEADER[PP_CODEC_HEADER] = {0x1b, 'P', 'P', PP_CODEC_VERSION};
 #define INPROGRESS ((uint64_t)1 << 62)
 
 /* ------------------------------------------------------------------ */
@@ -1194,7 +1197,7 @@ static int encode_fast(lua_State *L, int first, int n, pp_wbuf *out, int header)
   if (pp_wbuf_reserve(out, need) != 0) luaL_error(L, "procpool: not enough memory to serialize");
   unsigned char *p = (unsigned char *)out->p + out->n, *p0 = p;
   if (header) {
-    memcpy(p, "\x1bPP\x01", PP_CODEC_HEADER);
+    memcpy(p, MSG_HEADER, PP_CODEC_HEADER);
     p += PP_CODEC_HEADER;
   }
   p += pp_varint_put(p, (uint64_t)n);
@@ -1209,7 +1212,7 @@ static int decode_fast(lua_State *L, const unsigned char *s, size_t len, size_t 
                        int *count) {
   const unsigned char *p = s, *e = s + len;
   if (header) {
-    if (len < PP_CODEC_HEADER || memcmp(s, "\x1bPP\x01", PP_CODEC_HEADER) != 0) return 0;
+    if (len < PP_CODEC_HEADER || memcmp(s, MSG_HEADER, PP_CODEC_HEADER) != 0) return 0;
     p += PP_CODEC_HEADER;
   }
   uint64_t n;
@@ -1270,7 +1273,7 @@ void pp_encode(lua_State *L, int first, int n, pp_wbuf *out, int header, const c
       *busy = 0;
       luaL_error(L, "procpool: not enough memory to serialize");
     }
-    memcpy(out->p + out->n, "\x1bPP\x01", PP_CODEC_HEADER);
+    memcpy(out->p + out->n, MSG_HEADER, PP_CODEC_HEADER);
     out->n += PP_CODEC_HEADER;
   }
   w_varint(L, E, (uint64_t)n);
@@ -1901,7 +1904,7 @@ int pp_decode(lua_State *L, const char *s, size_t len, size_t *used, int header,
   D->refsidx = top0 + 1;
   D->fncache = fncache;
   if (header) {
-    if (len < PP_CODEC_HEADER || memcmp(s, "\x1bPP", 3) != 0) dec_fail(L, D, "not procpool data");
+    if (len < PP_CODEC_HEADER || memcmp(s, MSG_HEADER, 3) != 0) dec_fail(L, D, "not procpool data");
     if ((unsigned char)s[3] != PP_CODEC_VERSION)
       dec_fail(L, D, "unsupported format version %d (this is %d)", (unsigned char)s[3],
                PP_CODEC_VERSION);

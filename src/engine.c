@@ -68,7 +68,7 @@ typedef struct pp_disp { /* items handed to a worker, in order */
   struct pp_disp *next;
 } pp_disp;
 
-enum { W_EMPTY = 0, W_SPAWNING, W_READY, W_RETIRING };
+enum { W_EMPTY = 0, W_SPAWNING, W_READY };
 
 typedef struct pp_worker {
   int state;
@@ -926,7 +926,7 @@ static void z_readable(pp_engine *e) {
       if (e->state != PP_E_CLOSING && !e->broken && !e->killing)
         engine_break(e, "the zygote process died");
       for (int s = 0; s < e->cfg.nworkers; s++) {
-        if (e->w[s].state == W_READY || e->w[s].state == W_RETIRING) {
+        if (e->w[s].state == W_READY) {
           w_signal(&e->w[s], SIGKILL);
           w_died(e, s, 0);
         } else if (e->w[s].state == W_SPAWNING) {
@@ -954,7 +954,7 @@ static void engine_break(pp_engine *e, const char *msg) {
   while (e->qhead) job_fail_pending(e, e->qhead, PP_IT_BROKEN);
   for (int s = 0; s < e->cfg.nworkers; s++) {
     pp_worker *w = &e->w[s];
-    if (w->state == W_READY || w->state == W_RETIRING) {
+    if (w->state == W_READY) {
       w->doomed = 1;
       w->expected_exit = 1;
       w_signal(w, SIGKILL);
@@ -985,7 +985,7 @@ static void progress(pp_engine *e) {
       pp_worker *w = &e->w[s];
       if (w->state == W_EMPTY) continue;
       alive++;
-      if (w->state == W_READY || w->state == W_RETIRING) {
+      if (w->state == W_READY) {
         if (!w->retire) {
           w->retire = 1;
           w->expected_exit = 1;
@@ -1021,7 +1021,7 @@ static int deadlines(pp_engine *e) {
   uint64_t now = pp_now_ns(), next = 0;
   for (int s = 0; s < e->cfg.nworkers; s++) {
     pp_worker *w = &e->w[s];
-    if (w->state != W_READY && w->state != W_RETIRING) continue;
+    if (w->state != W_READY) continue;
     if (w->kill_at) {
       if (now >= w->kill_at) {
         w_signal(w, SIGKILL);
@@ -1060,7 +1060,7 @@ static int deadlines(pp_engine *e) {
   }
   if (e->killing) { /* escalate a terminate that is not obeyed */
     for (int s = 0; s < e->cfg.nworkers; s++)
-      if (e->w[s].state == W_READY || e->w[s].state == W_RETIRING) {
+      if (e->w[s].state == W_READY) {
         if (!e->w[s].kill_at) e->w[s].kill_at = now + 2000000000u;
         if (!next || e->w[s].kill_at < next) next = e->w[s].kill_at;
       }
@@ -1414,7 +1414,7 @@ void pp_engine_kill(pp_engine *e, int sig) {
     while (e->qhead) job_fail_pending(e, e->qhead, PP_IT_BROKEN);
     for (int s = 0; s < e->cfg.nworkers; s++) {
       pp_worker *w = &e->w[s];
-      if (w->state == W_READY || w->state == W_RETIRING) {
+      if (w->state == W_READY) {
         w->doomed = 1;
         w->expected_exit = 1;
         w_signal(w, sig);
@@ -1465,8 +1465,7 @@ void pp_engine_stats(pp_engine *e, pp_stats *s) {
   pthread_mutex_lock(&e->mu);
   *s = e->st;
   s->workers = 0;
-  for (int k = 0; k < e->cfg.nworkers; k++)
-    s->workers += e->w[k].state == W_READY || e->w[k].state == W_RETIRING;
+  for (int k = 0; k < e->cfg.nworkers; k++) s->workers += e->w[k].state == W_READY;
   pthread_mutex_unlock(&e->mu);
 }
 
