@@ -608,16 +608,24 @@ function Executor:starmap(fn, iterable, opts)
   return map_impl(self, fn, iterable, opts, true, "starmap", "stop")
 end
 
+-- Wait until the executor's workers have exited (after _shutdown or
+-- _kill), reap them, and run the done callbacks that are due.
+local function join(ex)
+  await(ex, nil)
+  ex:_join()
+  core.drain()
+end
+
 --- Shut down: `wait` (default true) blocks until all work is done and the
 -- workers have exited; `cancel_futures` cancels tasks not yet started.
 function Executor:shutdown(opts)
   opts = check_opts(opts, { wait = true, cancel_futures = true }, "shutdown")
   self:_shutdown(opts.cancel_futures == true)
   if opts.wait ~= false then
-    await(self, nil)
-    self:_join()
+    join(self)
+  else
+    core.drain()
   end
-  core.drain()
 end
 
 function Executor:close()
@@ -626,9 +634,7 @@ end
 
 local function stop(self, sig)
   self:_kill(sig)
-  await(self, nil)
-  self:_join()
-  core.drain()
+  join(self)
 end
 
 --- Send SIGTERM to every worker; unfinished futures fail with
@@ -657,7 +663,7 @@ local internal = {
   raise = raise, check_opts = check_opts, deadline_of = deadline_of, is_int = is_int,
   check_fn = check_fn, items_of = items_of, map_impl = map_impl, finish = finish,
   progress_of = progress_of, context_of = context_of, initializer_of = initializer_of,
-  abandon = abandon,
+  abandon = abandon, join = join,
 }
 M.Pool = require("procpool.pool")(M, internal)
 core.Executor.__tostring = function(self)

@@ -327,9 +327,7 @@ return function(M, I)
   --- Wait for the workers to exit (after close or terminate).
   function Pool:join()
     if self._state == "RUN" then raise("InvalidStateError", "Pool is still running") end
-    await(self._ex, nil)
-    self._ex:_join()
-    core.drain()
+    I.join(self._ex)
   end
 
   -- as the executor's: a normal exit waits for the work, an error stops it
