@@ -283,7 +283,7 @@ static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now, uint6
     ws->batch_seq0 = seq;
     ws->batch_n = 0;
     ws->batch_t0 = ws->last_t; /* when this batch's first item started */
-    __atomic_store_n(&ws->batch_ready0, now, __ATOMIC_RELAXED);
+    ws->batch_ready0 = now;
     __atomic_store_n(&ws->batch_gen, ws->batch_gen + 1, __ATOMIC_RELEASE);
     __atomic_store_n(&ws->bstate, BATCH_OPEN, __ATOMIC_RELEASE);
   }

@@ -510,7 +510,8 @@ local function map_impl(ex, fn, iterable, opts, star, fname, mode, task_timeout)
 
   -- the fast path, per item: the chunk's next item when it is decoded,
   -- did not fail and is not the chunk's last (nothing else to do then);
-  -- nil otherwise
+  -- nil otherwise. It repeats take's bookkeeping inline, in step with it:
+  -- a shared helper measured 10-20% slower on imap_unordered of no-ops.
   local function take_decoded(c)
     local pos = c.pos + 1
     if pos < c.n and pos <= (c.upto or 0) and not c.failed then
