@@ -29,6 +29,21 @@ describe("regression: results leave the worker at once", function()
     assert.are.same({ 2, 0.6 }, { it() })
   end)
 
+  it("yields the quick items of a stream before the slow one after them ends", function()
+    -- 5000 quick items, then a slow one, in one chunk: the batch the quick
+    -- ones left open must not wait for the slow one
+    local items = {}
+    for k = 1, 5000 do items[k] = 0 end
+    items[#items + 1] = 0.6
+    local it = ex:map(busy, items, { chunksize = #items, timeout = 10 })
+    for k = 1, 5000 do assert.are.same({ k, 0 }, { it() }) end
+    local t_quick = core.monotonic()
+    assert.are.same({ 5001, 0.6 }, { it() })
+    local gap = core.monotonic() - t_quick
+    -- the last quick one came at least 0.3 s before the slow one ended
+    assert.is_true(gap > 0.3, "the last quick item came only " .. gap .. " s before the slow one")
+  end)
+
   it("lets wait(FIRST_COMPLETED) return while a task sent ahead runs", function()
     for _ = 1, 200 do ex:submit(busy, 0) end -- tiny tasks: the worker is sent tasks ahead
     ex:submit(busy, 0):result(10)
