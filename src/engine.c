@@ -115,6 +115,8 @@ struct pp_engine {
   int wake_pending;       /* a submit woke the I/O thread to dispatch */
   pthread_t th;
   int th_running, th_detached, th_joined;
+  int th_started;       /* the I/O thread is inside the fork gate */
+  pthread_cond_t th_cv; /* signalled when th_started is set */
   pp_worker *w;
   pp_job *qhead, *qtail;
   pp_job *chead, *ctail;
@@ -1075,6 +1077,8 @@ static void *io_main(void *arg) {
   struct epoll_event ev[64];
   pp_forkgate_enter();
   pthread_mutex_lock(&e->mu);
+  e->th_started = 1;
+  pthread_cond_signal(&e->th_cv);
   progress(e);
   while (e->state != PP_E_DEAD) {
     int tmo = deadlines(e);
@@ -1107,7 +1111,7 @@ static void *io_main(void *arg) {
   e->th_running = 0;
   pthread_mutex_unlock(&e->mu);
   if (detached) pp_engine_unref(e);
-  pp_forkgate_leave();
+  pp_forkgate_retire();
   return NULL;
 }
 
@@ -1140,6 +1144,10 @@ pp_engine *pp_engine_new(const pp_engine_cfg *cfg, pid_t zpid, int zfd, int *err
   pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
   int mrc = pthread_mutex_init(&e->mu, &ma);
   pthread_mutexattr_destroy(&ma);
+  if (mrc == 0 && pthread_cond_init(&e->th_cv, NULL) != 0) {
+    pthread_mutex_destroy(&e->mu);
+    mrc = ENOMEM;
+  }
   if (!e->w || mrc != 0) {
     free(e->w);
     free(e);
@@ -1178,6 +1186,23 @@ pp_engine *pp_engine_new(const pp_engine_cfg *cfg, pid_t zpid, int zfd, int *err
     if (!ok) {
       e->refs--;
       e->th_running = 0;
+    } else if (pp_forkgate_register(e->th) != 0) {
+      /* the thread cannot be tracked for forks: it ends at once */
+      pthread_mutex_lock(&e->mu);
+      e->state = PP_E_DEAD;
+      pthread_mutex_unlock(&e->mu);
+      wake(e);
+      pthread_join(e->th, NULL);
+      e->refs--;
+      ok = 0;
+      errno = ENOMEM;
+    } else {
+      /* return once it is inside the gate: what the C library and the
+       * sanitizers allocate as a thread starts is then done, and a fork
+       * from this thread cannot catch it halfway */
+      pthread_mutex_lock(&e->mu);
+      while (!e->th_started) pthread_cond_wait(&e->th_cv, &e->mu);
+      pthread_mutex_unlock(&e->mu);
     }
   }
   if (!ok) {
@@ -1229,6 +1254,7 @@ void pp_engine_unref(pp_engine *e) {
   if (e->wakefd >= 0) close(e->wakefd);
   if (e->notifyfd >= 0) close(e->notifyfd);
   pthread_mutex_destroy(&e->mu);
+  pthread_cond_destroy(&e->th_cv);
   free(e->broken_msg);
   free(e->w);
   free(e);
@@ -1440,7 +1466,7 @@ void pp_engine_join(pp_engine *e) {
   e->th_joined = 1;
   pthread_mutex_unlock(&e->mu);
   if (join) {
-    pthread_join(e->th, NULL);
+    pp_forkgate_join(e->th);
     /* nothing polls these any more: give them back now, not at GC */
     close(e->epfd);
     close(e->wakefd);
@@ -1454,7 +1480,7 @@ void pp_engine_detach(pp_engine *e) {
   int unref = 0;
   if (!e->th_joined && !e->th_detached) {
     e->th_detached = 1;
-    pthread_detach(e->th);
+    pp_forkgate_disown(e->th);
     unref = !e->th_running; /* it has ended already: drop its reference */
   }
   pthread_mutex_unlock(&e->mu);
