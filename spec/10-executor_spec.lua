@@ -46,6 +46,26 @@ describe("ProcessPoolExecutor", function()
     assert.is_true(ids[1] and ids[2])
   end)
 
+  it("gives spawned workers the parent's module paths and the user's own environment", function()
+    -- with LUA_PATH_5_4 unset and LUA_CPATH_5_4 set, in a fresh process
+    local cpath = (os.getenv("PROCPOOL_BUILD") or "build") .. "/?.so;;"
+    local ok, out, err = H.run_lua([[
+      package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+      local procpool = require "procpool"
+      local ex = procpool.ProcessPoolExecutor { max_workers = 1, context = "spawn" }
+      local r = ex:submit(function()
+        return table.concat({ tostring(os.getenv("LUA_PATH_5_4")), tostring(os.getenv("LUA_CPATH_5_4")),
+          tostring(os.getenv("PROCPOOL_SAVED_LUA_PATH_5_4")),
+          tostring(os.getenv("PROCPOOL_SAVED_LUA_CPATH_5_4")), package.path }, "|")
+      end):result(20)
+      ex:shutdown()
+      io.write(r, "\n", package.path)
+    ]], 30, "env -u LUA_PATH_5_4 LUA_CPATH_5_4='" .. cpath .. "'")
+    assert.is_true(ok, err)
+    local got, parent_path = out:match("^(.-)\n(.*)$")
+    assert.are.equal(table.concat({ "nil", cpath, "nil", "nil", parent_path }, "|"), got)
+  end)
+
   it("gives tasks the parent's globals as they were at creation (fork)", function()
     if (os.getenv("PROCPOOL_CONTEXT") or "fork") ~= "fork" then
       return pending("fork context only: a spawned worker starts from a fresh interpreter")

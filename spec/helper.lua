@@ -73,14 +73,16 @@ function H.count_procs(pattern)
 end
 
 --- Run a Lua snippet in a fresh lua5.4 process; returns ok, stdout, stderr.
-function H.run_lua(code, timeout)
+-- `env`, if given, is a command prefix such as "env -u X Y=1".
+function H.run_lua(code, timeout, env)
   local tmp = os.tmpname()
   local f = io.open(tmp, "w")
   f:write(code)
   f:close()
   local lua = os.getenv("PROCPOOL_LUA") or "lua5.4"
   local errf = tmp .. ".err"
-  local p = io.popen(string.format("timeout %d %s %s 2>%s", timeout or 30, lua, tmp, errf))
+  local p = io.popen(string.format("%s timeout %d %s %s 2>%s", env or "", timeout or 30, lua, tmp,
+    errf))
   local out = p:read("*a")
   local ok, _, code_ = p:close()
   local ef = io.open(errf)

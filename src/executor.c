@@ -150,8 +150,13 @@ static int l_executor_new(lua_State *L) {
     /* a fresh interpreter: the initializer travels as values */
     lua_getfield(L, 1, "executable");
     const char *exe = luaL_optstring(L, -1, "lua5.4");
-    lua_getfield(L, 1, "_bootstrap");
-    const char *code = lua_pushfstring(L, "%s(%d)", luaL_checkstring(L, -1), (int)getpid());
+    /* it finds procpool where this interpreter does */
+    const char *paths[2];
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "path");
+    lua_getfield(L, -2, "cpath");
+    paths[0] = luaL_optstring(L, -2, "");
+    paths[1] = luaL_optstring(L, -1, "");
     pp_wbuf *b = push_box(L);
     lua_getfield(L, 1, "initializer");
     if (!lua_isnil(L, -1)) {
@@ -162,7 +167,7 @@ static int l_executor_new(lua_State *L) {
     pid_t zpid;
     int zfd;
     char why[256];
-    int err = pp_zygote_spawn(exe, code, b->p, b->n, &zpid, &zfd, why, sizeof why);
+    int err = pp_zygote_spawn(exe, paths, b->p, b->n, &zpid, &zfd, why, sizeof why);
     if (err) pp_error_raise(L, "BrokenProcessPool", "cannot start the spawn context: %s", why);
     start_engine(L, x, &cfg, zpid, zfd);
     lua_settop(L, xi);
@@ -446,8 +451,9 @@ static int l_cpu_count(lua_State *L) {
   return 1;
 }
 
-/* _zygote(parent pid): the entry point of a spawned interpreter */
-static int l_zygote(lua_State *L) { pp_zygote_spawned(L, (pid_t)luaL_checkinteger(L, 1)); }
+/* _zygote(): the entry point of a spawned interpreter (proc.c's
+ * SPAWN_ENTRY) */
+static int l_zygote(lua_State *L) { pp_zygote_spawned(L); }
 
 static int l_current_worker(lua_State *L) {
   if (lua_getfield(L, LUA_REGISTRYINDEX, "procpool.current_worker") != LUA_TTABLE) return 1;

@@ -239,11 +239,77 @@ int pp_zygote_fork(lua_State *L, const pp_wctx *w, pid_t *zpid, int *zfd) {
 
 extern char **environ;
 
-int pp_zygote_spawn(const char *exe, const char *code, const char *init, size_t initlen,
+/* The spawned interpreter runs this one fixed line. It finds procpool
+ * through the parent's package.path and package.cpath, which spawn_env
+ * puts in LUA_PATH_5_4 and LUA_CPATH_5_4 (the variables lua5.4 reads
+ * first); pp_zygote_spawned puts back what the user had in them. */
+#define SPAWN_ENTRY "require('procpool.core')._zygote()"
+
+/* Both search paths, and for each the name under which its original value
+ * travels (absent: it was not set). */
+static const char *const SPAWN_VARS[2] = {"LUA_PATH_5_4", "LUA_CPATH_5_4"};
+static const char *const SPAWN_SAVED[2] = {"PROCPOOL_SAVED_LUA_PATH_5_4",
+                                           "PROCPOOL_SAVED_LUA_CPATH_5_4"};
+
+static int env_is(const char *entry, const char *name) {
+  size_t n = strlen(name);
+  return strncmp(entry, name, n) == 0 && entry[n] == '=';
+}
+
+static void free_env(char **env, size_t own) {
+  for (size_t i = 0; i < own; i++) free(env[i]);
+  free(env);
+}
+
+static char *env_entry(const char *name, const char *value) {
+  size_t n = strlen(name) + strlen(value) + 2;
+  char *e = malloc(n);
+  if (e) snprintf(e, n, "%s=%s", name, value);
+  return e;
+}
+
+/* environ with the search paths set to `paths` and the originals saved,
+ * in env[0..*own-1] (allocated here; the rest are environ's own strings);
+ * NULL when out of memory. Free with free_env. */
+static char **spawn_env(const char *const paths[2], size_t *own) {
+  size_t n = 0;
+  while (environ[n]) n++;
+  char **env = calloc(n + 5, sizeof *env);
+  if (!env) return NULL;
+  size_t k = 0;
+  int ok = 1;
+  for (int v = 0; v < 2 && ok; v++) {
+    const char *orig = getenv(SPAWN_VARS[v]);
+    ok = (env[k++] = env_entry(SPAWN_VARS[v], paths[v])) != NULL;
+    if (ok && orig) ok = (env[k++] = env_entry(SPAWN_SAVED[v], orig)) != NULL;
+  }
+  *own = k;
+  for (size_t i = 0; i < n && ok; i++) {
+    int skip = 0;
+    for (int v = 0; v < 2; v++)
+      skip |= env_is(environ[i], SPAWN_VARS[v]) || env_is(environ[i], SPAWN_SAVED[v]);
+    if (!skip) env[k++] = environ[i];
+  }
+  env[k] = NULL;
+  if (!ok) {
+    free_env(env, *own);
+    return NULL;
+  }
+  return env;
+}
+
+int pp_zygote_spawn(const char *exe, const char *const paths[2], const char *init, size_t initlen,
                     pid_t *zpid, int *zfd, char *why, size_t whylen) {
   int sv[2];
   why[0] = 0;
-  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return errno;
+  size_t own;
+  char **env = spawn_env(paths, &own);
+  if (!env) return ENOMEM;
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) {
+    int err = errno;
+    free_env(env, own);
+    return err;
+  }
   posix_spawn_file_actions_t fa;
   posix_spawnattr_t at;
   posix_spawn_file_actions_init(&fa);
@@ -257,12 +323,13 @@ int pp_zygote_spawn(const char *exe, const char *code, const char *init, size_t 
   posix_spawnattr_setsigdefault(&at, &all);
   posix_spawnattr_setsigmask(&at, &none);
   posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK);
-  char *argv[] = {(char *)exe, (char *)"-e", (char *)code, NULL};
+  char *argv[] = {(char *)exe, (char *)"-e", (char *)SPAWN_ENTRY, NULL};
   pid_t pid;
   fflush(NULL);
-  int rc = posix_spawnp(&pid, exe, &fa, &at, argv, environ);
+  int rc = posix_spawnp(&pid, exe, &fa, &at, argv, env);
   posix_spawn_file_actions_destroy(&fa);
   posix_spawnattr_destroy(&at);
+  free_env(env, own);
   close(sv[1]);
   if (rc != 0) {
     close(sv[0]);
@@ -273,6 +340,7 @@ int pp_zygote_spawn(const char *exe, const char *code, const char *init, size_t 
   pp_zmsg m;
   memset(&m, 0, sizeof m);
   m.type = PP_Z_CONFIG;
+  m.pid = getpid();
   int mfd = -1, err = 0;
   if (init && initlen) {
     mfd = memfd_create("procpool-init", MFD_CLOEXEC);
@@ -333,15 +401,29 @@ static int decode_init(lua_State *L) {
   return pp_decode(L, p, n, NULL, 1, 0);
 }
 
-void pp_zygote_spawned(lua_State *L, pid_t parent) {
+/* The user's own search path variables, as they were before spawn_env. */
+static void restore_env(void) {
+  for (int v = 0; v < 2; v++) {
+    const char *orig = getenv(SPAWN_SAVED[v]);
+    if (orig)
+      setenv(SPAWN_VARS[v], orig, 1);
+    else
+      unsetenv(SPAWN_VARS[v]);
+    unsetenv(SPAWN_SAVED[v]);
+  }
+}
+
+void pp_zygote_spawned(lua_State *L) {
   prctl(PR_SET_PDEATHSIG, SIGKILL);
-  if (getppid() != parent) _exit(0);
-  /* the configuration: the initializer list, if any */
+  restore_env();
+  /* the configuration: the parent's pid, the initializer list, if any */
   pp_zmsg m;
   memset(&m, 0, sizeof m);
   int mfd = -1, nfds;
   long r = pp_recv_fds(ZCTL, &m, sizeof m, &mfd, 1, &nfds, 0);
   if (r != (long)sizeof m || m.type != PP_Z_CONFIG) _exit(1);
+  pid_t parent = m.pid;
+  if (getppid() != parent) _exit(0); /* it went before the death signal was set */
   if (nfds == 0) mfd = -1;
   pp_wctx w;
   memset(&w, 0, sizeof w);

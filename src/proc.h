@@ -19,16 +19,17 @@ typedef struct pp_wctx {
  * *zfd (its control socket), or an errno. */
 int pp_zygote_fork(lua_State *L, const pp_wctx *w, pid_t *zpid, int *zfd);
 
-/* Spawn context: start `exe` (found on PATH) running `code` (with -e),
- * which must end up calling pp_zygote_spawned; send it the encoded
- * initializer list `init` (may be NULL) and wait for it to be ready. In
- * the parent: 0 with *zpid and *zfd, or an errno with `why` filled. */
-int pp_zygote_spawn(const char *exe, const char *code, const char *init, size_t initlen,
+/* Spawn context: start `exe` (found on PATH), a Lua 5.4 interpreter, as
+ * the zygote; `paths` are the package.path and package.cpath it finds
+ * procpool with. Send it the encoded initializer list `init` (may be
+ * NULL) and wait for it to be ready. In the parent: 0 with *zpid and
+ * *zfd, or an errno with `why` filled. */
+int pp_zygote_spawn(const char *exe, const char *const paths[2], const char *init, size_t initlen,
                     pid_t *zpid, int *zfd, char *why, size_t whylen);
 
-/* In a spawned interpreter: become the zygote of `parent` on fd 3. Never
- * returns. */
-void pp_zygote_spawned(lua_State *L, pid_t parent) __attribute__((noreturn));
+/* In a spawned interpreter (procpool.core's _zygote): become the zygote of
+ * the parent on fd 3. Never returns. */
+void pp_zygote_spawned(lua_State *L) __attribute__((noreturn));
 
 /* The worker's main loop (worker.c); never returns. */
 void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx *w)

@@ -238,13 +238,9 @@ local function context_of(opts, level)
     error("executable must be a command name or path", level + 1)
   end
   if ctx == "fork" then return { context = "fork" } end
-  -- a fresh interpreter, given our module paths, becomes the zygote
-  return {
-    context = "spawn",
-    executable = exe or "lua5.4",
-    _bootstrap = string.format("package.path=%q package.cpath=%q require('procpool.core')._zygote",
-      package.path, package.cpath),
-  }
+  -- a fresh interpreter, which finds procpool with our package.path and
+  -- package.cpath, becomes the zygote
+  return { context = "spawn", executable = exe or "lua5.4" }
 end
 
 --- Check the initializer and initargs options; returns the initializer.
@@ -285,7 +281,7 @@ function M.ProcessPoolExecutor(opts)
   return core.executor_new({
     max_workers = mw, initializer = init, initargs = opts.initargs,
     max_tasks_per_child = mt, task_timeout = tt, on_worker_lost = owl,
-    context = ctx.context, executable = ctx.executable, _bootstrap = ctx._bootstrap,
+    context = ctx.context, executable = ctx.executable,
   })
 end
 

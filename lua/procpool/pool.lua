@@ -160,7 +160,7 @@ return function(M, I)
     local init = initializer_of(opts, 2)
     local ex = core.executor_new({
       max_workers = n, initializer = init, initargs = opts.initargs, max_tasks_per_child = mt,
-      context = ctx.context, executable = ctx.executable, _bootstrap = ctx._bootstrap,
+      context = ctx.context, executable = ctx.executable,
     })
     return setmetatable({ _ex = ex, _state = "RUN", _processes = n }, Pool)
   end
