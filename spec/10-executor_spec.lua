@@ -161,7 +161,9 @@ describe("ProcessPoolExecutor", function()
     it("leaves the pool unharmed", function()
       for _ = 1, 5 do pcall(function() ex:submit("spec.tasks.fail", "x"):result(T) end) end
       assert.are.equal(3, ex:submit("spec.tasks.add", 1, 2):result(T))
-      assert.are.equal(2, ex:stats().workers)
+      -- no worker was lost to the errors (the second may still be starting)
+      assert.are.equal(0, ex:stats().worker_restarts)
+      assert.is_true(H.eventually(function() return ex:stats().workers == 2 end, T))
     end)
   end)
 
