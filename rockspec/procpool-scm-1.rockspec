@@ -47,6 +47,7 @@ build = {
         "src/proc.c",
         "src/procpool.c",
         "src/sys.c",
+        "src/wait.c",
         "src/worker.c",
       },
       incdirs = { "src" },
