@@ -19,6 +19,15 @@
 #include "proc.h"
 #include "wire.h"
 
+#define PP_EXECUTOR_MT "procpool.Executor"
+
+/* The Executor userdata. */
+typedef struct pp_exec {
+  pp_engine *e; /* NULL once closed */
+  int nworkers;
+  uint64_t polled; /* ended-job count at the last poll() */
+} pp_exec;
+
 /* A registry-held object whose finalizer runs first when the state
  * closes: it tells executors that the state is closing, so they stop
  * their workers and wait instead of leaving threads behind. lua_close
@@ -86,6 +95,13 @@ static pp_exec *checkexec(lua_State *L, int idx) {
   if (!x->e) pp_error_raise(L, "InvalidStateError", "the executor is closed");
   if (!pp_engine_mine(x->e)) pp_error_raise(L, "InvalidStateError", "%s", pp_strerror(PP_EFOREIGN));
   return x;
+}
+
+int pp_executor_engine(lua_State *L, int idx, pp_engine **e) {
+  pp_exec *x = luaL_testudata(L, idx, PP_EXECUTOR_MT);
+  if (!x) return 0;
+  *e = x->e;
+  return 1;
 }
 
 static lua_Integer opt_int(lua_State *L, int t, const char *k, lua_Integer def) {

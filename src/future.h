@@ -7,7 +7,6 @@
 #include "engine.h"
 
 #define PP_FUTURE_MT "procpool.Future"
-#define PP_EXECUTOR_MT "procpool.Executor"
 
 /* user values of a Future */
 enum { PP_FUV_OUTCOME = 1, PP_FUV_CALLBACKS, PP_FUV_POLLFD, PP_FUV_N = PP_FUV_POLLFD };
@@ -16,12 +15,6 @@ typedef struct pp_fut {
   pp_job *job;
   pp_engine *e;
 } pp_fut;
-
-typedef struct pp_exec {
-  pp_engine *e;
-  int nworkers;
-  uint64_t polled; /* ended-job count at the last poll() */
-} pp_exec;
 
 /* Push a new Future for `job` of `e` (takes over one job reference). */
 void pp_future_push(lua_State *L, pp_engine *e, pp_job *job);

@@ -19,6 +19,11 @@ int pp_pollable_events(lua_State *L);
 int pp_pollable_timeout(lua_State *L);
 int pp_future_pollfd(lua_State *L);
 
+/* If the value at idx is an Executor, set *e to its engine (NULL once it
+ * is closed) and return 1; else return 0 (executor.c). */
+struct pp_engine;
+int pp_executor_engine(lua_State *L, int idx, struct pp_engine **e);
+
 /* Per-file registration, called in order by luaopen_procpool_core with the
  * module table on top of the stack. */
 void pp_error_open(lua_State *L);

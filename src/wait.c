@@ -150,11 +150,11 @@ static int aw_check(lua_State *L, awstate *s) {
     if (lua_isinteger(L, AW_MODE)) return aw_item_done(f, lua_tointeger(L, AW_MODE));
     return pp_job_ended(pp_engine_job_state(f->e, f->job));
   }
-  pp_exec *x = luaL_testudata(L, AW_TARGET, PP_EXECUTOR_MT);
-  if (x) {
-    if (!x->e) return 1;
-    aw_engine(L, s, x->e);
-    return pp_engine_state(x->e) == PP_E_DEAD;
+  pp_engine *xe;
+  if (pp_executor_engine(L, AW_TARGET, &xe)) {
+    if (!xe) return 1;
+    aw_engine(L, s, xe);
+    return pp_engine_state(xe) == PP_E_DEAD;
   }
   int items = lua_istable(L, AW_MODE);
   const char *mode = items ? "" : luaL_optstring(L, AW_MODE, "all");
@@ -291,9 +291,9 @@ static int await_k(lua_State *L, int status, lua_KContext ctx) {
     }
     if (lua_isyieldable(L) && lua_getfield(L, LUA_REGISTRYINDEX, REG_WAITER) == LUA_TFUNCTION) {
       int fd;
-      pp_exec *x = luaL_testudata(L, AW_TARGET, PP_EXECUTOR_MT);
-      if (x) {
-        fd = pp_engine_fd(x->e);
+      pp_engine *xe;
+      if (pp_executor_engine(L, AW_TARGET, &xe)) {
+        fd = pp_engine_fd(xe);
       } else {
         waitbox *b = new_waitbox(L);
         lua_replace(L, AW_BOX);
