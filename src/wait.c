@@ -1,4 +1,5 @@
-/* wait.c: the one wait primitive: waiters, pollables and core.await. */
+/* wait.c: the one wait primitive: the wait loop, waiters, pollables and
+ * core.await. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <math.h>
@@ -10,6 +11,8 @@
 #include <unistd.h>
 
 #include <lauxlib.h>
+
+#include "wait.h"
 
 #include "engine.h"
 #include "future.h"
@@ -78,6 +81,67 @@ int pp_pollable_timeout(lua_State *L) {
 }
 
 /* ------------------------------------------------------------------ */
+/* the wait loop                                                        */
+
+/* How long a wait keeps looking before it sleeps in poll. */
+#define SPIN_NS 30000u
+
+/* Sleep in poll on the engines' fds until one is readable or `ms` pass
+ * (-1: no limit). With on_signal, a signal that ends the sleep early
+ * gives a hook the signal's handler installed (lua.c's Ctrl-C handler
+ * raises "interrupted!" from one) its chance to run: such a wait is never
+ * deaf to Ctrl-C. */
+static void sleep_on(lua_State *L, const pp_wait *w, int ms) {
+  int top = lua_gettop(L);
+  struct pollfd inl[16], *pfd = inl;
+  if (w->nengs > 16) pfd = lua_newuserdatauv(L, (size_t)w->nengs * sizeof *pfd, 0);
+  for (int i = 0; i < w->nengs; i++) {
+    pfd[i].fd = pp_engine_fd(w->engs[i]);
+    pfd[i].events = POLLIN;
+    pfd[i].revents = 0;
+  }
+  int r;
+  if (w->nengs == 0) {
+    if (ms < 0) luaL_error(L, "procpool: nothing to wait for");
+    r = poll(NULL, 0, ms);
+  } else {
+    r = poll(pfd, (nfds_t)w->nengs, ms);
+  }
+  lua_settop(L, top);
+  if (r < 0 && errno == EINTR && w->on_signal && lua_gethook(L)) {
+    /* calling any function runs the hook's call event */
+    lua_pushcfunction(L, pp_pollable_timeout);
+    lua_call(L, 0, 0);
+    lua_settop(L, top);
+  }
+}
+
+int pp_wait_loop(lua_State *L, pp_wait *w) {
+  int spun = 0;
+  for (;;) {
+    if (w->check(L, w)) return 1;
+    double left = w->deadline < 0 ? -1 : w->deadline - pp_wait_now();
+    if (w->deadline >= 0 && left <= 0) return 0;
+    if (w->instead && w->instead(L, w, left)) continue;
+    /* a result often arrives within microseconds: look again briefly
+     * before sleeping, which costs far more to wake from */
+    if (w->peek && !spun) {
+      spun = 1;
+      uint64_t until = pp_now_ns() + SPIN_NS;
+      int done = 0;
+      while (!done && pp_now_ns() < until) {
+        sched_yield();
+        done = w->peek(L, w);
+      }
+      if (done) continue;
+    }
+    int ms = left < 0 ? -1 : (int)ceil(left * 1000.0);
+    if (w->slice_ms >= 0 && (ms < 0 || ms > w->slice_ms)) ms = w->slice_ms;
+    sleep_on(L, w, ms);
+  }
+}
+
+/* ------------------------------------------------------------------ */
 /* the wait primitive                                                   */
 
 /*
@@ -98,31 +162,26 @@ int pp_pollable_timeout(lua_State *L) {
 #define AW_ENGINES 5 /* scratch for many engines (a userdata), or nil */
 #define AW_TOP AW_ENGINES
 
-/* The engines a wait involves, each once, without a limit on how many. */
+/* An await's wait, and the engines it involves (w.engs), each once,
+ * without a limit on how many. */
 typedef struct awstate {
-  pp_engine **engs;
-  int nengs, cap;
+  pp_wait w;
+  int cap;
   pp_engine *inl[16];
 } awstate;
 
 static void aw_engine(lua_State *L, awstate *s, pp_engine *e) {
-  for (int i = 0; i < s->nengs; i++)
-    if (s->engs[i] == e) return;
-  if (s->nengs == s->cap) { /* grow into a Lua-owned scratch buffer */
+  for (int i = 0; i < s->w.nengs; i++)
+    if (s->w.engs[i] == e) return;
+  if (s->w.nengs == s->cap) { /* grow into a Lua-owned scratch buffer */
     int cap = s->cap * 2;
     pp_engine **n = lua_newuserdatauv(L, (size_t)cap * sizeof *n, 0);
-    memcpy(n, s->engs, (size_t)s->nengs * sizeof *n);
+    memcpy(n, s->w.engs, (size_t)s->w.nengs * sizeof *n);
     lua_replace(L, AW_ENGINES);
-    s->engs = n;
+    s->w.engs = n;
     s->cap = cap;
   }
-  s->engs[s->nengs++] = e;
-}
-
-static void aw_init(awstate *s) {
-  s->engs = s->inl;
-  s->cap = 16;
-  s->nengs = 0;
+  s->w.engs[s->w.nengs++] = e;
 }
 
 /* The i-th entry of a target sequence if it is a live Future, else NULL
@@ -142,7 +201,7 @@ static int aw_item_done(pp_fut *f, lua_Integer i) {
 
 /* 1 if the condition holds; collects the engines involved */
 static int aw_check(lua_State *L, awstate *s) {
-  s->nengs = 0;
+  s->w.nengs = 0;
   pp_fut *f = luaL_testudata(L, AW_TARGET, PP_FUTURE_MT);
   if (f) {
     pp_future_check(L, AW_TARGET);
@@ -220,109 +279,81 @@ static void aw_register(lua_State *L, pp_waiter *w, int add) {
   }
 }
 
-static double now_s(void) { return (double)pp_now_ns() / 1e9; }
-
-/* How long a wait keeps looking before it sleeps in poll. */
-#define SPIN_NS 30000u
-
-/* Sleep in poll on the engines' fds until one is readable or `ms` pass
- * (-1: no limit). A signal ends the sleep early, and a hook the signal's
- * handler installed (lua.c's Ctrl-C handler raises "interrupted!" from
- * one) is given its chance to run: a wait is never deaf to Ctrl-C. */
-static void aw_sleep(lua_State *L, awstate *s, int ms) {
-  struct pollfd inl[16], *pfd = inl;
-  if (s->nengs > 16) pfd = lua_newuserdatauv(L, (size_t)s->nengs * sizeof *pfd, 0);
-  for (int i = 0; i < s->nengs; i++) {
-    pfd[i].fd = pp_engine_fd(s->engs[i]);
-    pfd[i].events = POLLIN;
-    pfd[i].revents = 0;
-  }
-  int r;
-  if (s->nengs == 0) {
-    if (ms < 0) luaL_error(L, "procpool: nothing to wait for");
-    r = poll(NULL, 0, ms);
-  } else {
-    r = poll(pfd, (nfds_t)s->nengs, ms);
+/* The wait's look: clear the notifications first, so none that follow
+ * are missed, then run the callbacks due and test the condition. */
+static int aw_look(lua_State *L, pp_wait *w) {
+  awstate *s = (awstate *)w;
+  if (lua_type(L, AW_BOX) == LUA_TUSERDATA) { /* back from the waiter */
+    waitbox *b = lua_touserdata(L, AW_BOX);
+    aw_register(L, b->w, 0);
+    lua_pushnil(L);
+    lua_replace(L, AW_BOX);
   }
   lua_settop(L, AW_TOP);
-  if (r < 0 && errno == EINTR && lua_gethook(L)) {
-    /* calling any function runs the hook's call event */
-    lua_pushcfunction(L, pp_pollable_timeout);
-    lua_call(L, 0, 0);
-    lua_settop(L, AW_TOP);
+  aw_check(L, s);
+  for (int i = 0; i < s->w.nengs; i++) pp_engine_ack(s->w.engs[i]);
+  pp_drain(L);
+  if (aw_check(L, s)) {
+    /* jobs that ended since the drain are on their engine's list by now
+     * (a job is listed before it shows as done): their callbacks run
+     * before the waiter is released */
+    pp_drain(L);
+    return 1;
   }
+  return 0;
+}
+
+static int aw_peek(lua_State *L, pp_wait *w) { return aw_check(L, (awstate *)w); }
+
+static int await_k(lua_State *L, int status, lua_KContext ctx);
+
+/* In a yieldable coroutine with a waiter installed, wait in the waiter:
+ * it is given an fd readable once the condition may hold. */
+static int aw_instead(lua_State *L, pp_wait *w, double left) {
+  (void)w;
+  if (!lua_isyieldable(L)) return 0;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, REG_WAITER) != LUA_TFUNCTION) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  int fd;
+  pp_engine *xe;
+  if (pp_executor_engine(L, AW_TARGET, &xe)) {
+    fd = pp_engine_fd(xe);
+  } else {
+    waitbox *b = new_waitbox(L);
+    lua_replace(L, AW_BOX);
+    aw_register(L, b->w, 1);
+    fd = b->w->fd;
+  }
+  lua_pushinteger(L, fd);
+  if (left < 0)
+    lua_pushnil(L);
+  else
+    lua_pushnumber(L, left);
+  lua_callk(L, 2, 0, 0, await_k);
+  return 1;
 }
 
 static int await_k(lua_State *L, int status, lua_KContext ctx) {
   (void)status;
   (void)ctx;
   awstate s;
-  aw_init(&s);
+  s.w.check = aw_look;
+  s.w.peek = aw_peek;
+  s.w.instead = aw_instead;
+  s.w.engs = s.inl;
+  s.w.nengs = 0;
+  s.w.deadline = lua_isnoneornil(L, AW_DEADLINE) ? -1 : lua_tonumber(L, AW_DEADLINE);
+  s.w.slice_ms = -1;
+  s.w.on_signal = 1;
+  s.cap = 16;
   if (lua_type(L, AW_ENGINES) == LUA_TUSERDATA) { /* back from the waiter: keep the scratch */
-    s.engs = lua_touserdata(L, AW_ENGINES);
-    s.cap = (int)(lua_rawlen(L, AW_ENGINES) / sizeof *s.engs);
+    s.w.engs = lua_touserdata(L, AW_ENGINES);
+    s.cap = (int)(lua_rawlen(L, AW_ENGINES) / sizeof *s.w.engs);
   }
-  int spun = 0;
-  for (;;) {
-    if (lua_type(L, AW_BOX) == LUA_TUSERDATA) { /* back from the waiter */
-      waitbox *b = lua_touserdata(L, AW_BOX);
-      aw_register(L, b->w, 0);
-      lua_pushnil(L);
-      lua_replace(L, AW_BOX);
-    }
-    lua_settop(L, AW_TOP);
-    /* clear the notifications first, so none that follow are missed */
-    aw_check(L, &s);
-    for (int i = 0; i < s.nengs; i++) pp_engine_ack(s.engs[i]);
-    pp_drain(L);
-    if (aw_check(L, &s)) {
-      /* jobs that ended since the drain are on their engine's list by now
-       * (a job is listed before it shows as done): their callbacks run
-       * before the waiter is released */
-      pp_drain(L);
-      lua_pushboolean(L, 1);
-      return 1;
-    }
-    double deadline = lua_isnoneornil(L, AW_DEADLINE) ? -1 : lua_tonumber(L, AW_DEADLINE);
-    double left = deadline < 0 ? -1 : deadline - now_s();
-    if (deadline >= 0 && left <= 0) {
-      lua_pushboolean(L, 0);
-      return 1;
-    }
-    if (lua_isyieldable(L) && lua_getfield(L, LUA_REGISTRYINDEX, REG_WAITER) == LUA_TFUNCTION) {
-      int fd;
-      pp_engine *xe;
-      if (pp_executor_engine(L, AW_TARGET, &xe)) {
-        fd = pp_engine_fd(xe);
-      } else {
-        waitbox *b = new_waitbox(L);
-        lua_replace(L, AW_BOX);
-        aw_register(L, b->w, 1);
-        fd = b->w->fd;
-      }
-      lua_pushinteger(L, fd);
-      if (left < 0)
-        lua_pushnil(L);
-      else
-        lua_pushnumber(L, left);
-      lua_callk(L, 2, 0, 0, await_k);
-      continue;
-    }
-    lua_settop(L, AW_TOP);
-    /* a result often arrives within microseconds: look again briefly
-     * before sleeping, which costs far more to wake from */
-    if (!spun) {
-      spun = 1;
-      uint64_t until = pp_now_ns() + SPIN_NS;
-      int done = 0;
-      while (!done && pp_now_ns() < until) {
-        sched_yield();
-        done = aw_check(L, &s);
-      }
-      if (done) continue;
-    }
-    aw_sleep(L, &s, left < 0 ? -1 : (int)ceil(left * 1000.0));
-  }
+  lua_pushboolean(L, pp_wait_loop(L, &s.w));
+  return 1;
 }
 
 static int l_await(lua_State *L) {
