@@ -16,46 +16,6 @@
 
 #include "pp.h"
 
-/*
- * Format (little-endian throughout):
- *   message    = "\x1bPP" version:u8 list
- *   list       = count:varint value*count
- *   value      = tag payload
- * Tags 0x80-0xff are integers 0..127, 0x40-0x7f strings of 0..63 bytes.
- * Tables, functions and __serialize values carry the REFD bit when a later
- * REF points at them; a REF's payload is the byte offset of the target's
- * tag within the list, so unshared data costs nothing for sharing.
- */
-enum {
-  T_NIL = 0x00,
-  T_FALSE = 0x01,
-  T_TRUE = 0x02,
-  T_INT8 = 0x03,
-  T_INT16 = 0x04,
-  T_INT32 = 0x05,
-  T_INT64 = 0x06,
-  T_FLOAT = 0x07,
-  T_STR8 = 0x08,
-  T_STR32 = 0x09,
-  T_STR64 = 0x0a,
-  T_TABLE = 0x0b,    /* narr:u32 nhash:u32 value*narr (key value)*nhash */
-  T_TABLE_MT = 0x0c, /* as T_TABLE, then the metatable */
-  T_REF = 0x0d,      /* offset:varint */
-  T_FUNC = 0x0e,     /* flags:u8 len:varint bytecode nups:u8 upvalue*nups */
-  T_UPREF = 0x0f,    /* (upvalue position only) func offset:varint index:u8 */
-  T_GLOBALS = 0x10,  /* the receiver's global table */
-  T_MODULE = 0x11,   /* name:string -> package.loaded[name] */
-  T_CFUNC = 0x12,    /* module:string key:string (a C function or light userdata) */
-  T_CUSTOM = 0x13,   /* constructor:string nargs:varint value*nargs */
-  T_REFD = 0x20,
-  T_FIXSTR = 0x40,
-  T_FIXINT = 0x80
-};
-
-#define FN_PURE 0x01 /* upvalues are all names or immutable scalars */
-
-/* Every message's first bytes: "\x1bPP" and the format version. */
-static const char MSG_HEADER[PP_CODEC_HEADER] = {0x1b, 'P', 'P', PP_CODEC_VERSION};
 #define INPROGRESS ((uint64_t)1 << 62)
 
 /* ------------------------------------------------------------------ */
@@ -129,44 +89,6 @@ static void pm_free(pmap *m) {
   free(m->t);
   m->t = NULL;
   m->mask = m->n = 0;
-}
-
-/* ------------------------------------------------------------------ */
-/* little-endian and varint helpers                                    */
-
-static void put_le(unsigned char *p, uint64_t v, int n) {
-  for (int i = 0; i < n; i++) p[i] = (unsigned char)(v >> (8 * i));
-}
-
-static uint64_t get_le(const unsigned char *p, int n) {
-  uint64_t v = 0;
-  for (int i = 0; i < n; i++) v |= (uint64_t)p[i] << (8 * i);
-  return v;
-}
-
-size_t pp_varint_put(unsigned char *p, uint64_t v) {
-  size_t n = 0;
-  while (v >= 0x80) {
-    p[n++] = (unsigned char)(v | 0x80);
-    v >>= 7;
-  }
-  p[n++] = (unsigned char)v;
-  return n;
-}
-
-size_t pp_varint_get(const unsigned char *p, size_t avail, uint64_t *v) {
-  uint64_t r = 0;
-  for (size_t i = 0; i < avail && i < 10; i++) {
-    uint64_t b = p[i] & 0x7f;
-    if (i == 9 && b > 1) return 0; /* overflows 64 bits */
-    r |= b << (7 * i);
-    if (!(p[i] & 0x80)) {
-      if (i > 0 && p[i] == 0) return 0; /* overlong */
-      *v = r;
-      return i + 1;
-    }
-  }
-  return 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -312,18 +234,9 @@ static lua_Integer count_loaded(lua_State *L) {
   return n;
 }
 
-static size_t put_str_raw(unsigned char *p, const char *s, size_t len) {
-  size_t n = 0;
-  if (len < 64) {
-    p[n++] = (unsigned char)(T_FIXSTR | len);
-  } else if (len < 256) {
-    p[n++] = T_STR8;
-    p[n++] = (unsigned char)len;
-  } else {
-    p[n++] = T_STR32; /* names are short; 4 GiB is plenty */
-    put_le(p + n, len, 4);
-    n += 4;
-  }
+static size_t put_name_str(unsigned char *p, const char *s, size_t len) {
+  pp_scalar v = {.type = LUA_TSTRING, .len = len};
+  size_t n = pp_scalar_put(p, &v);
   memcpy(p + n, s, len);
   return n + len;
 }
@@ -341,8 +254,8 @@ static void index_add(lua_State *L, int rev, const char *mod, size_t mlen, const
     size_t olen;
     const unsigned char *o = (const unsigned char *)lua_tolstring(L, -1, &olen);
     /* existing: tag, then the module string (fixstr or str8) */
-    size_t om = (o[1] & 0xc0) == T_FIXSTR ? (size_t)(o[1] & 0x3f) : o[2];
-    const char *os = (const char *)o + ((o[1] & 0xc0) == T_FIXSTR ? 2 : 3);
+    size_t om = (o[1] & 0xc0) == PP_T_FIXSTR ? (size_t)(o[1] & 0x3f) : o[2];
+    const char *os = (const char *)o + ((o[1] & 0xc0) == PP_T_FIXSTR ? 2 : 3);
     int better = mlen < om || (mlen == om && memcmp(mod, os, mlen) < 0);
     if (!better) {
       lua_pop(L, 1);
@@ -351,9 +264,9 @@ static void index_add(lua_State *L, int rev, const char *mod, size_t mlen, const
   }
   lua_pop(L, 1);
   size_t n = 0;
-  stackbuf[n++] = key ? T_CFUNC : T_MODULE;
-  n += put_str_raw(stackbuf + n, mod, mlen);
-  if (key) n += put_str_raw(stackbuf + n, key, klen);
+  stackbuf[n++] = key ? PP_T_CFUNC : PP_T_MODULE;
+  n += put_name_str(stackbuf + n, mod, mlen);
+  if (key) n += put_name_str(stackbuf + n, key, klen);
   lua_pushvalue(L, -1);
   lua_pushlstring(L, (const char *)stackbuf, n);
   lua_rawset(L, rev);
@@ -399,22 +312,11 @@ static void index_build(lua_State *L, pp_encoder *E) {
 
 static const unsigned char *get_name_str(const unsigned char *p, const unsigned char *e,
                                          const char **s, size_t *len) {
-  if (p >= e) return NULL;
-  if ((*p & 0xc0) == T_FIXSTR) {
-    *len = *p & 0x3f;
-    p++;
-  } else if (*p == T_STR8 && e - p >= 2) {
-    *len = p[1];
-    p += 2;
-  } else if (*p == T_STR32 && e - p >= 5) {
-    *len = (size_t)get_le(p + 1, 4);
-    p += 5;
-  } else {
-    return NULL;
-  }
-  if ((size_t)(e - p) < *len) return NULL;
-  *s = (const char *)p;
-  return p + *len;
+  pp_scalar v;
+  if (p >= e || !pp_scalar_get(p, e, &v) || v.type != LUA_TSTRING) return NULL;
+  *s = v.s;
+  *len = (size_t)v.len;
+  return (const unsigned char *)v.s + v.len;
 }
 
 /* Does the indexed name `enc` still resolve to the value at `vidx`? */
@@ -428,7 +330,7 @@ static int index_verify(lua_State *L, const unsigned char *enc, size_t len, int 
   push_loaded(L);
   lua_pushlstring(L, mod, mlen);
   lua_rawget(L, -2);
-  if (enc[0] == T_CFUNC) {
+  if (enc[0] == PP_T_CFUNC) {
     if (get_name_str(p, e, &key, &klen) && lua_type(L, -1) == LUA_TTABLE) {
       lua_pushlstring(L, key, klen);
       lua_rawget(L, -2);
@@ -501,48 +403,18 @@ static void w_varint(lua_State *L, pp_encoder *E, uint64_t v) {
 }
 
 static void w_int(lua_State *L, pp_encoder *E, lua_Integer i) {
-  unsigned char *p = w_res(L, E, 9);
-  if (i >= 0 && i < 128) {
-    p[0] = (unsigned char)(T_FIXINT | i);
-    E->out->n += 1;
-  } else if (i >= INT8_MIN && i <= INT8_MAX) {
-    p[0] = T_INT8;
-    p[1] = (unsigned char)(i & 0xff);
-    E->out->n += 2;
-  } else if (i >= INT16_MIN && i <= INT16_MAX) {
-    p[0] = T_INT16;
-    put_le(p + 1, (uint64_t)i, 2);
-    E->out->n += 3;
-  } else if (i >= INT32_MIN && i <= INT32_MAX) {
-    p[0] = T_INT32;
-    put_le(p + 1, (uint64_t)i, 4);
-    E->out->n += 5;
-  } else {
-    p[0] = T_INT64;
-    put_le(p + 1, (uint64_t)i, 8);
-    E->out->n += 9;
-  }
+  pp_scalar v = {.type = LUA_TNUMBER, .isint = 1, .i = i};
+  E->out->n += pp_scalar_put(w_res(L, E, PP_SCALAR_MAX), &v);
+}
+
+static void w_float(lua_State *L, pp_encoder *E, lua_Number d) {
+  pp_scalar v = {.type = LUA_TNUMBER, .d = (double)d};
+  E->out->n += pp_scalar_put(w_res(L, E, PP_SCALAR_MAX), &v);
 }
 
 static void w_str(lua_State *L, pp_encoder *E, const char *s, size_t len) {
-  unsigned char *p = w_res(L, E, len + 9);
-  size_t n;
-  if (len < 64) {
-    p[0] = (unsigned char)(T_FIXSTR | len);
-    n = 1;
-  } else if (len < 256) {
-    p[0] = T_STR8;
-    p[1] = (unsigned char)len;
-    n = 2;
-  } else if (len <= UINT32_MAX) {
-    p[0] = T_STR32;
-    put_le(p + 1, len, 4);
-    n = 5;
-  } else {
-    p[0] = T_STR64;
-    put_le(p + 1, len, 8);
-    n = 9;
-  }
+  pp_scalar v = {.type = LUA_TSTRING, .len = len};
+  size_t n = pp_scalar_put(w_res(L, E, len + PP_SCALAR_MAX), &v);
   if (E->gatheridx && len >= GATHER_MIN && E->ngaps < GATHER_MAX_GAPS) {
     /* keep the string (at the top of the stack) instead of its bytes */
     E->out->n += n;
@@ -586,8 +458,8 @@ static uint64_t logical(const pp_encoder *E, size_t pos) {
 }
 
 static void w_ref(lua_State *L, pp_encoder *E, size_t pos) {
-  E->out->p[pos] |= T_REFD; /* the target is shared */
-  w_byte(L, E, T_REF);
+  E->out->p[pos] |= PP_T_REFD; /* the target is shared */
+  w_byte(L, E, PP_T_REF);
   w_varint(L, E, logical(E, pos));
 }
 
@@ -701,24 +573,16 @@ static int enc_custom(lua_State *L, pp_encoder *E);
 static void encode_top(lua_State *L, pp_encoder *E) {
   switch (lua_type(L, -1)) {
   case LUA_TNIL:
-    w_byte(L, E, T_NIL);
+    w_byte(L, E, PP_T_NIL);
     break;
   case LUA_TBOOLEAN:
-    w_byte(L, E, lua_toboolean(L, -1) ? T_TRUE : T_FALSE);
+    w_byte(L, E, lua_toboolean(L, -1) ? PP_T_TRUE : PP_T_FALSE);
     break;
   case LUA_TNUMBER:
-    if (lua_isinteger(L, -1)) {
+    if (lua_isinteger(L, -1))
       w_int(L, E, lua_tointeger(L, -1));
-    } else {
-      lua_Number d = lua_tonumber(L, -1);
-      uint64_t bits;
-      double dd = (double)d;
-      memcpy(&bits, &dd, 8);
-      unsigned char *p = w_res(L, E, 9);
-      p[0] = T_FLOAT;
-      put_le(p + 1, bits, 8);
-      E->out->n += 9;
-    }
+    else
+      w_float(L, E, lua_tonumber(L, -1));
     break;
   case LUA_TSTRING: {
     size_t len;
@@ -754,7 +618,7 @@ static void enc_table(lua_State *L, pp_encoder *E) {
   const void *p = lua_topointer(L, -1);
   uint64_t off;
   if (p == E->globals) {
-    w_byte(L, E, T_GLOBALS);
+    w_byte(L, E, PP_T_GLOBALS);
     lua_pop(L, 1);
     return;
   }
@@ -774,10 +638,10 @@ static void enc_table(lua_State *L, pp_encoder *E) {
     if (enc_custom(L, E)) return;
   }
   off = E->out->n;
-  unsigned char *w = w_res(L, E, 9);
-  w[0] = has_mt ? T_TABLE_MT : T_TABLE;
-  memset(w + 1, 0, 8);
-  E->out->n += 9;
+  unsigned char *w = w_res(L, E, PP_TABLE_HDR);
+  w[0] = has_mt ? PP_T_TABLE_MT : PP_T_TABLE;
+  pp_table_counts_put(w, 0, 0);
+  E->out->n += PP_TABLE_HDR;
   if (pm_put(&E->refs, p, off)) enc_fail(L, E, "not enough memory");
   eframe *f = push_eframe(L, E, EF_TABLE);
   f->idx = lua_gettop(L);
@@ -847,7 +711,7 @@ static void enc_function(lua_State *L, pp_encoder *E) {
   off = E->out->n;
   unsigned char *w = w_res(L, E, blen + 13);
   size_t n = 0;
-  w[n++] = T_FUNC;
+  w[n++] = PP_T_FUNC;
   w[n++] = 0; /* flags, patched when the upvalues are known */
   n += pp_varint_put(w + n, blen);
   memcpy(w + n, bc, blen);
@@ -888,7 +752,7 @@ static int enc_custom(lua_State *L, pp_encoder *E) {
     enc_fail(L, E, "__serialize must return a constructor name (a string), got %s",
              nres < 1 ? "nothing" : luaL_typename(L, base));
   off = E->out->n;
-  w_byte(L, E, T_CUSTOM);
+  w_byte(L, E, PP_T_CUSTOM);
   size_t len;
   const char *name = lua_tolstring(L, base, &len);
   w_str(L, E, name, len);
@@ -923,7 +787,7 @@ static void enc_run(lua_State *L, pp_encoder *E) {
       continue;
     case EF_FUNC: {
       if (f->i >= f->n) {
-        if (f->pure) E->out->p[f->off + 1] |= FN_PURE;
+        if (f->pure) E->out->p[f->off + 1] |= PP_FN_PURE;
         lua_pop(L, 1);
         E->nfr--;
         continue;
@@ -932,9 +796,9 @@ static void enc_run(lua_State *L, pp_encoder *E) {
       void *uid = lua_upvalueid(L, f->idx, f->i);
       uint64_t v;
       if (uid && pm_get(&E->ups, uid, &v)) {
-        E->out->p[v >> 8] |= T_REFD;
+        E->out->p[v >> 8] |= PP_T_REFD;
         f->pure = 0;
-        w_byte(L, E, T_UPREF);
+        w_byte(L, E, PP_T_UPREF);
         w_varint(L, E, logical(E, (size_t)(v >> 8)));
         w_byte(L, E, (unsigned char)(v & 0xff));
         continue;
@@ -945,7 +809,7 @@ static void enc_run(lua_State *L, pp_encoder *E) {
       if (f->upname && strcmp(f->upname, "_ENV") == 0) {
         /* a function's environment is always the receiver's globals */
         lua_pop(L, 1);
-        w_byte(L, E, T_GLOBALS);
+        w_byte(L, E, PP_T_GLOBALS);
         continue;
       }
       if (f->pure) {
@@ -959,7 +823,7 @@ static void enc_run(lua_State *L, pp_encoder *E) {
             E->fr[E->nfr - 2].pure = 0;
           } else {
             unsigned char tag = (unsigned char)E->out->p[before];
-            if (tag != T_GLOBALS && tag != T_MODULE) f->pure = 0;
+            if (tag != PP_T_GLOBALS && tag != PP_T_MODULE) f->pure = 0;
           }
           continue;
         }
@@ -1006,8 +870,7 @@ static void enc_run(lua_State *L, pp_encoder *E) {
         encode_top(L, E);
         continue;
       }
-      put_le((unsigned char *)E->out->p + f->off + 1, f->narr, 4);
-      put_le((unsigned char *)E->out->p + f->off + 5, f->nhash, 4);
+      pp_table_counts_put((unsigned char *)E->out->p + f->off, f->narr, f->nhash);
       if (f->has_mt) {
         f->sub = S_MT;
         lua_getmetatable(L, f->idx);
@@ -1027,76 +890,36 @@ static void enc_run(lua_State *L, pp_encoder *E) {
 
 #define FAST_MAX 16
 
-static size_t raw_int(unsigned char *p, lua_Integer i) {
-  if (i >= 0 && i < 128) {
-    p[0] = (unsigned char)(T_FIXINT | i);
-    return 1;
-  }
-  if (i >= INT8_MIN && i <= INT8_MAX) {
-    p[0] = T_INT8;
-    p[1] = (unsigned char)(i & 0xff);
-    return 2;
-  }
-  if (i >= INT16_MIN && i <= INT16_MAX) {
-    p[0] = T_INT16;
-    put_le(p + 1, (uint64_t)i, 2);
-    return 3;
-  }
-  if (i >= INT32_MIN && i <= INT32_MAX) {
-    p[0] = T_INT32;
-    put_le(p + 1, (uint64_t)i, 4);
-    return 5;
-  }
-  p[0] = T_INT64;
-  put_le(p + 1, (uint64_t)i, 8);
-  return 9;
-}
-
 /* Write the one scalar at idx (nil, boolean, number or string; `type` is
  * its type) as tag and bytes at p, which has room; returns the length. */
 static size_t fast_put(lua_State *L, int idx, int type, unsigned char *p) {
-  unsigned char *p0 = p;
+  pp_scalar v = {.type = type};
   switch (type) {
   case LUA_TNIL:
-    *p++ = T_NIL;
     break;
   case LUA_TBOOLEAN:
-    *p++ = lua_toboolean(L, idx) ? T_TRUE : T_FALSE;
+    v.i = lua_toboolean(L, idx);
     break;
   case LUA_TNUMBER: {
     int isint;
     lua_Integer iv = lua_tointegerx(L, idx, &isint);
-    if (isint && lua_isinteger(L, idx)) {
-      p += raw_int(p, iv);
-    } else {
-      double d = (double)lua_tonumber(L, idx);
-      uint64_t bits;
-      memcpy(&bits, &d, 8);
-      *p++ = T_FLOAT;
-      put_le(p, bits, 8);
-      p += 8;
-    }
+    v.isint = isint && lua_isinteger(L, idx);
+    if (v.isint)
+      v.i = iv;
+    else
+      v.d = (double)lua_tonumber(L, idx);
     break;
   }
   default: { /* string */
     size_t len;
     const char *str = lua_tolstring(L, idx, &len);
-    if (len < 64) {
-      *p++ = (unsigned char)(T_FIXSTR | len);
-    } else if (len < 256) {
-      *p++ = T_STR8;
-      *p++ = (unsigned char)len;
-    } else {
-      *p++ = T_STR32;
-      put_le(p, len, 4);
-      p += 4;
-    }
-    memcpy(p, str, len);
-    p += len;
-    break;
+    v.len = len;
+    size_t n = pp_scalar_put(p, &v);
+    memcpy(p + n, str, len);
+    return n + len;
   }
   }
-  return (size_t)(p - p0);
+  return pp_scalar_put(p, &v);
 }
 
 size_t pp_encode_scalar(lua_State *L, int idx, int type, unsigned char *p) {
@@ -1107,69 +930,39 @@ size_t pp_encode_scalar(lua_State *L, int idx, int type, unsigned char *p) {
   return 1 + fast_put(L, idx, type, p + 1);
 }
 
+/* Push the scalar whose tag is at p (p < e, the end of the input);
+ * returns the bytes it takes, or 0 having pushed nothing, with *v saying
+ * why (pp_scalar_get). */
+static PP_SCALAR_INLINE size_t get_scalar(lua_State *L, const unsigned char *p,
+                                          const unsigned char *e, pp_scalar *v) {
+  size_t k = pp_scalar_get(p, e, v);
+  if (!k) return 0;
+  switch (v->type) {
+  case LUA_TNIL:
+    lua_pushnil(L);
+    break;
+  case LUA_TBOOLEAN:
+    lua_pushboolean(L, (int)v->i);
+    break;
+  case LUA_TNUMBER:
+    if (v->isint)
+      lua_pushinteger(L, (lua_Integer)v->i);
+    else
+      lua_pushnumber(L, (lua_Number)v->d);
+    break;
+  default:
+    lua_pushlstring(L, v->s, (size_t)v->len);
+    break;
+  }
+  return k;
+}
+
 /* Push the one scalar whose tag is at p (input ends at e); returns the
  * bytes read, or 0 having pushed nothing when it is not a scalar or the
  * input is short. */
 static size_t fast_get(lua_State *L, const unsigned char *p, const unsigned char *e) {
-  const unsigned char *p0 = p;
-  if (p >= e) return 0;
-  unsigned t = *p++;
-  if (t >= T_FIXINT) {
-    lua_pushinteger(L, (lua_Integer)(t & 0x7f));
-  } else if (t >= T_FIXSTR) {
-    size_t m = t & 0x3f;
-    if ((size_t)(e - p) < m) return 0;
-    lua_pushlstring(L, (const char *)p, m);
-    p += m;
-  } else {
-    switch (t) {
-    case T_NIL:
-      lua_pushnil(L);
-      break;
-    case T_FALSE:
-    case T_TRUE:
-      lua_pushboolean(L, t == T_TRUE);
-      break;
-    case T_INT8:
-    case T_INT16:
-    case T_INT32:
-    case T_INT64: {
-      int w = t == T_INT8 ? 1 : t == T_INT16 ? 2 : t == T_INT32 ? 4 : 8;
-      if ((size_t)(e - p) < (size_t)w) return 0;
-      uint64_t v = get_le(p, w);
-      lua_Integer iv = w == 1   ? (lua_Integer)(int8_t)v
-                       : w == 2 ? (lua_Integer)(int16_t)v
-                       : w == 4 ? (lua_Integer)(int32_t)v
-                                : (lua_Integer)v;
-      lua_pushinteger(L, iv);
-      p += w;
-      break;
-    }
-    case T_FLOAT: {
-      if ((size_t)(e - p) < 8) return 0;
-      uint64_t bits = get_le(p, 8);
-      double d;
-      memcpy(&d, &bits, 8);
-      lua_pushnumber(L, (lua_Number)d);
-      p += 8;
-      break;
-    }
-    case T_STR8:
-    case T_STR32: {
-      size_t w = t == T_STR8 ? 1 : 4;
-      if ((size_t)(e - p) < w) return 0;
-      size_t m = (size_t)get_le(p, (int)w);
-      p += w;
-      if ((size_t)(e - p) < m) return 0;
-      lua_pushlstring(L, (const char *)p, m);
-      p += m;
-      break;
-    }
-    default:
-      return 0;
-    }
-  }
-  return (size_t)(p - p0);
+  pp_scalar v;
+  return p < e ? get_scalar(L, p, e, &v) : 0;
 }
 
 size_t pp_decode_first(lua_State *L, const char *s, size_t len) {
@@ -1197,7 +990,7 @@ static int encode_fast(lua_State *L, int first, int n, pp_wbuf *out, int header)
   if (pp_wbuf_reserve(out, need) != 0) luaL_error(L, "procpool: not enough memory to serialize");
   unsigned char *p = (unsigned char *)out->p + out->n, *p0 = p;
   if (header) {
-    memcpy(p, MSG_HEADER, PP_CODEC_HEADER);
+    pp_codec_header_put(p);
     p += PP_CODEC_HEADER;
   }
   p += pp_varint_put(p, (uint64_t)n);
@@ -1212,7 +1005,8 @@ static int decode_fast(lua_State *L, const unsigned char *s, size_t len, size_t 
                        int *count) {
   const unsigned char *p = s, *e = s + len;
   if (header) {
-    if (len < PP_CODEC_HEADER || memcmp(s, MSG_HEADER, PP_CODEC_HEADER) != 0) return 0;
+    if (len < PP_CODEC_HEADER || memcmp(s, PP_CODEC_MAGIC, 3) != 0 || s[3] != PP_CODEC_VERSION)
+      return 0;
     p += PP_CODEC_HEADER;
   }
   uint64_t n;
@@ -1273,7 +1067,7 @@ void pp_encode(lua_State *L, int first, int n, pp_wbuf *out, int header, const c
       *busy = 0;
       luaL_error(L, "procpool: not enough memory to serialize");
     }
-    memcpy(out->p + out->n, MSG_HEADER, PP_CODEC_HEADER);
+    pp_codec_header_put((unsigned char *)out->p + out->n);
     out->n += PP_CODEC_HEADER;
   }
   w_varint(L, E, (uint64_t)n);
@@ -1333,28 +1127,26 @@ static uint64_t dec_varint(lua_State *L, pp_decoder *D) {
   return v;
 }
 
-/* Read a string value (any string tag); used for names. */
+/* Fail for a scalar cut short (pp_scalar_get), where its bytes end. */
+PP_NORETURN static void dec_short(lua_State *L, pp_decoder *D, const pp_scalar *v) {
+  D->p += v->short_at;
+  dec_fail(L, D, "truncated input");
+}
+
+/* Read a string value; used for names (never 4 GiB long: PP_T_STR64 is
+ * refused). */
 static const char *dec_name(lua_State *L, pp_decoder *D, size_t *len) {
   NEED(L, D, 1);
-  unsigned t = *D->p++;
-  uint64_t n;
-  if ((t & 0xc0) == T_FIXSTR) {
-    n = t & 0x3f;
-  } else if (t == T_STR8) {
-    NEED(L, D, 1);
-    n = *D->p++;
-  } else if (t == T_STR32) {
-    NEED(L, D, 4);
-    n = get_le(D->p, 4);
-    D->p += 4;
-  } else {
+  pp_scalar v;
+  size_t k = pp_scalar_get(D->p, D->e, &v);
+  if (v.type != LUA_TSTRING || *D->p == PP_T_STR64) {
+    D->p++;
     dec_fail(L, D, "name expected");
   }
-  NEED(L, D, n);
-  const char *s = (const char *)D->p;
-  D->p += n;
-  *len = (size_t)n;
-  return s;
+  if (!k) dec_short(L, D, &v);
+  D->p += k;
+  *len = (size_t)v.len;
+  return v.s;
 }
 
 static void dec_register(lua_State *L, pp_decoder *D, size_t off) {
@@ -1570,7 +1362,7 @@ static void dec_func(lua_State *L, pp_decoder *D, int refd, size_t off) {
   D->p += len;
   NEED(L, D, 1);
   int nups = *D->p++;
-  int cache = D->fncache && (flags & FN_PURE) && D->nfr == 1;
+  int cache = D->fncache && (flags & PP_FN_PURE) && D->nfr == 1;
   int loaded = 0;
   if (cache) {
     lua_pushlstring(L, bc, (size_t)len);
@@ -1616,86 +1408,34 @@ static void dec_func(lua_State *L, pp_decoder *D, int refd, size_t off) {
 static int dec_value(lua_State *L, pp_decoder *D) {
   NEED(L, D, 1);
   size_t off = (size_t)(D->p - D->s);
+  pp_scalar v;
+  size_t k = get_scalar(L, D->p, D->e, &v);
+  if (k) {
+    D->p += k;
+    return 1;
+  }
+  if (v.type != LUA_TNONE) dec_short(L, D, &v);
   unsigned tag = *D->p++;
-  if (tag >= T_FIXINT) {
-    lua_pushinteger(L, (lua_Integer)(tag & 0x7f));
-    return 1;
-  }
-  if (tag >= T_FIXSTR) {
-    size_t n = tag & 0x3f;
-    NEED(L, D, n);
-    lua_pushlstring(L, (const char *)D->p, n);
-    D->p += n;
-    return 1;
-  }
   int refd = 0;
   switch (tag) {
-  case T_TABLE | T_REFD:
-  case T_TABLE_MT | T_REFD:
-  case T_FUNC | T_REFD:
-  case T_CUSTOM | T_REFD:
+  case PP_T_TABLE | PP_T_REFD:
+  case PP_T_TABLE_MT | PP_T_REFD:
+  case PP_T_FUNC | PP_T_REFD:
+  case PP_T_CUSTOM | PP_T_REFD:
     refd = 1;
-    tag &= ~(unsigned)T_REFD;
+    tag &= ~(unsigned)PP_T_REFD;
     break;
   default:
     break;
   }
   switch (tag) {
-  case T_NIL:
-    lua_pushnil(L);
-    return 1;
-  case T_FALSE:
-    lua_pushboolean(L, 0);
-    return 1;
-  case T_TRUE:
-    lua_pushboolean(L, 1);
-    return 1;
-  case T_INT8:
-    NEED(L, D, 1);
-    lua_pushinteger(L, (lua_Integer)(int8_t)D->p[0]);
-    D->p += 1;
-    return 1;
-  case T_INT16:
-    NEED(L, D, 2);
-    lua_pushinteger(L, (lua_Integer)(int16_t)get_le(D->p, 2));
-    D->p += 2;
-    return 1;
-  case T_INT32:
-    NEED(L, D, 4);
-    lua_pushinteger(L, (lua_Integer)(int32_t)get_le(D->p, 4));
-    D->p += 4;
-    return 1;
-  case T_INT64:
-    NEED(L, D, 8);
-    lua_pushinteger(L, (lua_Integer)get_le(D->p, 8));
-    D->p += 8;
-    return 1;
-  case T_FLOAT: {
-    NEED(L, D, 8);
-    uint64_t bits = get_le(D->p, 8);
-    double d;
-    memcpy(&d, &bits, 8);
-    lua_pushnumber(L, (lua_Number)d);
-    D->p += 8;
-    return 1;
-  }
-  case T_STR8:
-  case T_STR32:
-  case T_STR64: {
-    int w = tag == T_STR8 ? 1 : tag == T_STR32 ? 4 : 8;
-    NEED(L, D, w);
-    uint64_t n = get_le(D->p, w);
-    D->p += w;
-    NEED(L, D, n);
-    lua_pushlstring(L, (const char *)D->p, (size_t)n);
-    D->p += n;
-    return 1;
-  }
-  case T_TABLE:
-  case T_TABLE_MT: {
-    NEED(L, D, 8);
-    uint64_t narr = get_le(D->p, 4), nhash = get_le(D->p + 4, 4);
-    D->p += 8;
+  case PP_T_TABLE:
+  case PP_T_TABLE_MT: {
+    NEED(L, D, PP_TABLE_HDR - 1);
+    uint32_t narr32, nhash32;
+    pp_table_counts_get(D->p, &narr32, &nhash32);
+    uint64_t narr = narr32, nhash = nhash32; /* 2 * nhash below must not wrap */
+    D->p += PP_TABLE_HDR - 1;
     size_t left = (size_t)(D->e - D->p);
     if (narr > left || nhash > left / 2 || narr + 2 * nhash > left)
       dec_fail(L, D, "table size exceeds the input");
@@ -1708,31 +1448,31 @@ static int dec_value(lua_State *L, pp_decoder *D) {
     f->a = narr;
     f->b = nhash;
     f->ai = 0;
-    f->mt = tag == T_TABLE_MT;
+    f->mt = tag == PP_T_TABLE_MT;
     f->sub = S_START;
     return 0;
   }
-  case T_REF: {
+  case PP_T_REF: {
     uint64_t to = dec_varint(L, D);
     if (!lua_toboolean(L, D->refsidx) || to >= off ||
         lua_rawgeti(L, D->refsidx, (lua_Integer)to) == LUA_TNIL)
       dec_fail(L, D, "bad reference");
     return 1;
   }
-  case T_FUNC:
+  case PP_T_FUNC:
     dec_func(L, D, refd, off);
     return 0;
-  case T_GLOBALS:
+  case PP_T_GLOBALS:
     lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
     return 1;
-  case T_MODULE:
-  case T_CFUNC: {
+  case PP_T_MODULE:
+  case PP_T_CFUNC: {
     size_t mlen, klen = 0;
     const char *mod = dec_name(L, D, &mlen), *key = NULL, *err;
-    if (tag == T_CFUNC) key = dec_name(L, D, &klen);
+    if (tag == PP_T_CFUNC) key = dec_name(L, D, &klen);
     if (!pp_push_module(L, mod, mlen, &err))
       dec_fail(L, D, "cannot load module '%s': %s", lua_pushlstring(L, mod, mlen), err);
-    if (tag == T_CFUNC) {
+    if (tag == PP_T_CFUNC) {
       if (!lua_istable(L, -1))
         dec_fail(L, D, "module '%s' is not a table", lua_pushlstring(L, mod, mlen));
       lua_pushlstring(L, key, klen);
@@ -1744,7 +1484,7 @@ static int dec_value(lua_State *L, pp_decoder *D) {
     }
     return 1;
   }
-  case T_CUSTOM: {
+  case PP_T_CUSTOM: {
     size_t nlen;
     const char *name = dec_name(L, D, &nlen), *err;
     uint64_t nargs = dec_varint(L, D);
@@ -1810,11 +1550,16 @@ static void dec_run(lua_State *L, pp_decoder *D) {
       if (f->a > 0) {
         f->a--;
         f->sub = S_VALUE;
-        /* fast path: small integers straight into the array */
-        if (D->p < D->e && *D->p >= T_FIXINT) {
-          lua_pushinteger(L, (lua_Integer)(*D->p++ & 0x7f));
-          continue;
+        /* fast path: scalars straight into the array */
+        if (D->p < D->e) {
+          pp_scalar v;
+          size_t k = get_scalar(L, D->p, D->e, &v);
+          if (k) {
+            D->p += k;
+            continue;
+          }
         }
+
         dec_value(L, D);
         continue;
       }
@@ -1842,7 +1587,7 @@ static void dec_run(lua_State *L, pp_decoder *D) {
         continue;
       }
       NEED(L, D, 1);
-      if (*D->p == T_UPREF) {
+      if (*D->p == PP_T_UPREF) {
         D->p++;
         size_t here = (size_t)(D->p - D->s);
         uint64_t to = dec_varint(L, D);
@@ -1904,7 +1649,8 @@ int pp_decode(lua_State *L, const char *s, size_t len, size_t *used, int header,
   D->refsidx = top0 + 1;
   D->fncache = fncache;
   if (header) {
-    if (len < PP_CODEC_HEADER || memcmp(s, MSG_HEADER, 3) != 0) dec_fail(L, D, "not procpool data");
+    if (len < PP_CODEC_HEADER || memcmp(s, PP_CODEC_MAGIC, 3) != 0)
+      dec_fail(L, D, "not procpool data");
     if ((unsigned char)s[3] != PP_CODEC_VERSION)
       dec_fail(L, D, "unsupported format version %d (this is %d)", (unsigned char)s[3],
                PP_CODEC_VERSION);
