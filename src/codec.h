@@ -1,5 +1,5 @@
-/* codec.h: the value codec: Lua values <-> bytes (the format itself is
- * codec_format.h's). */
+/* codec.h: the value codec: Lua values <-> bytes (encode.c, decode.c,
+ * names.c; its format is codec_format.h's). */
 #ifndef PP_CODEC_H
 #define PP_CODEC_H
 
