@@ -36,17 +36,22 @@ build = {
   modules = {
     ["procpool.core"] = {
       sources = {
+        "src/bccheck.c",
         "src/buf.c",
         "src/channel.c",
         "src/codec.c",
+        "src/decode.c",
+        "src/encode.c",
         "src/engine.c",
         "src/error.c",
         "src/executor.c",
         "src/forkgate.c",
         "src/future.c",
+        "src/names.c",
         "src/proc.c",
         "src/procpool.c",
         "src/sys.c",
+        "src/wait.c",
         "src/worker.c",
       },
       incdirs = { "src" },

@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "buf.h"
+#include "le.h"
 
 /*
  * A frame is an 8-byte header (u32 body length, u8 type, u8 flags, u16 0)
@@ -49,23 +50,6 @@ typedef struct pp_page {
   uint64_t started;    /* seq of the item last started (0: none yet) */
   uint64_t started_ns; /* CLOCK_MONOTONIC of that start, when timed */
 } pp_page;
-
-static inline void pp_put32(unsigned char *p, uint32_t v) {
-  p[0] = (unsigned char)v;
-  p[1] = (unsigned char)(v >> 8);
-  p[2] = (unsigned char)(v >> 16);
-  p[3] = (unsigned char)(v >> 24);
-}
-static inline void pp_put64(unsigned char *p, uint64_t v) {
-  pp_put32(p, (uint32_t)v);
-  pp_put32(p + 4, (uint32_t)(v >> 32));
-}
-static inline uint32_t pp_get32(const unsigned char *p) {
-  return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-static inline uint64_t pp_get64(const unsigned char *p) {
-  return (uint64_t)pp_get32(p) | (uint64_t)pp_get32(p + 4) << 32;
-}
 
 /* sendmsg/recvmsg with fds (SCM_RIGHTS), EINTR retried, no SIGPIPE.
  * pp_send_fds attaches nfds fds (0..4) to the bytes p[0..n). pp_recv_fds

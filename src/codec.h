@@ -1,4 +1,5 @@
-/* codec.h: the value codec: Lua values <-> bytes. */
+/* codec.h: the value codec: Lua values <-> bytes (encode.c, decode.c,
+ * names.c; its format is codec_format.h's). */
 #ifndef PP_CODEC_H
 #define PP_CODEC_H
 
@@ -7,13 +8,7 @@
 #include <stdint.h>
 
 #include "buf.h"
-
-#define PP_CODEC_VERSION 1
-#define PP_CODEC_HEADER 4 /* "\x1bPP" + version */
-
-/* Deepest nesting of tables/functions either direction accepts. The codec
- * works iteratively (no C recursion), so this bounds the Lua stack only. */
-#define PP_CODEC_MAX_DEPTH 100000
+#include "codec_format.h"
 
 /* Encode the `n` values at stack index `first`... and append them to `out`
  * as a value list (count + values); with `header`, prefix the format
@@ -52,10 +47,5 @@ int pp_push_module(lua_State *L, const char *name, size_t len, const char **err)
 /* Push the function named "mod:fn", "mod.fn" (split at the last dot) or
  * "global". On failure returns 0 with *err set. */
 int pp_resolve_name(lua_State *L, const char *name, size_t len, const char **err);
-
-/* Varint helpers shared with the frame code. */
-size_t pp_varint_put(unsigned char *p, uint64_t v);
-/* Returns bytes read, 0 on truncated/overlong input. */
-size_t pp_varint_get(const unsigned char *p, size_t avail, uint64_t *v);
 
 #endif

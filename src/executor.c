@@ -1,7 +1,6 @@
 /* executor.c: the Executor userdata: starting the engine, submitting jobs. */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -17,7 +16,17 @@
 #include "future.h"
 #include "pp.h"
 #include "proc.h"
+#include "wait.h"
 #include "wire.h"
+
+#define PP_EXECUTOR_MT "procpool.Executor"
+
+/* The Executor userdata. */
+typedef struct pp_exec {
+  pp_engine *e; /* NULL once closed */
+  int nworkers;
+  uint64_t polled; /* ended-job count at the last poll() */
+} pp_exec;
 
 /* A registry-held object whose finalizer runs first when the state
  * closes: it tells executors that the state is closing, so they stop
@@ -86,6 +95,13 @@ static pp_exec *checkexec(lua_State *L, int idx) {
   if (!x->e) pp_error_raise(L, "InvalidStateError", "the executor is closed");
   if (!pp_engine_mine(x->e)) pp_error_raise(L, "InvalidStateError", "%s", pp_strerror(PP_EFOREIGN));
   return x;
+}
+
+int pp_executor_engine(lua_State *L, int idx, pp_engine **e) {
+  pp_exec *x = luaL_testudata(L, idx, PP_EXECUTOR_MT);
+  if (!x) return 0;
+  *e = x->e;
+  return 1;
 }
 
 static lua_Integer opt_int(lua_State *L, int t, const char *k, lua_Integer def) {
@@ -383,23 +399,35 @@ static int l_pollfd(lua_State *L) {
   return 1;
 }
 
+/* poll()'s wait: futures ended since the last poll (their callbacks
+ * run), or the engine has ended. */
+typedef struct pollwait {
+  pp_wait w;
+  pp_exec *x;
+  uint64_t n; /* ended since the last poll */
+} pollwait;
+
+static int poll_look(lua_State *L, pp_wait *w) {
+  pollwait *p = (pollwait *)w;
+  p->n = pp_engine_ack(p->x->e) - p->x->polled;
+  pp_drain(L);
+  return p->n > 0 || pp_engine_state(p->x->e) == PP_E_DEAD;
+}
+
 /* poll(timeout) -> number of futures that ended since the last poll */
 static int l_poll(lua_State *L) {
   pp_exec *x = checkexec(L, 1);
   double timeout = luaL_optnumber(L, 2, 0);
-  double deadline = (double)pp_now_ns() / 1e9 + (timeout > 0 ? timeout : 0);
-  uint64_t n = 0;
-  for (;;) {
-    uint64_t total = pp_engine_ack(x->e);
-    n = total - x->polled;
-    pp_drain(L);
-    double left = deadline - (double)pp_now_ns() / 1e9;
-    if (n > 0 || left <= 0 || pp_engine_state(x->e) == PP_E_DEAD) break;
-    struct pollfd p = {pp_engine_fd(x->e), POLLIN, 0};
-    poll(&p, 1, (int)(left * 1000) + 1);
-  }
-  x->polled += n;
-  lua_pushinteger(L, (lua_Integer)n);
+  pollwait p = {{.check = poll_look,
+                 .engs = &x->e,
+                 .nengs = 1,
+                 .deadline = pp_wait_now() + (timeout > 0 ? timeout : 0),
+                 .slice_ms = -1},
+                x,
+                0};
+  pp_wait_loop(L, &p.w);
+  x->polled += p.n;
+  lua_pushinteger(L, (lua_Integer)p.n);
   return 1;
 }
 
@@ -415,6 +443,12 @@ static int l_nworkers(lua_State *L) {
   return 1;
 }
 
+/* The closing wait's look: the engine has ended (no callbacks run). */
+static int ended_look(lua_State *L, pp_wait *w) {
+  pp_engine_ack(w->engs[0]);
+  return pp_engine_state(w->engs[0]) == PP_E_DEAD;
+}
+
 /* Garbage collection: an executor nobody can reach any more. */
 static int l_gc(lua_State *L) {
   pp_exec *x = luaL_checkudata(L, 1, PP_EXECUTOR_MT);
@@ -425,11 +459,8 @@ static int l_gc(lua_State *L) {
   if (state_closing(L)->closing) {
     /* the state is closing: stop the workers now and wait for them */
     if (pp_engine_state(e) != PP_E_DEAD) pp_engine_kill(e, SIGKILL);
-    while (pp_engine_state(e) != PP_E_DEAD) {
-      struct pollfd p = {pp_engine_fd(e), POLLIN, 0};
-      poll(&p, 1, 100);
-      pp_engine_ack(e);
-    }
+    pp_wait w = {.check = ended_look, .engs = &e, .nengs = 1, .deadline = -1, .slice_ms = 100};
+    pp_wait_loop(L, &w);
     pp_engine_join(e);
   } else {
     /* running tasks finish in the background. Queued ones are cancelled

@@ -1,17 +1,11 @@
-/* future.c: Future userdata over the engine's jobs, and the wait primitive. */
+/* future.c: Future userdata over the engine's jobs, and its done callbacks. */
 #define _GNU_SOURCE
 #include "future.h"
 
-#include <errno.h>
 #include <limits.h>
-#include <math.h>
-#include <poll.h>
-#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
-#include <unistd.h>
 
 #include <lauxlib.h>
 
@@ -19,16 +13,11 @@
 #include "error.h"
 #include "pp.h"
 
-/* user values of a Future */
-enum { FUV_OUTCOME = 1, FUV_CALLBACKS, FUV_POLLFD, FUV_N = FUV_POLLFD };
-
 /* registry: futures with callbacks by job, and a count per engine */
 #define REG_CBFUTS "procpool.cbfuts"
 #define REG_CBENGINES "procpool.cbengines"
-#define REG_WAITER "procpool.waiter"
-#define WAITBOX_MT "procpool.WaitFd"
 
-static pp_fut *checkfut(lua_State *L, int idx) {
+pp_fut *pp_future_check(lua_State *L, int idx) {
   pp_fut *f = luaL_checkudata(L, idx, PP_FUTURE_MT);
   if (!f->job) pp_error_raise(L, "InvalidStateError", "a released future");
   if (!pp_engine_mine(f->e)) pp_error_raise(L, "InvalidStateError", "%s", pp_strerror(PP_EFOREIGN));
@@ -36,7 +25,7 @@ static pp_fut *checkfut(lua_State *L, int idx) {
 }
 
 void pp_future_push(lua_State *L, pp_engine *e, pp_job *job) {
-  pp_fut *f = lua_newuserdatauv(L, sizeof *f, FUV_N);
+  pp_fut *f = lua_newuserdatauv(L, sizeof *f, PP_FUV_N);
   f->job = NULL;
   f->e = NULL;
   luaL_setmetatable(L, PP_FUTURE_MT);
@@ -56,22 +45,20 @@ static int fut_gc(lua_State *L) {
   return 0;
 }
 
-static int is_done(int st) { return st == PP_JOB_DONE || st == PP_JOB_CANCELLED; }
-
 static int fut_done(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
-  lua_pushboolean(L, is_done(pp_engine_job_state(f->e, f->job)));
+  pp_fut *f = pp_future_check(L, 1);
+  lua_pushboolean(L, pp_job_ended(pp_engine_job_state(f->e, f->job)));
   return 1;
 }
 
 static int fut_running(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
+  pp_fut *f = pp_future_check(L, 1);
   lua_pushboolean(L, pp_engine_job_state(f->e, f->job) == PP_JOB_RUNNING);
   return 1;
 }
 
 static int fut_cancelled(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
+  pp_fut *f = pp_future_check(L, 1);
   lua_pushboolean(L, pp_engine_job_state(f->e, f->job) == PP_JOB_CANCELLED);
   return 1;
 }
@@ -90,7 +77,7 @@ static const char *state_name(int st) {
 }
 
 static int fut_state(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
+  pp_fut *f = pp_future_check(L, 1);
   lua_pushstring(L, state_name(pp_engine_job_state(f->e, f->job)));
   return 1;
 }
@@ -125,13 +112,13 @@ static int tb_handler(lua_State *L) {
 /* Call every callback of the future at `idx` once, then forget them. */
 static void run_callbacks(lua_State *L, int idx) {
   idx = lua_absindex(L, idx);
-  if (lua_getiuservalue(L, idx, FUV_CALLBACKS) != LUA_TTABLE) {
+  if (lua_getiuservalue(L, idx, PP_FUV_CALLBACKS) != LUA_TTABLE) {
     lua_pop(L, 1);
     return;
   }
   int cbs = lua_gettop(L);
   lua_pushnil(L);
-  lua_setiuservalue(L, idx, FUV_CALLBACKS);
+  lua_setiuservalue(L, idx, PP_FUV_CALLBACKS);
   lua_Integer n = (lua_Integer)lua_rawlen(L, cbs);
   for (lua_Integer i = 1; i <= n; i++) {
     lua_pushcfunction(L, tb_handler);
@@ -241,14 +228,14 @@ static int l_drain(lua_State *L) {
 }
 
 static int fut_add_done_callback(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
+  pp_fut *f = pp_future_check(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
   lua_settop(L, 2);
-  if (lua_getiuservalue(L, 1, FUV_CALLBACKS) != LUA_TTABLE) {
+  if (lua_getiuservalue(L, 1, PP_FUV_CALLBACKS) != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_newtable(L);
     lua_pushvalue(L, -1);
-    lua_setiuservalue(L, 1, FUV_CALLBACKS);
+    lua_setiuservalue(L, 1, PP_FUV_CALLBACKS);
   }
   lua_pushvalue(L, 2);
   lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
@@ -273,7 +260,7 @@ static int fut_add_done_callback(lua_State *L) {
 }
 
 static int fut_cancel(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
+  pp_fut *f = pp_future_check(L, 1);
   int was = pp_engine_job_state(f->e, f->job) == PP_JOB_CANCELLED;
   int ok = pp_engine_cancel(f->e, f->job);
   if (ok && !was) { /* cancelled now: callbacks run here, once */
@@ -345,11 +332,6 @@ static void push_item_error(lua_State *L, pp_fut *f, int status, const pp_death 
   }
 }
 
-/* Item i (0-based) has its outcome; its job may still be running. */
-static int item_ready(const pp_fut *f, uint32_t i) {
-  return __atomic_load_n(&f->job->items[i].status, __ATOMIC_ACQUIRE) != PP_IT_PENDING;
-}
-
 /* Push the values of item i (its outcome is in); returns the count, or
  * -1 after pushing (error value, traceback or nil) for a failure. Raises
  * if the values cannot be decoded here. For a job still running, the
@@ -362,7 +344,7 @@ static int push_item(lua_State *L, pp_fut *f, uint32_t i, int first_only, pp_blo
   size_t len = 0;
   pp_item_view v;
   const pp_death *death = NULL;
-  if (is_done(pp_engine_job_state(f->e, f->job))) {
+  if (pp_job_ended(pp_engine_job_state(f->e, f->job))) {
     const pp_item *it = &f->job->items[i];
     status = it->status;
     if (status == PP_IT_OK || status == PP_IT_ERROR)
@@ -458,11 +440,11 @@ static int decode_protected(lua_State *L, dstate *d) {
 /* _outcome() -> true, values... | false, error, traceback. Decoded once,
  * cached in the future. */
 static int fut_outcome(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
-  if (!is_done(pp_engine_job_state(f->e, f->job)))
+  pp_fut *f = pp_future_check(L, 1);
+  if (!pp_job_ended(pp_engine_job_state(f->e, f->job)))
     pp_error_raise(L, "InvalidStateError", "the future is not done");
   lua_settop(L, 1);
-  if (lua_getiuservalue(L, 1, FUV_OUTCOME) != LUA_TTABLE) {
+  if (lua_getiuservalue(L, 1, PP_FUV_OUTCOME) != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_newtable(L);
     int t = lua_gettop(L);
@@ -485,7 +467,7 @@ static int fut_outcome(lua_State *L) {
     lua_pushboolean(L, ok);
     lua_setfield(L, t, "ok");
     lua_pushvalue(L, t);
-    lua_setiuservalue(L, 1, FUV_OUTCOME);
+    lua_setiuservalue(L, 1, PP_FUV_OUTCOME);
   }
   int t = lua_gettop(L);
   lua_getfield(L, t, "ok");
@@ -499,10 +481,10 @@ static int fut_outcome(lua_State *L) {
 
 /* _item(i) -> true, first value | false, error, traceback (not cached) */
 static int fut_item(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
+  pp_fut *f = pp_future_check(L, 1);
   lua_Integer i = luaL_checkinteger(L, 2);
   if (i < 1 || i > (lua_Integer)f->job->n) luaL_argerror(L, 2, "no such item");
-  if (!item_ready(f, (uint32_t)(i - 1)))
+  if (!pp_future_item_ready(f, (uint32_t)(i - 1)))
     pp_error_raise(L, "InvalidStateError", "the item is not done");
   lua_settop(L, 2);
   lua_pushboolean(L, 1);
@@ -520,10 +502,10 @@ static int fut_item(lua_State *L) {
 
 /* _item_ready(i) -> whether item i has its outcome */
 static int fut_item_ready(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
+  pp_fut *f = pp_future_check(L, 1);
   lua_Integer i = luaL_checkinteger(L, 2);
   if (i < 1 || i > (lua_Integer)f->job->n) luaL_argerror(L, 2, "no such item");
-  lua_pushboolean(L, item_ready(f, (uint32_t)(i - 1)));
+  lua_pushboolean(L, pp_future_item_ready(f, (uint32_t)(i - 1)));
   return 1;
 }
 
@@ -531,12 +513,12 @@ static int fut_item_ready(lua_State *L) {
  * of all items into out[base], out[base+1], ...; stops at the first
  * failed item (in item order). */
 static int fut_collect(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
+  pp_fut *f = pp_future_check(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_Integer base = luaL_checkinteger(L, 3);
   if (base < INT_MIN + 1 || base > INT_MAX - (lua_Integer)f->job->n)
     luaL_argerror(L, 3, "bad base");
-  if (!is_done(pp_engine_job_state(f->e, f->job)))
+  if (!pp_job_ended(pp_engine_job_state(f->e, f->job)))
     pp_error_raise(L, "InvalidStateError", "the future is not done");
   lua_settop(L, 3);
   dstate d = {f, 0, f->job->n, 0, 1, (int)base, NULL};
@@ -555,13 +537,13 @@ static int fut_collect(lua_State *L) {
  * running, the last of the items from `from` on that are in (item `from`
  * must be). */
 static int fut_values(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
+  pp_fut *f = pp_future_check(L, 1);
   lua_Integer from = luaL_optinteger(L, 2, 1);
   uint32_t n = f->job->n, end = n;
   if (from < 1 || from > (lua_Integer)n + 1) luaL_argerror(L, 2, "no such item");
-  if (!is_done(pp_engine_job_state(f->e, f->job))) {
+  if (!pp_job_ended(pp_engine_job_state(f->e, f->job))) {
     end = (uint32_t)(from - 1);
-    while (end < n && item_ready(f, end)) end++;
+    while (end < n && pp_future_item_ready(f, end)) end++;
     if (end < (uint32_t)from) pp_error_raise(L, "InvalidStateError", "the item is not done");
   }
   lua_settop(L, 1);
@@ -588,8 +570,8 @@ static int fut_values(lua_State *L) {
 }
 
 static int fut_traceback(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
-  if (!is_done(pp_engine_job_state(f->e, f->job)) || f->job->n == 0 ||
+  pp_fut *f = pp_future_check(L, 1);
+  if (!pp_job_ended(pp_engine_job_state(f->e, f->job)) || f->job->n == 0 ||
       f->job->items[0].status != PP_IT_ERROR) {
     lua_pushnil(L);
     return 1;
@@ -600,347 +582,16 @@ static int fut_traceback(lua_State *L) {
 }
 
 static int fut_nitems(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
+  pp_fut *f = pp_future_check(L, 1);
   lua_pushinteger(L, (lua_Integer)f->job->n);
   return 1;
 }
 
 /* failed() -> true if done and any item failed (cancelled is not failed) */
 static int fut_failed(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
+  pp_fut *f = pp_future_check(L, 1);
   int st = pp_engine_job_state(f->e, f->job);
   lua_pushboolean(L, st == PP_JOB_DONE && f->job->nfailed > 0);
-  return 1;
-}
-
-/* ------------------------------------------------------------------ */
-/* pollable protocol                                                    */
-
-typedef struct waitbox {
-  pp_waiter *w;
-} waitbox;
-
-static int waitbox_gc(lua_State *L) {
-  waitbox *b = lua_touserdata(L, 1);
-  if (b->w) pp_waiter_unref(b->w);
-  b->w = NULL;
-  return 0;
-}
-
-static waitbox *new_waitbox(lua_State *L) {
-  waitbox *b = lua_newuserdatauv(L, sizeof *b, 0);
-  b->w = NULL;
-  luaL_setmetatable(L, WAITBOX_MT);
-  pp_waiter *w = malloc(sizeof *w);
-  if (!w) luaL_error(L, "procpool: not enough memory");
-  w->refs = 1;
-  w->fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  b->w = w;
-  if (w->fd < 0) luaL_error(L, "procpool: eventfd: %s", strerror(errno));
-  return b;
-}
-
-static void signal_waiter(pp_waiter *w);
-
-/* pollfd(): an fd readable once the future is done */
-static int fut_pollfd(lua_State *L) {
-  pp_fut *f = checkfut(L, 1);
-  if (lua_getiuservalue(L, 1, FUV_POLLFD) == LUA_TUSERDATA) {
-    waitbox *b = lua_touserdata(L, -1);
-    lua_pushinteger(L, b->w->fd);
-    return 1;
-  }
-  lua_pop(L, 1);
-  waitbox *b = new_waitbox(L);
-  lua_setiuservalue(L, 1, FUV_POLLFD);
-  if (!pp_engine_wait_add(f->e, f->job, b->w)) signal_waiter(b->w); /* done already */
-  lua_pushinteger(L, b->w->fd);
-  return 1;
-}
-
-int pp_pollable_events(lua_State *L) {
-  lua_pushliteral(L, "r");
-  return 1;
-}
-
-int pp_pollable_timeout(lua_State *L) {
-  lua_pushnil(L);
-  return 1;
-}
-
-/* ------------------------------------------------------------------ */
-/* the wait primitive                                                   */
-
-/*
- * await(target, deadline, mode) -> true when the condition holds, false
- * when the deadline (absolute, monotonic seconds; nil: none) passes.
- * target: a Future, with mode nil (it is done) or an item number i (its
- * item i is done, or the whole future); a sequence of Futures with mode
- * "any" (one done), "all" (all done), "exc" (one failed, or all done) or
- * a sequence of item numbers (item pos[k] of future k is done, for any
- * k); or an Executor (its engine has ended).
- * In a yieldable coroutine with a waiter installed, it calls the waiter
- * through lua_callk, so the waiter may yield; otherwise it blocks in poll.
- */
-#define AW_TARGET 1
-#define AW_DEADLINE 2
-#define AW_MODE 3
-#define AW_BOX 4     /* the waitbox while a waiter runs */
-#define AW_ENGINES 5 /* scratch for many engines (a userdata), or nil */
-#define AW_TOP AW_ENGINES
-
-/* The engines a wait involves, each once, without a limit on how many. */
-typedef struct awstate {
-  pp_engine **engs;
-  int nengs, cap;
-  pp_engine *inl[16];
-} awstate;
-
-static void aw_engine(lua_State *L, awstate *s, pp_engine *e) {
-  for (int i = 0; i < s->nengs; i++)
-    if (s->engs[i] == e) return;
-  if (s->nengs == s->cap) { /* grow into a Lua-owned scratch buffer */
-    int cap = s->cap * 2;
-    pp_engine **n = lua_newuserdatauv(L, (size_t)cap * sizeof *n, 0);
-    memcpy(n, s->engs, (size_t)s->nengs * sizeof *n);
-    lua_replace(L, AW_ENGINES);
-    s->engs = n;
-    s->cap = cap;
-  }
-  s->engs[s->nengs++] = e;
-}
-
-static void aw_init(awstate *s) {
-  s->engs = s->inl;
-  s->cap = 16;
-  s->nengs = 0;
-}
-
-/* The i-th entry of a target sequence if it is a live Future, else NULL
- * (such entries are passed over). */
-static pp_fut *aw_nth(lua_State *L, lua_Integer i) {
-  lua_rawgeti(L, AW_TARGET, i);
-  pp_fut *g = luaL_testudata(L, -1, PP_FUTURE_MT);
-  lua_pop(L, 1);
-  return g && g->job ? g : NULL;
-}
-
-/* Item i (1-based) of the future's job, or the whole job, is done. */
-static int aw_item_done(pp_fut *f, lua_Integer i) {
-  if (is_done(pp_engine_job_state(f->e, f->job))) return 1;
-  return i >= 1 && i <= (lua_Integer)f->job->n && item_ready(f, (uint32_t)(i - 1));
-}
-
-/* 1 if the condition holds; collects the engines involved */
-static int aw_check(lua_State *L, awstate *s) {
-  s->nengs = 0;
-  pp_fut *f = luaL_testudata(L, AW_TARGET, PP_FUTURE_MT);
-  if (f) {
-    checkfut(L, AW_TARGET);
-    aw_engine(L, s, f->e);
-    if (lua_isinteger(L, AW_MODE)) return aw_item_done(f, lua_tointeger(L, AW_MODE));
-    return is_done(pp_engine_job_state(f->e, f->job));
-  }
-  pp_exec *x = luaL_testudata(L, AW_TARGET, PP_EXECUTOR_MT);
-  if (x) {
-    if (!x->e) return 1;
-    aw_engine(L, s, x->e);
-    return pp_engine_state(x->e) == PP_E_DEAD;
-  }
-  int items = lua_istable(L, AW_MODE);
-  const char *mode = items ? "" : luaL_optstring(L, AW_MODE, "all");
-  lua_Integer n = (lua_Integer)lua_rawlen(L, AW_TARGET), done = 0;
-  if (n == 0) return 1;
-  for (lua_Integer i = 1; i <= n; i++) {
-    pp_fut *g = aw_nth(L, i);
-    if (!g) continue;
-    aw_engine(L, s, g->e);
-    if (items) {
-      lua_rawgeti(L, AW_MODE, i);
-      lua_Integer pos = lua_tointeger(L, -1);
-      lua_pop(L, 1);
-      if (aw_item_done(g, pos)) return 1;
-      continue;
-    }
-    int st = pp_engine_job_state(g->e, g->job);
-    if (is_done(st)) {
-      done++;
-      if (mode[0] == 'a' && mode[1] == 'n') return 1; /* any */
-      if (mode[0] == 'e' && st == PP_JOB_DONE && g->job->nfailed) return 1;
-    }
-  }
-  return !items && done == n;
-}
-
-/* A wait on single items: have the jobs report each item as it ends. */
-static void aw_watch_items(lua_State *L) {
-  pp_fut *f = luaL_testudata(L, AW_TARGET, PP_FUTURE_MT);
-  if (f) {
-    if (lua_isinteger(L, AW_MODE) && f->job) pp_engine_watch_items(f->e, f->job);
-    return;
-  }
-  if (!lua_istable(L, AW_TARGET) || !lua_istable(L, AW_MODE)) return;
-  lua_Integer n = (lua_Integer)lua_rawlen(L, AW_TARGET);
-  for (lua_Integer i = 1; i <= n; i++) {
-    pp_fut *g = aw_nth(L, i);
-    if (g) pp_engine_watch_items(g->e, g->job);
-  }
-}
-
-static void signal_waiter(pp_waiter *w) {
-  uint64_t one = 1;
-  ssize_t r = write(w->fd, &one, sizeof one);
-  (void)r;
-}
-
-/* Register the box's waiter on every job not done yet. A job that ended
- * since the condition was checked makes the fd readable at once, or the
- * wakeup would be lost. */
-static void aw_register(lua_State *L, pp_waiter *w, int add) {
-  pp_fut *f = luaL_testudata(L, AW_TARGET, PP_FUTURE_MT);
-  if (f) {
-    if (!add)
-      pp_engine_wait_del(f->e, f->job, w);
-    else if (!pp_engine_wait_add(f->e, f->job, w))
-      signal_waiter(w);
-    return;
-  }
-  if (!lua_istable(L, AW_TARGET)) return;
-  lua_Integer n = (lua_Integer)lua_rawlen(L, AW_TARGET);
-  for (lua_Integer i = 1; i <= n; i++) {
-    pp_fut *g = aw_nth(L, i);
-    if (!g) continue;
-    if (!add)
-      pp_engine_wait_del(g->e, g->job, w);
-    else if (!pp_engine_wait_add(g->e, g->job, w))
-      signal_waiter(w);
-  }
-}
-
-static double now_s(void) { return (double)pp_now_ns() / 1e9; }
-
-/* How long a wait keeps looking before it sleeps in poll. */
-#define SPIN_NS 30000u
-
-/* Sleep in poll on the engines' fds until one is readable or `ms` pass
- * (-1: no limit). A signal ends the sleep early, and a hook the signal's
- * handler installed (lua.c's Ctrl-C handler raises "interrupted!" from
- * one) is given its chance to run: a wait is never deaf to Ctrl-C. */
-static void aw_sleep(lua_State *L, awstate *s, int ms) {
-  struct pollfd inl[16], *pfd = inl;
-  if (s->nengs > 16) pfd = lua_newuserdatauv(L, (size_t)s->nengs * sizeof *pfd, 0);
-  for (int i = 0; i < s->nengs; i++) {
-    pfd[i].fd = pp_engine_fd(s->engs[i]);
-    pfd[i].events = POLLIN;
-    pfd[i].revents = 0;
-  }
-  int r;
-  if (s->nengs == 0) {
-    if (ms < 0) luaL_error(L, "procpool: nothing to wait for");
-    r = poll(NULL, 0, ms);
-  } else {
-    r = poll(pfd, (nfds_t)s->nengs, ms);
-  }
-  lua_settop(L, AW_TOP);
-  if (r < 0 && errno == EINTR && lua_gethook(L)) {
-    /* calling any function runs the hook's call event */
-    lua_pushcfunction(L, pp_pollable_timeout);
-    lua_call(L, 0, 0);
-    lua_settop(L, AW_TOP);
-  }
-}
-
-static int await_k(lua_State *L, int status, lua_KContext ctx) {
-  (void)status;
-  (void)ctx;
-  awstate s;
-  aw_init(&s);
-  if (lua_type(L, AW_ENGINES) == LUA_TUSERDATA) { /* back from the waiter: keep the scratch */
-    s.engs = lua_touserdata(L, AW_ENGINES);
-    s.cap = (int)(lua_rawlen(L, AW_ENGINES) / sizeof *s.engs);
-  }
-  int spun = 0;
-  for (;;) {
-    if (lua_type(L, AW_BOX) == LUA_TUSERDATA) { /* back from the waiter */
-      waitbox *b = lua_touserdata(L, AW_BOX);
-      aw_register(L, b->w, 0);
-      lua_pushnil(L);
-      lua_replace(L, AW_BOX);
-    }
-    lua_settop(L, AW_TOP);
-    /* clear the notifications first, so none that follow are missed */
-    aw_check(L, &s);
-    for (int i = 0; i < s.nengs; i++) pp_engine_ack(s.engs[i]);
-    pp_drain(L);
-    if (aw_check(L, &s)) {
-      /* jobs that ended since the drain are on their engine's list by now
-       * (a job is listed before it shows as done): their callbacks run
-       * before the waiter is released */
-      pp_drain(L);
-      lua_pushboolean(L, 1);
-      return 1;
-    }
-    double deadline = lua_isnoneornil(L, AW_DEADLINE) ? -1 : lua_tonumber(L, AW_DEADLINE);
-    double left = deadline < 0 ? -1 : deadline - now_s();
-    if (deadline >= 0 && left <= 0) {
-      lua_pushboolean(L, 0);
-      return 1;
-    }
-    if (lua_isyieldable(L) && lua_getfield(L, LUA_REGISTRYINDEX, REG_WAITER) == LUA_TFUNCTION) {
-      int fd;
-      pp_exec *x = luaL_testudata(L, AW_TARGET, PP_EXECUTOR_MT);
-      if (x) {
-        fd = pp_engine_fd(x->e);
-      } else {
-        waitbox *b = new_waitbox(L);
-        lua_replace(L, AW_BOX);
-        aw_register(L, b->w, 1);
-        fd = b->w->fd;
-      }
-      lua_pushinteger(L, fd);
-      if (left < 0)
-        lua_pushnil(L);
-      else
-        lua_pushnumber(L, left);
-      lua_callk(L, 2, 0, 0, await_k);
-      continue;
-    }
-    lua_settop(L, AW_TOP);
-    /* a result often arrives within microseconds: look again briefly
-     * before sleeping, which costs far more to wake from */
-    if (!spun) {
-      spun = 1;
-      uint64_t until = pp_now_ns() + SPIN_NS;
-      int done = 0;
-      while (!done && pp_now_ns() < until) {
-        sched_yield();
-        done = aw_check(L, &s);
-      }
-      if (done) continue;
-    }
-    aw_sleep(L, &s, left < 0 ? -1 : (int)ceil(left * 1000.0));
-  }
-}
-
-static int l_await(lua_State *L) {
-  luaL_checkany(L, AW_TARGET);
-  if (!lua_isnoneornil(L, AW_DEADLINE)) luaL_checknumber(L, AW_DEADLINE);
-  lua_settop(L, AW_MODE);
-  lua_pushnil(L); /* AW_BOX */
-  lua_pushnil(L); /* AW_ENGINES */
-  aw_watch_items(L);
-  return await_k(L, LUA_OK, 0);
-}
-
-static int l_set_waiter(lua_State *L) {
-  if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TFUNCTION);
-  lua_settop(L, 1);
-  lua_setfield(L, LUA_REGISTRYINDEX, REG_WAITER);
-  return 0;
-}
-
-static int l_get_waiter(lua_State *L) {
-  lua_getfield(L, LUA_REGISTRYINDEX, REG_WAITER);
   return 1;
 }
 
@@ -951,7 +602,7 @@ void pp_future_open(lua_State *L) {
                                      {"cancel", fut_cancel},
                                      {"add_done_callback", fut_add_done_callback},
                                      {"traceback", fut_traceback},
-                                     {"pollfd", fut_pollfd},
+                                     {"pollfd", pp_future_pollfd},
                                      {"events", pp_pollable_events},
                                      {"timeout", pp_pollable_timeout},
                                      {"_outcome", fut_outcome},
@@ -963,15 +614,7 @@ void pp_future_open(lua_State *L) {
                                      {"_nitems", fut_nitems},
                                      {"_failed", fut_failed},
                                      {NULL, NULL}};
-  static const luaL_Reg fns[] = {{"await", l_await},
-                                 {"drain", l_drain},
-                                 {"set_waiter", l_set_waiter},
-                                 {"get_waiter", l_get_waiter},
-                                 {NULL, NULL}};
-  luaL_newmetatable(L, WAITBOX_MT);
-  lua_pushcfunction(L, waitbox_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  static const luaL_Reg fns[] = {{"drain", l_drain}, {NULL, NULL}};
   luaL_newmetatable(L, PP_FUTURE_MT);
   lua_pushcfunction(L, fut_gc);
   lua_setfield(L, -2, "__gc");

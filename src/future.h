@@ -1,4 +1,4 @@
-/* future.h: Future userdata over the engine's jobs, and the wait primitive. */
+/* future.h: Future userdata over the engine's jobs, and its done callbacks. */
 #ifndef PP_FUTURE_H
 #define PP_FUTURE_H
 
@@ -7,22 +7,28 @@
 #include "engine.h"
 
 #define PP_FUTURE_MT "procpool.Future"
-#define PP_EXECUTOR_MT "procpool.Executor"
+
+/* user values of a Future */
+enum { PP_FUV_OUTCOME = 1, PP_FUV_CALLBACKS, PP_FUV_POLLFD, PP_FUV_N = PP_FUV_POLLFD };
 
 typedef struct pp_fut {
   pp_job *job;
   pp_engine *e;
 } pp_fut;
 
-typedef struct pp_exec {
-  pp_engine *e;
-  int nworkers;
-  uint64_t polled; /* ended-job count at the last poll() */
-} pp_exec;
-
 /* Push a new Future for `job` of `e` (takes over one job reference). */
 void pp_future_push(lua_State *L, pp_engine *e, pp_job *job);
+/* The Future at `idx`; raises if it is released or another process's. */
+pp_fut *pp_future_check(lua_State *L, int idx);
 /* Run the done callbacks of every ended watched job. */
 void pp_drain(lua_State *L);
+
+/* A job in state `st` has ended (done or cancelled). */
+static inline int pp_job_ended(int st) { return st == PP_JOB_DONE || st == PP_JOB_CANCELLED; }
+
+/* Item i (0-based) has its outcome; its job may still be running. */
+static inline int pp_future_item_ready(const pp_fut *f, uint32_t i) {
+  return __atomic_load_n(&f->job->items[i].status, __ATOMIC_ACQUIRE) != PP_IT_PENDING;
+}
 
 #endif
