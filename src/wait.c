@@ -373,14 +373,8 @@ static int l_set_waiter(lua_State *L) {
   return 0;
 }
 
-static int l_get_waiter(lua_State *L) {
-  lua_getfield(L, LUA_REGISTRYINDEX, REG_WAITER);
-  return 1;
-}
-
 void pp_wait_open(lua_State *L) {
-  static const luaL_Reg fns[] = {
-      {"await", l_await}, {"set_waiter", l_set_waiter}, {"get_waiter", l_get_waiter}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"await", l_await}, {"set_waiter", l_set_waiter}, {NULL, NULL}};
   luaL_newmetatable(L, WAITBOX_MT);
   lua_pushcfunction(L, waitbox_gc);
   lua_setfield(L, -2, "__gc");
