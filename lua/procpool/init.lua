@@ -6,217 +6,35 @@
 -- yield inside coroutines (see `set_waiter`).
 -- @module procpool
 local core = require "procpool.core"
+local check = require "procpool.check"
+local progress = require "procpool.progress"
+local futures = require "procpool.futures"
 
 local M = {}
 
 --- Version of procpool.
 M.VERSION = "0.1.0"
 
-M.FIRST_COMPLETED = "FIRST_COMPLETED"
-M.FIRST_EXCEPTION = "FIRST_EXCEPTION"
-M.ALL_COMPLETED = "ALL_COMPLETED"
+M.FIRST_COMPLETED = futures.FIRST_COMPLETED
+M.FIRST_EXCEPTION = futures.FIRST_EXCEPTION
+M.ALL_COMPLETED = futures.ALL_COMPLETED
 
-local now, await = core.monotonic, core.await
-local Future = core.Future.__index
+local await = core.await
 local Executor = core.Executor.__index
-
----------------------------------------------------------------------------
--- helpers
-
-local function raise(name, msg, fields)
-  error(core.error(name, msg, fields), 0)
-end
-
-local function argerror(n, fname, msg)
-  error(string.format("bad argument #%d to '%s' (%s)", n, fname, msg), 3)
-end
-
-local function deadline_of(timeout, fname)
-  if timeout == nil then return nil end
-  if type(timeout) ~= "number" or timeout ~= timeout then
-    error(string.format("bad timeout to '%s' (number of seconds expected, got %s)", fname,
-      type(timeout)), 3)
-  end
-  return now() + (timeout > 0 and timeout or 0)
-end
-
-local function check_opts(opts, allowed, fname)
-  if opts == nil then return {} end
-  if type(opts) ~= "table" then
-    error(string.format("bad argument to '%s' (options table expected, got %s)", fname,
-      type(opts)), 3)
-  end
-  for k in pairs(opts) do
-    if not allowed[k] then
-      error(string.format("unknown option '%s' to '%s'", tostring(k), fname), 3)
-    end
-  end
-  return opts
-end
-
-local function is_int(v) return math.type(v) == "integer" end
-
-local function is_future(v)
-  return getmetatable(v) == core.Future
-end
-
-local function check_fn(fn, n, fname)
-  local t = type(fn)
-  if t ~= "function" and t ~= "string" then
-    argerror(n, fname, "function or \"module.name\" string expected, got " .. t)
-  end
-end
-
---- Iterate an iterable: a sequence table (1..t.n or #t) or a function
--- called until it returns nil. Returns next() -> has, value, and the
--- length when known.
-local function items_of(iterable, n, fname)
-  local t = type(iterable)
-  if t == "table" then
-    local len = iterable.n or #iterable
-    local i = 0
-    return function()
-      if i >= len then return false end
-      i = i + 1
-      return true, iterable[i]
-    end, len
-  elseif t == "function" then
-    local done = false
-    return function()
-      if done then return false end
-      local v = iterable()
-      if v == nil then
-        done = true
-        return false
-      end
-      return true, v
-    end
-  end
-  argerror(n, fname, "table or iterator function expected, got " .. t)
-end
+local raise, check_opts, deadline_of, is_int = check.raise, check.check_opts, check.deadline_of,
+  check.is_int
+local check_fn, items_of, context_of, initializer_of = check.check_fn, check.items_of,
+  check.context_of, check.initializer_of
+local finish, progress_of = futures.finish, progress.reporter
 
 M.is_error = core.is_error
 M.serialize = core.serialize
 M.deserialize = core.deserialize
 M.cpu_count = core.cpu_count
 M.current_worker = core.current_worker
-
---- Install the waiter used by blocking calls inside coroutines.
--- `fn(fd, timeout)` is called from the waiting coroutine; it should return
--- once `fd` is readable or `timeout` seconds (nil: no limit) have passed,
--- typically by yielding to a scheduler. `nil` removes it.
-function M.set_waiter(fn)
-  if fn ~= nil and type(fn) ~= "function" then
-    argerror(1, "set_waiter", "function or nil expected, got " .. type(fn))
-  end
-  core.set_waiter(fn)
-end
-
----------------------------------------------------------------------------
--- Future
-
-local function finish(ok, ...)
-  if ok then return ... end
-  error((...), 0)
-end
-
---- All the values the task returned; raises its error unchanged,
--- `TimeoutError` when not done in time, `CancelledError` if cancelled.
-function Future:result(timeout)
-  local d = deadline_of(timeout, "result")
-  if not await(self, d) then
-    raise("TimeoutError", string.format("the future did not finish within %g seconds", timeout))
-  end
-  return finish(self:_outcome())
-end
-
---- The task's error value, or nil if it succeeded.
-function Future:exception(timeout)
-  local d = deadline_of(timeout, "exception")
-  if not await(self, d) then
-    raise("TimeoutError", string.format("the future did not finish within %g seconds", timeout))
-  end
-  local ok, err = self:_outcome()
-  if ok then return nil end
-  if self:cancelled() then error(err, 0) end
-  return err
-end
-
----------------------------------------------------------------------------
--- waiting on many futures
-
-local function unique_futures(fs, fname)
-  if type(fs) ~= "table" then argerror(1, fname, "table of futures expected, got " .. type(fs)) end
-  local list, seen = {}, {}
-  for i = 1, fs.n or #fs do
-    local f = fs[i]
-    if not is_future(f) then
-      argerror(1, fname, "item " .. i .. " is not a future (" .. type(f) .. ")")
-    end
-    if not seen[f] then
-      seen[f] = true
-      list[#list + 1] = f
-    end
-  end
-  return list
-end
-
-local WAIT_MODES = {
-  [M.ALL_COMPLETED] = "all", [M.FIRST_COMPLETED] = "any", [M.FIRST_EXCEPTION] = "exc",
-}
-
---- Wait for futures; returns `done, not_done` (arrays, input order, each
--- future once). Never raises TimeoutError: on timeout it returns the split.
-function M.wait(fs, opts)
-  opts = check_opts(opts, { timeout = true, return_when = true }, "wait")
-  local list = unique_futures(fs, "wait")
-  local mode = WAIT_MODES[opts.return_when or M.ALL_COMPLETED]
-  if not mode then
-    error("Invalid return condition: " .. tostring(opts.return_when), 2)
-  end
-  local d = deadline_of(opts.timeout, "wait")
-  if #list > 0 then await(list, d, mode) end
-  local done, not_done = {}, {}
-  for _, f in ipairs(list) do
-    if f:done() then done[#done + 1] = f else not_done[#not_done + 1] = f end
-  end
-  return done, not_done
-end
-
---- Iterate futures as they complete (already-done ones first). The
--- timeout counts from this call; when it passes with futures left, the
--- iterator raises TimeoutError.
-function M.as_completed(fs, timeout)
-  local pending = unique_futures(fs, "as_completed")
-  local total = #pending
-  local d = deadline_of(timeout, "as_completed")
-  local ready, finished = {}, false
-  local function collect()
-    local keep = {}
-    for _, f in ipairs(pending) do
-      if f:done() then ready[#ready + 1] = f else keep[#keep + 1] = f end
-    end
-    pending = keep
-  end
-  collect()
-  return function()
-    if finished then return nil end
-    while true do
-      if #ready > 0 then return table.remove(ready, 1) end
-      if #pending == 0 then
-        finished = true
-        return nil
-      end
-      if not await(pending, d, "any") then
-        finished = true
-        local left = #pending
-        pending = {}
-        raise("TimeoutError", string.format("%d (of %d) futures unfinished", left, total))
-      end
-      collect()
-    end
-  end
-end
+M.set_waiter = futures.set_waiter
+M.wait = futures.wait
+M.as_completed = futures.as_completed
 
 ---------------------------------------------------------------------------
 -- ProcessPoolExecutor
@@ -225,39 +43,6 @@ local EXEC_OPTS = {
   max_workers = true, context = true, initializer = true, initargs = true,
   max_tasks_per_child = true, task_timeout = true, on_worker_lost = true, executable = true,
 }
-
---- Check a context option; returns the engine options for it. The
--- default is "fork", or the environment variable PROCPOOL_CONTEXT.
-local function context_of(opts, level)
-  local ctx = opts.context or os.getenv("PROCPOOL_CONTEXT") or "fork"
-  if ctx ~= "fork" and ctx ~= "spawn" then
-    error("unknown context '" .. tostring(ctx) .. "' (supported: \"fork\", \"spawn\")", level + 1)
-  end
-  local exe = opts.executable
-  if exe ~= nil and (type(exe) ~= "string" or exe == "") then
-    error("executable must be a command name or path", level + 1)
-  end
-  if ctx == "fork" then return { context = "fork" } end
-  -- a fresh interpreter, given our module paths, becomes the zygote
-  return {
-    context = "spawn",
-    executable = exe or "lua5.4",
-    _bootstrap = string.format("package.path=%q package.cpath=%q require('procpool.core')._zygote",
-      package.path, package.cpath),
-  }
-end
-
---- Check the initializer and initargs options; returns the initializer.
-local function initializer_of(opts, level)
-  local init = opts.initializer
-  if init ~= nil and type(init) ~= "function" and type(init) ~= "string" then
-    error("initializer must be a callable (a function or a \"module.name\" string)", level + 1)
-  end
-  if opts.initargs ~= nil and type(opts.initargs) ~= "table" then
-    error("initargs must be a table", level + 1)
-  end
-  return init
-end
 
 --- Create an executor.
 -- @tparam[opt] table opts `max_workers`, `context` ("fork"), `initializer`,
@@ -308,52 +93,6 @@ function Executor:submit_with(opts, fn, ...)
   end
   check_fn(fn, 2, "submit_with")
   return self:_submit(t, fn, ...)
-end
-
---- A progress reporter for map-like iterations: `true` draws a bar on
--- stderr when it is a terminal (silent otherwise); a function is called
--- as `fn(done, total)` (total nil when unknown) at most every 50 ms and
--- once at the end. Returns step(n) and finish(), or nil.
-local function progress_of(spec, total, fname)
-  if spec == nil or spec == false then return nil end
-  local t0, last, done = now(), -1, 0
-  local draw
-  if spec == true then
-    if not core.isatty(2) then return nil end
-    draw = function(final)
-      local el = now() - t0
-      local rate = el > 0 and done / el or 0
-      local line
-      if total and total > 0 then
-        local frac = math.min(1, done / total)
-        local w = 30
-        local fill = math.floor(frac * w)
-        local eta = rate > 0 and (total - done) / rate or 0
-        line = string.format("\r[%s%s] %d/%d %3d%% %.0f/s ETA %ds", ("#"):rep(fill),
-          ("."):rep(w - fill), done, total, math.floor(frac * 100), rate, math.ceil(eta))
-      else
-        line = string.format("\r%d done, %.0f/s, %.1fs", done, rate, el)
-      end
-      io.stderr:write(line, final and "\n" or "")
-      io.stderr:flush()
-    end
-  elseif type(spec) == "function" then
-    draw = function() spec(done, total) end
-  else
-    error("bad progress option to '" .. fname .. "' (true or a function expected)", 4)
-  end
-  local function step(n)
-    done = done + n
-    local t = now()
-    if t - last >= 0.05 then
-      last = t
-      draw(false)
-    end
-  end
-  local function finish_bar()
-    draw(true)
-  end
-  return step, finish_bar
 end
 
 -- The lazy chunked map behind Executor:map/starmap and Pool:imap/
