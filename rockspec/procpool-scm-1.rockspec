@@ -55,6 +55,7 @@ build = {
     procpool = "lua/procpool/init.lua",
     ["procpool.check"] = "lua/procpool/check.lua",
     ["procpool.futures"] = "lua/procpool/futures.lua",
+    ["procpool.map"] = "lua/procpool/map.lua",
     ["procpool.progress"] = "lua/procpool/progress.lua",
     ["procpool.pool"] = "lua/procpool/pool.lua",
     ["procpool.cqueues"] = "lua/procpool/cqueues.lua",
