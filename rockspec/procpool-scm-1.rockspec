@@ -54,6 +54,7 @@ build = {
     },
     procpool = "lua/procpool/init.lua",
     ["procpool.check"] = "lua/procpool/check.lua",
+    ["procpool.executor"] = "lua/procpool/executor.lua",
     ["procpool.futures"] = "lua/procpool/futures.lua",
     ["procpool.map"] = "lua/procpool/map.lua",
     ["procpool.progress"] = "lua/procpool/progress.lua",
