@@ -40,12 +40,12 @@
 -- item of its own (its `SerializationError` is its result); the rest of
 -- its chunk still goes.
 --
--- `p.take() -> base, from, to, values, failures, tag` hands out the run of
--- results that are in, of the first chunk (or, `unordered`, of the first
--- chunk that has results in), without waiting: input item `base + k`, for
--- k = from..to, returned `values[k]` (its first value), or failed with
--- `failures[k][1]` (`failures` is nil when none failed). Nothing when no
--- result is in.
+-- `p.take() -> base, n, values, failures, tag` hands out the results of
+-- the first chunk once it is done (or, `unordered`, of the first chunk
+-- that is done), without waiting: input item `base + k`, for k = 1..n,
+-- returned `values[k]` (its first value), or failed with `failures[k][1]`
+-- (`failures` is nil when none failed). Nothing when no such chunk is
+-- done. (The iterators take single items as they arrive instead.)
 --
 -- `p.pending()` counts the items read whose results are not taken (0:
 -- nothing in flight); `p.read()` the items read; `p.cancel()` cancels
@@ -53,7 +53,7 @@
 --
 -- An owner that waits itself polls `ex:pollfd()`, readable once a chunk
 -- has ended (then `ex:poll(0)`), beside its other fds, and calls `fill`
--- and `take` again; `iterate` waits with `core.await` on an item instead.
+-- and `take` again; the iterators wait with `core.await` on an item.
 --
 -- The iterators take an item that is already decoded on a fast path,
 -- inlined in them on purpose: a shared helper measured 10-20% slower on
@@ -193,28 +193,29 @@ local function new(ex, fn, o, it)
     function p.take()
       local c
       if unordered then
-        c = find_ready()
+        for i = head, tail do
+          local x = chunks[i]
+          if not x.fut or x.fut:done() then
+            c = x
+            table.remove(chunks, i)
+            tail = tail - 1
+            break
+          end
+        end
       else
         c = chunks[head]
-        if c and not ready(c) then c = nil end
-      end
-      if not c then return nil end
-      local from = c.pos + 1
-      if not c.upto or from > c.upto then c.values, c.failed, c.upto = c.fut:_values(from) end
-      local to, values, failed = c.upto, c.values, c.failed
-      c.values, c.failed = nil, nil -- what is handed out is the caller's to keep or drop
-      c.pos = to
-      ahead = ahead - (to - from + 1)
-      if to == c.n then -- its last item: the chunk leaves the list
-        if unordered then
-          remove(c)
-        else
+        if c and c.fut and not c.fut:done() then c = nil end
+        if c then
           chunks[head] = nil
           head = head + 1
         end
       end
-      if step then step(to - from + 1) end
-      return c.base, from, to, values, failed, c.tag
+      if not c then return nil end
+      local values, failures = c.values, c.failed
+      if c.fut then values, failures = c.fut:_values() end
+      ahead = ahead - c.n
+      if step then step(c.n) end
+      return c.base, c.n, values, failures, c.tag
     end
     return p
   end
