@@ -22,8 +22,8 @@
 -- * `len`: the input's length, when known;
 -- * `buffersize`: items read whose results are not taken yet, at most
 --   (rounded up to a whole chunk); by default `4 * workers * chunksize`;
--- * `unordered`: `take` hands out results as they are in, from any chunk
---   (by default in input order);
+-- * `unordered`: `take` hands out any chunk that is done (by default
+--   only the first chunk, so results come in input order);
 -- * `step`: called as `step(n)` when n results are taken (progress).
 --
 -- `p.fill(src, tag) -> n, why[, err]` reads items while there is room
@@ -54,6 +54,15 @@
 -- An owner that waits itself polls `ex:pollfd()`, readable once a chunk
 -- has ended (then `ex:poll(0)`), beside its other fds, and calls `fill`
 -- and `take` again; the iterators wait with `core.await` on an item.
+--
+--     for i, v in map.iterate(ex, fn, iterable, opts, star, fname, mode,
+--       task_timeout) do ... end
+--
+-- is the loop of `Executor:map`/`starmap` (mode "stop"), `Pool:imap`
+-- ("continue") and `imap_unordered` ("unordered"): it checks the
+-- arguments of the public call `fname` (`opts`: timeout, chunksize,
+-- buffersize, progress) and yields `i, value` as the results arrive,
+-- raising an item's error at its position.
 --
 -- The iterators take an item that is already decoded on a fast path,
 -- inlined in them on purpose: a shared helper measured 10-20% slower on
