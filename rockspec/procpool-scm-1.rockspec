@@ -12,21 +12,25 @@ futures (concurrent.futures style) and a multiprocessing-style Pool, over a
 C engine with an I/O thread per pool. Closures with upvalues travel by
 value, modules and C functions by name; a crash in a task cannot take the
 host down; waits yield inside coroutines (cqueues, luv, or any scheduler).
-The procpool command maps a Lua function over lines; its --json mode needs
-lua-cjson.
+The procpool command (bin/procpool, the module procpool.cli) maps a Lua
+function over lines; its --json mode needs lua-cjson, which is optional:
+install it for --json.
 ]],
   homepage = "https://github.com/procpool/procpool",
   license = "MIT",
 }
 -- epoll, eventfd, memfd, pidfd and prctl: Linux only
 supported_platforms = { "linux" }
--- lua-cjson is not a dependency: only the procpool command's --json
--- records need it (luarocks install lua-cjson, or Debian's lua-cjson)
+-- lua-cjson is optional, for the procpool command (procpool.cli) alone:
+-- its --json records need it (luarocks install lua-cjson, or Debian's
+-- lua-cjson). A rockspec has no optional dependencies, so it is not in
+-- `dependencies`; the specs run --json, so it is a test dependency.
 dependencies = {
   "lua >= 5.4, < 5.5",
 }
 test_dependencies = {
   "busted",
+  "lua-cjson",
 }
 test = {
   type = "busted",
@@ -58,6 +62,12 @@ build = {
       libraries = { "pthread", "dl" },
     },
     procpool = "lua/procpool/init.lua",
+    ["procpool.check"] = "lua/procpool/check.lua",
+    ["procpool.cli"] = "lua/procpool/cli.lua",
+    ["procpool.executor"] = "lua/procpool/executor.lua",
+    ["procpool.futures"] = "lua/procpool/futures.lua",
+    ["procpool.map"] = "lua/procpool/map.lua",
+    ["procpool.progress"] = "lua/procpool/progress.lua",
     ["procpool.pool"] = "lua/procpool/pool.lua",
     ["procpool.cqueues"] = "lua/procpool/cqueues.lua",
     ["procpool.luv"] = "lua/procpool/luv.lua",

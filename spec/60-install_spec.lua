@@ -74,6 +74,23 @@ describe("installing", function()
     assert.is_true(n > 0)
   end)
 
+  it("has the rockspec install every Lua module of lua/procpool/", function()
+    local f = assert(io.open("rockspec/procpool-scm-1.rockspec"))
+    local spec = f:read("a")
+    f:close()
+    local p = io.popen("ls lua/procpool/*.lua")
+    local n = 0
+    for path in p:lines() do
+      n = n + 1
+      local name = "procpool" .. (path:match("/init%.lua$") and "" or "." .. path:match("([%w_]+)%.lua$"))
+      local entry = name:find(".", 1, true) and string.format('["%s"] = "%s"', name, path)
+        or string.format('%s = "%s"', name, path)
+      assert.is_truthy(spec:find(entry, 1, true), entry .. " is not in the rockspec")
+    end
+    p:close()
+    assert.is_true(n > 0)
+  end)
+
   it("luarocks make installs a working procpool into a tree", function()
     if not sh("command -v luarocks") then return pending("luarocks is not installed") end
     local okl, outl = sh("luarocks --lua-version 5.4 lint rockspec/procpool-scm-1.rockspec")

@@ -1,6 +1,7 @@
 -- The C sources' shape: the files of src/ include each other as a DAG
 -- (x.c and x.h count as one part), and the engine's parts never include
--- Lua, so the engine stays usable without a lua_State.
+-- Lua, so the engine stays usable without a lua_State. The Lua modules of
+-- lua/procpool/ require each other as a DAG too.
 
 -- part name -> { [included part] = true }, and part -> the Lua headers it
 -- includes directly
@@ -59,6 +60,26 @@ local function find_cycle(deps)
   end
 end
 
+-- module name -> { [required procpool module] = true }, for the Lua files
+-- of lua/procpool/ (every require, also one inside a function)
+local function require_graph()
+  local deps = {}
+  local p = io.popen("ls lua/procpool/*.lua")
+  for path in p:lines() do
+    local base = path:match("([%w_]+)%.lua$")
+    local name = base == "init" and "procpool" or "procpool." .. base
+    deps[name] = deps[name] or {}
+    local f = assert(io.open(path))
+    local text = f:read("a")
+    f:close()
+    for req in text:gmatch("require%s*%(?%s*[\"']([%w_.]+)[\"']") do
+      if (req == "procpool" or req:match("^procpool%.")) and req ~= name then deps[name][req] = true end
+    end
+  end
+  p:close()
+  return deps
+end
+
 describe("source layout", function()
   it("finds a cycle when there is one (the check itself)", function()
     local c = find_cycle { a = { b = true }, b = { c = true }, c = { a = true } }
@@ -71,6 +92,14 @@ describe("source layout", function()
     assert.is_truthy(deps.engine, "src/engine.c was not read")
     local c = find_cycle(deps)
     assert.is_nil(c, c and ("include cycle: " .. table.concat(c, " -> ")))
+  end)
+
+  it("has no require cycle among the Lua modules of lua/procpool/", function()
+    local deps = require_graph()
+    assert.is_truthy(deps.procpool and deps["procpool.map"], "lua/procpool/ was not read")
+    assert.is_truthy(deps.procpool["procpool.executor"])
+    local c = find_cycle(deps)
+    assert.is_nil(c, c and ("require cycle: " .. table.concat(c, " -> ")))
   end)
 
   it("keeps Lua out of the engine and what it includes", function()

@@ -1,350 +1,360 @@
---- procpool.Pool: the multiprocessing.Pool face of procpool.
+--- procpool.pool: the multiprocessing.Pool face of procpool.
 -- A thin layer over an executor: every call becomes chunk jobs on the
--- same engine, and every wait the same C primitive.
+-- same engine, and every wait the same C primitive. `Pool` (the
+-- constructor) and `AsyncResult` (the class of its async results).
 -- @module procpool.pool
 local core = require "procpool.core"
+local check = require "procpool.check"
+local map = require "procpool.map"
+local progress_of = require("procpool.progress").reporter
+local futures = require "procpool.futures"
+local executor = require "procpool.executor"
 
-return function(M, I)
-  local raise, check_opts, deadline_of, is_int = I.raise, I.check_opts, I.deadline_of, I.is_int
-  local check_fn, items_of, map_impl, finish = I.check_fn, I.items_of, I.map_impl, I.finish
-  local progress_of, context_of, initializer_of = I.progress_of, I.context_of, I.initializer_of
-  local await = core.await
+local M = {}
 
-  ---------------------------------------------------------------------
-  -- AsyncResult
+local raise, check_opts, deadline_of, is_int = check.raise, check.check_opts, check.deadline_of,
+  check.is_int
+local check_fn, items_of, context_of, initializer_of = check.check_fn, check.items_of,
+  check.context_of, check.initializer_of
+local finish, iterate = futures.finish, map.iterate
+local join, abandon = executor.join, executor.abandon
+local await = core.await
 
-  local AsyncResult = {}
-  AsyncResult.__index = AsyncResult
-  AsyncResult.__name = "procpool.AsyncResult"
+---------------------------------------------------------------------
+-- AsyncResult
 
-  -- kind "apply": one future, get() returns its values.
-  -- kind "map": chunk futures, get() returns the list (field n).
-  local function new_result(kind, futs, n, callback, error_callback)
-    local r = setmetatable({ _kind = kind, _futs = futs, _n = n }, AsyncResult)
-    if callback or error_callback then
-      local left = #futs
-      local function on_done()
-        left = left - 1
-        if left > 0 then return end
-        local ok, a = r:_outcome()
-        if ok then
-          if callback then
-            if kind == "apply" then callback(finish(r._futs[1]:_outcome())) else callback(a) end
-          end
-        elseif error_callback then
-          error_callback(a)
+local AsyncResult = {}
+AsyncResult.__index = AsyncResult
+AsyncResult.__name = "procpool.AsyncResult"
+
+-- kind "apply": one future, get() returns its values.
+-- kind "map": chunk futures, get() returns the list (field n).
+local function new_result(kind, futs, n, callback, error_callback)
+  local r = setmetatable({ _kind = kind, _futs = futs, _n = n }, AsyncResult)
+  if callback or error_callback then
+    local left = #futs
+    local function on_done()
+      left = left - 1
+      if left > 0 then return end
+      local ok, a = r:_outcome()
+      if ok then
+        if callback then
+          if kind == "apply" then callback(finish(r._futs[1]:_outcome())) else callback(a) end
         end
-      end
-      if left == 0 then -- an empty map is done at once
-        left = 1
-        on_done()
-      else
-        for _, f in ipairs(futs) do f:add_done_callback(on_done) end
+      elseif error_callback then
+        error_callback(a)
       end
     end
-    return r
-  end
-
-  --- True once the result is available.
-  function AsyncResult:ready()
-    for _, f in ipairs(self._futs) do
-      if not f:done() then return false end
-    end
-    return true
-  end
-
-  --- Wait up to `timeout` seconds; returns ready().
-  function AsyncResult:wait(timeout)
-    local d = deadline_of(timeout, "wait")
-    if #self._futs > 0 then await(self._futs, d, "all") end
-    return self:ready()
-  end
-
-  -- true, value | false, error (computed once, cached)
-  function AsyncResult:_outcome()
-    if self._ok ~= nil then return self._ok, self._value end
-    if self._kind == "apply" then
-      local f = self._futs[1]
-      local ok, err = f:_outcome()
-      self._ok, self._value = ok, not ok and err or nil
+    if left == 0 then -- an empty map is done at once
+      left = 1
+      on_done()
     else
-      local out, base = { n = self._n }, 1
-      self._ok, self._value = true, out
-      for _, f in ipairs(self._futs) do
-        local idx, err = f:_collect(out, base)
-        if idx then
-          self._ok, self._value = false, err
-          break
-        end
-        base = base + f:_nitems()
-      end
-    end
-    return self._ok, self._value
-  end
-
-  --- The result: the values (apply_async) or the list (map_async). Raises
-  -- the first task error, or TimeoutError when not ready in time.
-  function AsyncResult:get(timeout)
-    local d = deadline_of(timeout, "get")
-    if self._kind == "map" and self._ok == nil then
-      -- collect each chunk as it completes: decoding overlaps the work
-      -- still running (and every chunk finishes before an error is raised)
-      local out, err = self._partial, self._err
-      if not out then
-        out = core.table_new(self._n, 1) -- the whole list at once: no regrowing
-        out.n = self._n
-      end
-      self._partial = out
-      local futs = self._futs
-      local k, base = self._next or 1, self._base or 1
-      while k <= #futs do
-        local f = futs[k]
-        if not await(f, d) then
-          self._next, self._base, self._err = k, base, err
-          raise("TimeoutError", string.format("the result was not ready within %g seconds",
-            timeout))
-        end
-        if not err then
-          local idx, e = f:_collect(out, base)
-          if idx then err = { e } end
-        end
-        base = base + f:_nitems()
-        if self._pstep then self._pstep(f:_nitems()) end
-        k = k + 1
-      end
-      if self._pfinish then self._pfinish() end
-      self._ok, self._value = not err, err and err[1] or out
-    end
-    if #self._futs > 0 and not await(self._futs, d, "all") then
-      raise("TimeoutError", string.format("the result was not ready within %g seconds", timeout))
-    end
-    local ok, v = self:_outcome()
-    if not ok then error(v, 0) end
-    if self._kind == "apply" then return finish(self._futs[1]:_outcome()) end
-    return v
-  end
-
-  --- Whether the call completed without raising; an error before ready().
-  function AsyncResult:successful()
-    if not self:ready() then
-      raise("InvalidStateError", "the result is not ready")
-    end
-    return (self:_outcome())
-  end
-
-  ---------------------------------------------------------------------
-  -- Pool
-
-  local Pool = {}
-  Pool.__index = Pool
-  Pool.__name = "procpool.Pool"
-
-  local POOL_OPTS = {
-    processes = true, initializer = true, initargs = true, maxtasksperchild = true,
-    context = true, executable = true,
-  }
-
-  --- Create a pool; its workers start at once.
-  -- @tparam[opt] table opts `processes`, `initializer`, `initargs`,
-  --   `maxtasksperchild`, `context` ("fork").
-  local function new_pool(opts)
-    opts = check_opts(opts, POOL_OPTS, "Pool")
-    local n = opts.processes
-    if n == nil then n = core.cpu_count() end
-    if not is_int(n) or n < 1 then error("Number of processes must be at least 1", 2) end
-    local mt = opts.maxtasksperchild
-    if mt ~= nil and (not is_int(mt) or mt < 1) then
-      error("maxtasksperchild must be a positive integer or nil", 2)
-    end
-    local ctx = context_of(opts, 2)
-    local init = initializer_of(opts, 2)
-    local ex = core.executor_new({
-      max_workers = n, initializer = init, initargs = opts.initargs, max_tasks_per_child = mt,
-      context = ctx.context, executable = ctx.executable,
-    })
-    return setmetatable({ _ex = ex, _state = "RUN", _processes = n }, Pool)
-  end
-
-  local function running(self)
-    if self._state ~= "RUN" then raise("InvalidStateError", "Pool not running") end
-    local st, broken = self._ex:_state()
-    if broken then raise("BrokenProcessPool", broken) end
-    if st ~= "running" then raise("InvalidStateError", "Pool not running") end
-  end
-
-  local function check_timeout(t, fname)
-    if t ~= nil and (type(t) ~= "number" or not (t > 0)) then -- luacheck: ignore 581 (NaN too)
-      error("bad timeout to '" .. fname .. "' (a task deadline in seconds > 0 expected)", 3)
+      for _, f in ipairs(futs) do f:add_done_callback(on_done) end
     end
   end
-
-  local function check_cb(cb, name)
-    if cb ~= nil and type(cb) ~= "function" then error(name .. " must be a function", 3) end
-  end
-
-  --- fn(table.unpack(args)) in a worker; an AsyncResult.
-  -- @tparam[opt] table opts `callback(...)`, `error_callback(err)`,
-  --   `timeout` (the task's deadline: past it the worker is stopped and the
-  --   call fails with DeadlineExceeded).
-  function Pool:apply_async(fn, args, opts)
-    running(self)
-    check_fn(fn, 1, "apply_async")
-    if args ~= nil and type(args) ~= "table" then
-      error("bad argument #2 to 'apply_async' (table of arguments expected, got " .. type(args) .. ")", 2)
-    end
-    opts = check_opts(opts, { callback = true, error_callback = true, timeout = true }, "apply_async")
-    check_cb(opts.callback, "callback")
-    check_cb(opts.error_callback, "error_callback")
-    check_timeout(opts.timeout, "apply_async")
-    args = args or {}
-    local f = self._ex:_submit(opts.timeout, fn, table.unpack(args, 1, args.n or #args))
-    return new_result("apply", { f }, 1, opts.callback, opts.error_callback)
-  end
-
-  --- fn(table.unpack(args)), blocking; its values.
-  function Pool:apply(fn, args)
-    return self:apply_async(fn, args):get()
-  end
-
-  local function list_of(iterable, fname)
-    if type(iterable) == "table" then return iterable, iterable.n or #iterable end
-    local nexti = items_of(iterable, 2, fname)
-    local list, n = {}, 0
-    while true do
-      local has, v = nexti()
-      if not has then break end
-      n = n + 1
-      list[n] = v
-    end
-    return list, n
-  end
-
-  local function map_async(self, fn, iterable, opts, star, fname)
-    running(self)
-    check_fn(fn, 1, fname)
-    opts = check_opts(opts, { chunksize = true, callback = true, error_callback = true,
-      timeout = true, progress = true }, fname)
-    check_cb(opts.callback, "callback")
-    check_cb(opts.error_callback, "error_callback")
-    check_timeout(opts.timeout, fname)
-    local list, n = list_of(iterable, fname)
-    local cs = opts.chunksize
-    if cs == nil then
-      cs = -(-n // (4 * self._processes)) -- CPython's rule
-    elseif not is_int(cs) or cs < 1 then
-      error("chunksize must be >= 1", 3)
-    end
-    local futs = {}
-    for lo = 1, n, math.max(cs, 1) do
-      local ok, f = pcall(self._ex._submit_chunk, self._ex, fn, list, lo, math.min(lo + cs - 1, n),
-        star, opts.timeout)
-      if not ok then -- an item that cannot be sent: the call fails, nothing stays queued
-        for _, g in ipairs(futs) do g:cancel() end
-        error(f, 3)
-      end
-      futs[#futs + 1] = f
-    end
-    local r = new_result("map", futs, n, opts.callback, opts.error_callback)
-    r._pstep, r._pfinish = progress_of(opts.progress, n, fname)
-    return r
-  end
-
-  -- the chunksize argument of map/starmap: a number, or { chunksize, progress }
-  local function map_opts(arg, fname)
-    if type(arg) == "table" then return check_opts(arg, { chunksize = true, progress = true }, fname) end
-    return { chunksize = arg }
-  end
-
-  --- A list of fn's first return values, in order, with field n. The third
-  -- argument is a chunksize or a table { chunksize, progress }.
-  function Pool:map(fn, list, chunksize)
-    return map_async(self, fn, list, map_opts(chunksize, "map"), false, "map"):get()
-  end
-
-  --- As map, without blocking: an AsyncResult whose get() is the list.
-  -- @tparam[opt] table opts `chunksize`, `callback(list)`,
-  --   `error_callback(err)`, `timeout` (each task's deadline).
-  function Pool:map_async(fn, list, opts)
-    return map_async(self, fn, list, opts, false, "map_async")
-  end
-
-  --- As map, each item a table of arguments.
-  function Pool:starmap(fn, list, chunksize)
-    return map_async(self, fn, list, map_opts(chunksize, "starmap"), true, "starmap"):get()
-  end
-
-  function Pool:starmap_async(fn, list, opts)
-    return map_async(self, fn, list, opts, true, "starmap_async")
-  end
-
-  -- chunksize, or an options table { chunksize, progress, timeout }
-  -- (timeout: each task's deadline, as in the async calls)
-  local function imap(self, fn, iterable, opts, fname, mode)
-    running(self)
-    local progress, timeout
-    if type(opts) == "table" then
-      opts = check_opts(opts, { chunksize = true, progress = true, timeout = true }, fname)
-      progress, timeout = opts.progress, opts.timeout
-      check_timeout(timeout, fname)
-      opts = opts.chunksize
-    end
-    if opts ~= nil and (not is_int(opts) or opts < 1) then
-      error("chunksize must be >= 1", 3)
-    end
-    return map_impl(self._ex, fn, iterable, { chunksize = opts or 1, progress = progress }, false,
-      fname, mode, timeout)
-  end
-
-  --- Lazy map: yields i, v in input order. A task error is raised at its
-  -- position; calling the iterator again carries on after it. The third
-  -- argument is a chunksize (default 1) or a table { chunksize, progress,
-  -- timeout } (timeout: each task's deadline, DeadlineExceeded past it).
-  function Pool:imap(fn, iterable, chunksize)
-    return imap(self, fn, iterable, chunksize, "imap", "continue")
-  end
-
-  --- Lazy map yielding i, v as results complete (i: the input index).
-  function Pool:imap_unordered(fn, iterable, chunksize)
-    return imap(self, fn, iterable, chunksize, "imap_unordered", "unordered")
-  end
-
-  --- No more work: the workers exit once the queue is drained.
-  function Pool:close()
-    if self._state == "RUN" then
-      self._state = "CLOSE"
-      self._ex:_shutdown(false)
-    end
-  end
-
-  --- Stop the workers at once; unfinished results fail.
-  function Pool:terminate()
-    if self._state ~= "TERMINATE" then
-      self._state = "TERMINATE"
-      self._ex:_kill(15)
-    end
-  end
-
-  --- Wait for the workers to exit (after close or terminate).
-  function Pool:join()
-    if self._state == "RUN" then raise("InvalidStateError", "Pool is still running") end
-    I.join(self._ex)
-  end
-
-  -- as the executor's: a normal exit waits for the work, an error stops it
-  Pool.__close = function(self, err)
-    if err ~= nil then
-      self._state = "TERMINATE"
-      I.abandon(self._ex)
-      return
-    end
-    self:close()
-    self:join()
-  end
-
-  Pool.__tostring = function(self)
-    return string.format("procpool.Pool: %s (%d processes)", self._state:lower(), self._processes)
-  end
-
-  M.AsyncResult = AsyncResult
-  return new_pool
+  return r
 end
+
+--- True once the result is available.
+function AsyncResult:ready()
+  for _, f in ipairs(self._futs) do
+    if not f:done() then return false end
+  end
+  return true
+end
+
+--- Wait up to `timeout` seconds; returns ready().
+function AsyncResult:wait(timeout)
+  local d = deadline_of(timeout, "wait")
+  if #self._futs > 0 then await(self._futs, d, "all") end
+  return self:ready()
+end
+
+-- true, value | false, error (computed once, cached)
+function AsyncResult:_outcome()
+  if self._ok ~= nil then return self._ok, self._value end
+  if self._kind == "apply" then
+    local f = self._futs[1]
+    local ok, err = f:_outcome()
+    self._ok, self._value = ok, not ok and err or nil
+  else
+    local out, base = { n = self._n }, 1
+    self._ok, self._value = true, out
+    for _, f in ipairs(self._futs) do
+      local idx, err = f:_collect(out, base)
+      if idx then
+        self._ok, self._value = false, err
+        break
+      end
+      base = base + f:_nitems()
+    end
+  end
+  return self._ok, self._value
+end
+
+--- The result: the values (apply_async) or the list (map_async). Raises
+-- the first task error, or TimeoutError when not ready in time.
+function AsyncResult:get(timeout)
+  local d = deadline_of(timeout, "get")
+  if self._kind == "map" and self._ok == nil then
+    -- collect each chunk as it completes: decoding overlaps the work
+    -- still running (and every chunk finishes before an error is raised)
+    local out, err = self._partial, self._err
+    if not out then
+      out = core.table_new(self._n, 1) -- the whole list at once: no regrowing
+      out.n = self._n
+    end
+    self._partial = out
+    local futs = self._futs
+    local k, base = self._next or 1, self._base or 1
+    while k <= #futs do
+      local f = futs[k]
+      if not await(f, d) then
+        self._next, self._base, self._err = k, base, err
+        raise("TimeoutError", string.format("the result was not ready within %g seconds",
+          timeout))
+      end
+      if not err then
+        local idx, e = f:_collect(out, base)
+        if idx then err = { e } end
+      end
+      base = base + f:_nitems()
+      if self._pstep then self._pstep(f:_nitems()) end
+      k = k + 1
+    end
+    if self._pfinish then self._pfinish() end
+    self._ok, self._value = not err, err and err[1] or out
+  end
+  if #self._futs > 0 and not await(self._futs, d, "all") then
+    raise("TimeoutError", string.format("the result was not ready within %g seconds", timeout))
+  end
+  local ok, v = self:_outcome()
+  if not ok then error(v, 0) end
+  if self._kind == "apply" then return finish(self._futs[1]:_outcome()) end
+  return v
+end
+
+--- Whether the call completed without raising; an error before ready().
+function AsyncResult:successful()
+  if not self:ready() then
+    raise("InvalidStateError", "the result is not ready")
+  end
+  return (self:_outcome())
+end
+
+---------------------------------------------------------------------
+-- Pool
+
+local Pool = {}
+Pool.__index = Pool
+Pool.__name = "procpool.Pool"
+
+local POOL_OPTS = {
+  processes = true, initializer = true, initargs = true, maxtasksperchild = true,
+  context = true, executable = true,
+}
+
+--- Create a pool; its workers start at once.
+-- @tparam[opt] table opts `processes`, `initializer`, `initargs`,
+--   `maxtasksperchild`, `context` ("fork").
+function M.Pool(opts)
+  opts = check_opts(opts, POOL_OPTS, "Pool")
+  local n = opts.processes
+  if n == nil then n = core.cpu_count() end
+  if not is_int(n) or n < 1 then error("Number of processes must be at least 1", 2) end
+  local mt = opts.maxtasksperchild
+  if mt ~= nil and (not is_int(mt) or mt < 1) then
+    error("maxtasksperchild must be a positive integer or nil", 2)
+  end
+  local ctx = context_of(opts, 2)
+  local init = initializer_of(opts, 2)
+  local ex = core.executor_new({
+    max_workers = n, initializer = init, initargs = opts.initargs, max_tasks_per_child = mt,
+    context = ctx.context, executable = ctx.executable,
+  })
+  return setmetatable({ _ex = ex, _state = "RUN", _processes = n }, Pool)
+end
+
+local function running(self)
+  if self._state ~= "RUN" then raise("InvalidStateError", "Pool not running") end
+  local st, broken = self._ex:_state()
+  if broken then raise("BrokenProcessPool", broken) end
+  if st ~= "running" then raise("InvalidStateError", "Pool not running") end
+end
+
+local function check_timeout(t, fname)
+  if t ~= nil and (type(t) ~= "number" or not (t > 0)) then -- luacheck: ignore 581 (NaN too)
+    error("bad timeout to '" .. fname .. "' (a task deadline in seconds > 0 expected)", 3)
+  end
+end
+
+local function check_cb(cb, name)
+  if cb ~= nil and type(cb) ~= "function" then error(name .. " must be a function", 3) end
+end
+
+--- fn(table.unpack(args)) in a worker; an AsyncResult.
+-- @tparam[opt] table opts `callback(...)`, `error_callback(err)`,
+--   `timeout` (the task's deadline: past it the worker is stopped and the
+--   call fails with DeadlineExceeded).
+function Pool:apply_async(fn, args, opts)
+  running(self)
+  check_fn(fn, 1, "apply_async")
+  if args ~= nil and type(args) ~= "table" then
+    error("bad argument #2 to 'apply_async' (table of arguments expected, got " .. type(args) .. ")", 2)
+  end
+  opts = check_opts(opts, { callback = true, error_callback = true, timeout = true }, "apply_async")
+  check_cb(opts.callback, "callback")
+  check_cb(opts.error_callback, "error_callback")
+  check_timeout(opts.timeout, "apply_async")
+  args = args or {}
+  local f = self._ex:_submit(opts.timeout, fn, table.unpack(args, 1, args.n or #args))
+  return new_result("apply", { f }, 1, opts.callback, opts.error_callback)
+end
+
+--- fn(table.unpack(args)), blocking; its values.
+function Pool:apply(fn, args)
+  return self:apply_async(fn, args):get()
+end
+
+local function list_of(iterable, fname)
+  if type(iterable) == "table" then return iterable, iterable.n or #iterable end
+  local nexti = items_of(iterable, 2, fname)
+  local list, n = {}, 0
+  while true do
+    local has, v = nexti()
+    if not has then break end
+    n = n + 1
+    list[n] = v
+  end
+  return list, n
+end
+
+local function map_async(self, fn, iterable, opts, star, fname)
+  running(self)
+  check_fn(fn, 1, fname)
+  opts = check_opts(opts, { chunksize = true, callback = true, error_callback = true,
+    timeout = true, progress = true }, fname)
+  check_cb(opts.callback, "callback")
+  check_cb(opts.error_callback, "error_callback")
+  check_timeout(opts.timeout, fname)
+  local list, n = list_of(iterable, fname)
+  local cs = opts.chunksize
+  if cs == nil then
+    cs = -(-n // (4 * self._processes)) -- CPython's rule
+  elseif not is_int(cs) or cs < 1 then
+    error("chunksize must be >= 1", 3)
+  end
+  local futs = {}
+  for lo = 1, n, math.max(cs, 1) do
+    local ok, f = pcall(self._ex._submit_chunk, self._ex, fn, list, lo, math.min(lo + cs - 1, n),
+      star, opts.timeout)
+    if not ok then -- an item that cannot be sent: the call fails, nothing stays queued
+      for _, g in ipairs(futs) do g:cancel() end
+      error(f, 3)
+    end
+    futs[#futs + 1] = f
+  end
+  local r = new_result("map", futs, n, opts.callback, opts.error_callback)
+  r._pstep, r._pfinish = progress_of(opts.progress, n, fname)
+  return r
+end
+
+-- the chunksize argument of map/starmap: a number, or { chunksize, progress }
+local function map_opts(arg, fname)
+  if type(arg) == "table" then return check_opts(arg, { chunksize = true, progress = true }, fname) end
+  return { chunksize = arg }
+end
+
+--- A list of fn's first return values, in order, with field n. The third
+-- argument is a chunksize or a table { chunksize, progress }.
+function Pool:map(fn, list, chunksize)
+  return map_async(self, fn, list, map_opts(chunksize, "map"), false, "map"):get()
+end
+
+--- As map, without blocking: an AsyncResult whose get() is the list.
+-- @tparam[opt] table opts `chunksize`, `callback(list)`,
+--   `error_callback(err)`, `timeout` (each task's deadline).
+function Pool:map_async(fn, list, opts)
+  return map_async(self, fn, list, opts, false, "map_async")
+end
+
+--- As map, each item a table of arguments.
+function Pool:starmap(fn, list, chunksize)
+  return map_async(self, fn, list, map_opts(chunksize, "starmap"), true, "starmap"):get()
+end
+
+function Pool:starmap_async(fn, list, opts)
+  return map_async(self, fn, list, opts, true, "starmap_async")
+end
+
+-- chunksize, or an options table { chunksize, progress, timeout }
+-- (timeout: each task's deadline, as in the async calls)
+local function imap(self, fn, iterable, opts, fname, mode)
+  running(self)
+  local progress, timeout
+  if type(opts) == "table" then
+    opts = check_opts(opts, { chunksize = true, progress = true, timeout = true }, fname)
+    progress, timeout = opts.progress, opts.timeout
+    check_timeout(timeout, fname)
+    opts = opts.chunksize
+  end
+  if opts ~= nil and (not is_int(opts) or opts < 1) then
+    error("chunksize must be >= 1", 3)
+  end
+  return iterate(self._ex, fn, iterable, { chunksize = opts or 1, progress = progress }, false,
+    fname, mode, timeout)
+end
+
+--- Lazy map: yields i, v in input order. A task error is raised at its
+-- position; calling the iterator again carries on after it. The third
+-- argument is a chunksize (default 1) or a table { chunksize, progress,
+-- timeout } (timeout: each task's deadline, DeadlineExceeded past it).
+function Pool:imap(fn, iterable, chunksize)
+  return imap(self, fn, iterable, chunksize, "imap", "continue")
+end
+
+--- Lazy map yielding i, v as results complete (i: the input index).
+function Pool:imap_unordered(fn, iterable, chunksize)
+  return imap(self, fn, iterable, chunksize, "imap_unordered", "unordered")
+end
+
+--- No more work: the workers exit once the queue is drained.
+function Pool:close()
+  if self._state == "RUN" then
+    self._state = "CLOSE"
+    self._ex:_shutdown(false)
+  end
+end
+
+--- Stop the workers at once; unfinished results fail.
+function Pool:terminate()
+  if self._state ~= "TERMINATE" then
+    self._state = "TERMINATE"
+    self._ex:_kill(15)
+  end
+end
+
+--- Wait for the workers to exit (after close or terminate).
+function Pool:join()
+  if self._state == "RUN" then raise("InvalidStateError", "Pool is still running") end
+  join(self._ex)
+end
+
+-- as the executor's: a normal exit waits for the work, an error stops it
+Pool.__close = function(self, err)
+  if err ~= nil then
+    self._state = "TERMINATE"
+    abandon(self._ex)
+    return
+  end
+  self:close()
+  self:join()
+end
+
+Pool.__tostring = function(self)
+  return string.format("procpool.Pool: %s (%d processes)", self._state:lower(), self._processes)
+end
+
+M.AsyncResult = AsyncResult
+
+return M

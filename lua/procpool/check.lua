@@ -1,0 +1,121 @@
+--- procpool.check: the argument and option checks the Lua layer shares.
+--
+-- Every public call checks what it is given before any work starts; the
+-- checks and their messages live here, once. A message's level counts
+-- from the function that calls the check (as `error`'s does), so it names
+-- the caller's caller where a public call checks its own arguments.
+-- @module procpool.check
+local core = require "procpool.core"
+
+local M = {}
+
+local now = core.monotonic
+
+--- Raise one of procpool's error objects (`procpool.is_error`).
+function M.raise(name, msg, fields)
+  error(core.error(name, msg, fields), 0)
+end
+
+--- Raise "bad argument #n to 'fname' (msg)".
+function M.argerror(n, fname, msg)
+  error(string.format("bad argument #%d to '%s' (%s)", n, fname, msg), 3)
+end
+
+--- The deadline (on `core.monotonic`'s clock) of a timeout in seconds;
+-- nil for none. A negative timeout counts as 0.
+function M.deadline_of(timeout, fname)
+  if timeout == nil then return nil end
+  if type(timeout) ~= "number" or timeout ~= timeout then
+    error(string.format("bad timeout to '%s' (number of seconds expected, got %s)", fname,
+      type(timeout)), 3)
+  end
+  return now() + (timeout > 0 and timeout or 0)
+end
+
+--- An options table (`{}` for nil) whose keys are all in `allowed`.
+function M.check_opts(opts, allowed, fname)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then
+    error(string.format("bad argument to '%s' (options table expected, got %s)", fname,
+      type(opts)), 3)
+  end
+  for k in pairs(opts) do
+    if not allowed[k] then
+      error(string.format("unknown option '%s' to '%s'", tostring(k), fname), 3)
+    end
+  end
+  return opts
+end
+
+function M.is_int(v) return math.type(v) == "integer" end
+
+function M.is_future(v)
+  return getmetatable(v) == core.Future
+end
+
+--- A task function: a function or a "module.name" string.
+function M.check_fn(fn, n, fname)
+  local t = type(fn)
+  if t ~= "function" and t ~= "string" then
+    M.argerror(n, fname, "function or \"module.name\" string expected, got " .. t)
+  end
+end
+
+--- Iterate an iterable: a sequence table (1..t.n or #t) or a function
+-- called until it returns nil. Returns next() -> true, value (nil at the
+-- end), and the length when known.
+function M.items_of(iterable, n, fname)
+  local t = type(iterable)
+  if t == "table" then
+    local len = iterable.n or #iterable
+    local i = 0
+    return function()
+      if i >= len then return nil end
+      i = i + 1
+      return true, iterable[i]
+    end, len
+  elseif t == "function" then
+    local done = false
+    return function()
+      if done then return nil end
+      local v = iterable()
+      if v == nil then
+        done = true
+        return nil
+      end
+      return true, v
+    end
+  end
+  M.argerror(n, fname, "table or iterator function expected, got " .. t)
+end
+
+--- Check a context option; returns the engine options for it. The
+-- default is "fork", or the environment variable PROCPOOL_CONTEXT.
+function M.context_of(opts, level)
+  local ctx = opts.context or os.getenv("PROCPOOL_CONTEXT") or "fork"
+  if ctx ~= "fork" and ctx ~= "spawn" then
+    error("unknown context '" .. tostring(ctx) .. "' (supported: \"fork\", \"spawn\")", level + 1)
+  end
+  local exe = opts.executable
+  if exe ~= nil and (type(exe) ~= "string" or exe == "") then
+    error("executable must be a command name or path", level + 1)
+  end
+  if ctx == "fork" then return { context = "fork" } end
+  -- a fresh interpreter, which finds procpool with our package.path and
+  -- package.cpath, becomes the zygote
+  return { context = "spawn", executable = exe or "lua5.4" }
+end
+
+--- Check the initializer and initargs options; returns the initializer.
+function M.initializer_of(opts, level)
+  local init = opts.initializer
+  if init ~= nil and type(init) ~= "function" and type(init) ~= "string" then
+    error("initializer must be a callable (a function or a \"module.name\" string)", level + 1)
+  end
+  if opts.initargs ~= nil and type(opts.initargs) ~= "table" then
+    error("initargs must be a table", level + 1)
+  end
+  return init
+end
+
+return M
