@@ -1053,7 +1053,8 @@ describe("CPython concurrent.futures tests", function()
       collectgarbage()
       collectgarbage()
       assert.are.equal(0, #H.children())
-      assert.is_true(H.eventually(function() return H.fd_count() == fds end, 2),
+      -- (fewer after is an earlier test's fd closing late, not a leak)
+      assert.is_true(H.eventually(function() return H.fd_count() <= fds end, 2),
         "fds: " .. fds .. " before, " .. H.fd_count() .. " after")
     end)
   end)
