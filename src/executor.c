@@ -1,4 +1,6 @@
-/* executor.c: the Executor userdata: starting the engine, submitting jobs. */
+/* executor.c: the Executor userdata: starting the engine, submitting jobs.
+ * lua/procpool/executor.lua completes the class (its checks and public
+ * methods); lua/procpool/map.lua drives the chunk methods. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <sched.h>

@@ -1,4 +1,6 @@
-/* future.c: Future userdata over the engine's jobs, and its done callbacks. */
+/* future.c: Future userdata over the engine's jobs, and its done callbacks.
+ * lua/procpool/futures.lua completes the class (result, exception, wait,
+ * as_completed). */
 #define _GNU_SOURCE
 #include "future.h"
 
