@@ -1037,11 +1037,7 @@ describe("CPython concurrent.futures tests", function()
     end)
 
     it("a failing initializer leaks no fds or processes (test_init: FailingInitializerResourcesTest)", function()
-      collectgarbage()
-      collectgarbage()
-      -- the processes of earlier tests are gone
-      assert.is_true(H.eventually(function() return #H.children() == 0 end, T))
-      local fds = H.fd_count()
+      local fds = H.settled_fd_count(T) -- earlier tests' processes and fds gone
       local ex = procpool.ProcessPoolExecutor { max_workers = 2, initializer = function()
         error("error in initializer", 0)
       end }
@@ -1053,8 +1049,7 @@ describe("CPython concurrent.futures tests", function()
       collectgarbage()
       collectgarbage()
       assert.are.equal(0, #H.children())
-      -- (fewer after is an earlier test's fd closing late, not a leak)
-      assert.is_true(H.eventually(function() return H.fd_count() <= fds end, 2),
+      assert.is_true(H.eventually(function() return H.fd_count() == fds end, 2),
         "fds: " .. fds .. " before, " .. H.fd_count() .. " after")
     end)
   end)

@@ -60,6 +60,24 @@ function H.eventually(fn, timeout)
   end
 end
 
+--- The fd count once earlier tests are gone: no child left, and the same
+-- count over 0.1 s (an engine an earlier test left running closes its
+-- fds when its last task ends, not at once).
+function H.settled_fd_count(timeout)
+  local core = require "procpool.core"
+  collectgarbage()
+  collectgarbage()
+  H.eventually(function() return #H.children() == 0 end, timeout)
+  local n
+  H.eventually(function()
+    local a = H.fd_count()
+    core.sleep(0.1)
+    n = H.fd_count()
+    return a == n
+  end, timeout)
+  return n
+end
+
 --- How many processes have a command line matching `pattern` (pgrep -f;
 -- write one character in brackets, "[s]leep 3", so that the pgrep's own
 -- shell does not match).
