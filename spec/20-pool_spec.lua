@@ -85,6 +85,20 @@ describe("Pool", function()
       assert.are.same(squares(100), pool:map("spec.tasks.square", range(100), 1000))
     end)
 
+    it("gives the chunks queued behind a long item to the idle worker", function()
+      -- tiny tasks first, so the engine expects tiny items and deep windows
+      local rs = {}
+      for i = 1, 2000 do rs[i] = pool:apply_async("spec.tasks.square", { i }) end
+      for i = 1, 2000 do rs[i]:get(T) end
+      local items = { 0.5 }
+      for i = 2, 40 do items[i] = 0.002 end
+      local ids = pool:map("spec.tasks.sleep_id", items, 5) -- 8 chunks, sent in a burst
+      local on_long = 0
+      for i = 1, 40 do if ids[i] == ids[1] then on_long = on_long + 1 end end
+      -- its own chunk and at most one more: the other 6 chunks ran elsewhere
+      assert.is_true(on_long <= 10, on_long .. " items ran on the long item's worker")
+    end)
+
     it("keeps holes for nil results", function()
       local r = pool:map(function(x) if x % 2 == 1 then return x end end, range(5))
       assert.are.equal(5, r.n)

@@ -8,6 +8,10 @@ function T.echo(...) return ... end
 function T.sleep(s, v) core.sleep(s) return v end
 function T.pid() return require("procpool").current_worker().pid end
 function T.worker() return require("procpool").current_worker() end
+function T.sleep_id(s)
+  core.sleep(s)
+  return require("procpool").current_worker().id
+end
 function T.fail(v) error(v, 0) end
 function T.square(x) return x * x end
 function T.global(name) return _G[name] end

@@ -81,6 +81,7 @@ typedef struct pp_worker {
   pp_disp *dhead, *dtail;
   uint64_t next_seq;
   uint32_t inflight;
+  uint32_t chunks; /* dispatches of several items among them */
   uint64_t assigned;
   uint32_t epev;      /* events registered for fd (0: not registered) */
   int errfd;          /* its stderr pipe (-1 once at EOF) */
@@ -482,13 +483,21 @@ static uint32_t depth(const pp_engine *e) {
   return share < win ? (uint32_t)share : win;
 }
 
+/* Chunks (dispatches of several items) a worker may hold: the one it runs
+ * and one more. The window counts items, timed mostly on earlier work: a
+ * chunk whose first item turns out long would keep every chunk queued
+ * behind it from the other workers, which go idle. */
+#define CHUNKS_AHEAD 2
+
 /* The worker that should get the next task: the least loaded one below
- * `win` (idle ones only, with `idle_only`); -1 if none. */
-static int pick_worker(const pp_engine *e, uint32_t win, int idle_only) {
+ * `win` (idle ones only, with `idle_only`; below CHUNKS_AHEAD for a
+ * `chunk`); -1 if none. */
+static int pick_worker(const pp_engine *e, uint32_t win, int idle_only, int chunk) {
   int best = -1;
   for (int s = 0; s < e->cfg.nworkers; s++) {
     const pp_worker *w = &e->w[s];
     if (w->state != W_READY || w->doomed || w->retire || w->inflight >= win) continue;
+    if (chunk && w->chunks >= CHUNKS_AHEAD) continue;
     if (idle_only && w->inflight) continue;
     if (best < 0 || w->inflight < e->w[best].inflight) best = s;
   }
@@ -506,11 +515,11 @@ static int dispatch(pp_engine *e, int idle_only) {
   int timed = 0;
   uint32_t win = depth(e);
   while (e->qhead && e->state != PP_E_CLOSING && e->state != PP_E_DEAD) {
-    int best = pick_worker(e, win, idle_only);
-    if (best < 0) break;
-    pp_worker *w = &e->w[best];
     pp_job *j = e->qhead;
     uint32_t lo = j->ranges[0][0], hi = j->ranges[0][1];
+    int best = pick_worker(e, win, idle_only, hi - lo > 1);
+    if (best < 0) break;
+    pp_worker *w = &e->w[best];
     uint32_t count = hi - lo;
     if (e->cfg.max_tasks && count > e->cfg.max_tasks - w->assigned)
       count = (uint32_t)(e->cfg.max_tasks - w->assigned);
@@ -534,6 +543,7 @@ static int dispatch(pp_engine *e, int idle_only) {
     w->dtail = d;
     w->next_seq += count;
     w->inflight += count;
+    if (count > 1) w->chunks++;
     w->assigned += count;
     e->st.pending -= count;
     e->st.running += count;
@@ -649,6 +659,7 @@ static void w_died(pp_engine *e, int slot, int status) {
   /* drain results still buffered in the channel before judging */
   pp_disp *d = w->dhead;
   w->dhead = w->dtail = NULL;
+  w->chunks = 0;
   while (d) {
     pp_disp *next = d->next;
     pp_job *j = d->job;
@@ -791,6 +802,7 @@ static int w_results(pp_engine *e, int slot, const pp_frame *f) {
     if (d->acked == d->count) {
       w->dhead = d->next;
       if (!w->dhead) w->dtail = NULL;
+      if (d->count > 1) w->chunks--;
       pp_job_unref(j);
       free(d);
     }
@@ -1289,7 +1301,7 @@ int pp_engine_submit(pp_engine *e, pp_job *j, const char **msg) {
      * task, so the I/O thread is woken (once) to send them in batches */
     if (pp_now_ns() - e->submit_end_ns >= BURST_GAP_NS) {
       if (dispatch(e, 1)) wake(e);
-    } else if (!e->wake_pending && pick_worker(e, depth(e), 1) >= 0) {
+    } else if (!e->wake_pending && pick_worker(e, depth(e), 1, 0) >= 0) {
       e->wake_pending = 1; /* for idle workers: busy ones' results wake it */
       wake(e);
     }
