@@ -96,6 +96,13 @@ end
 -- the first task error, or TimeoutError when not ready in time.
 function AsyncResult:get(timeout)
   local d = deadline_of(timeout, "get")
+  if self._kind == "apply" then -- one future: its own wait and values
+    local f = self._futs[1]
+    if not await(f, d) then
+      raise("TimeoutError", string.format("the result was not ready within %g seconds", timeout))
+    end
+    return finish(f:_outcome())
+  end
   if self._kind == "map" and self._ok == nil then
     -- collect each chunk as it completes: decoding overlaps the work
     -- still running (and every chunk finishes before an error is raised)
@@ -130,7 +137,6 @@ function AsyncResult:get(timeout)
   end
   local ok, v = self:_outcome()
   if not ok then error(v, 0) end
-  if self._kind == "apply" then return finish(self._futs[1]:_outcome()) end
   return v
 end
 
@@ -192,6 +198,8 @@ local function check_cb(cb, name)
   if cb ~= nil and type(cb) ~= "function" then error(name .. " must be a function", 3) end
 end
 
+local APPLY_OPTS = { callback = true, error_callback = true, timeout = true }
+
 --- fn(table.unpack(args)) in a worker; an AsyncResult.
 -- @tparam[opt] table opts `callback(...)`, `error_callback(err)`,
 --   `timeout` (the task's deadline: past it the worker is stopped and the
@@ -202,13 +210,21 @@ function Pool:apply_async(fn, args, opts)
   if args ~= nil and type(args) ~= "table" then
     error("bad argument #2 to 'apply_async' (table of arguments expected, got " .. type(args) .. ")", 2)
   end
-  opts = check_opts(opts, { callback = true, error_callback = true, timeout = true }, "apply_async")
-  check_cb(opts.callback, "callback")
-  check_cb(opts.error_callback, "error_callback")
-  check_timeout(opts.timeout, "apply_async")
-  args = args or {}
-  local f = self._ex:_submit(opts.timeout, fn, table.unpack(args, 1, args.n or #args))
-  return new_result("apply", { f }, 1, opts.callback, opts.error_callback)
+  local timeout, callback, error_callback
+  if opts ~= nil then -- (no option table is built or checked per call without one)
+    opts = check_opts(opts, APPLY_OPTS, "apply_async")
+    timeout, callback, error_callback = opts.timeout, opts.callback, opts.error_callback
+    check_cb(callback, "callback")
+    check_cb(error_callback, "error_callback")
+    check_timeout(timeout, "apply_async")
+  end
+  local f
+  if args then
+    f = self._ex:_submit(timeout, fn, table.unpack(args, 1, args.n or #args))
+  else
+    f = self._ex:_submit(timeout, fn)
+  end
+  return new_result("apply", { f }, 1, callback, error_callback)
 end
 
 --- fn(table.unpack(args)), blocking; its values.
