@@ -118,4 +118,27 @@ function M.initializer_of(opts, level)
   return init
 end
 
+local UNITS = { [""] = 1, K = 1024, M = 1024 ^ 2, G = 1024 ^ 3, T = 1024 ^ 4 }
+
+--- A size in bytes: an integer, or a string of a number and a unit of
+-- 1024 (K, M, G, T; "512M", "1.5G", "64KiB", "100B"). Returns the whole
+-- number of bytes, or nil and why.
+function M.size_of(v)
+  if M.is_int(v) then
+    if v < 0 then return nil, "a size cannot be negative" end
+    return v
+  end
+  if type(v) == "number" and v >= 0 and v == math.floor(v) and v < 2 ^ 63 then
+    return math.tointeger(v)
+  end
+  if type(v) ~= "string" then
+    return nil, "bytes (an integer) or a size string such as \"512M\" expected, got " .. type(v)
+  end
+  local num, unit = v:match("^%s*(%d+%.?%d*)%s*([KMGTkmgt]?)i?[Bb]?%s*$")
+  if not num then return nil, "cannot read '" .. v .. "' as a size (e.g. \"512M\", \"2G\")" end
+  local n = math.floor(tonumber(num) * UNITS[unit:upper()])
+  if n >= 2 ^ 63 then return nil, "size '" .. v .. "' is too large" end
+  return math.tointeger(n)
+end
+
 return M
