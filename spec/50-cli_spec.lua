@@ -462,6 +462,28 @@ describe("procpool map", function()
         assert.is_true(all_gone(pids))
       end
     end)
+
+    it("--memory and --cpu-limit fail a greedy record by name; the others are fine", function()
+      local script = file("greedy.lua", [[
+        return function(line)
+          if line == "eat" then
+            local t = {}
+            for i = 1, 1e9 do t[i] = ("x"):rep(262144) .. i end
+          elseif line == "spin" then
+            while true do end
+          end
+          return line
+        end
+      ]])
+      local code, out, err = procpool("map -j 2 --memory 32M --cpu-limit 1 " .. script,
+        "printf '1\\neat\\n3\\nspin\\n5\\n'")
+      assert.are.equal(1, code)
+      assert.are.same({ "1", "3", "5" }, lines_of(out))
+      assert.matches("line 2: procpool%.MemoryError: the task ran out of memory under the worker's "
+        .. "limit of 32 MiB", err)
+      assert.matches("line 4: procpool%.WorkerLost: .*CPU time limit %(1 s%)", err)
+      assert.matches("2 of 5 records failed", err)
+    end)
   end)
 
   describe("Ctrl-C", function()

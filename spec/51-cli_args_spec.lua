@@ -113,6 +113,16 @@ describe("procpool's command line", function()
         parse("map", "s.lua", "--timeout", "1e-3"))
     end)
 
+    it("--memory SIZE, --cpu-limit S and --nice N, the workers' limits", function()
+      assert.are.same(map_opts { script = "s.lua", memory = 512 * 1024 * 1024 },
+        parse("map", "s.lua", "--memory", "512M"))
+      assert.are.same(map_opts { script = "s.lua", memory = 2 * 1024 * 1024 * 1024 },
+        parse("map", "s.lua", "--memory=2G"))
+      assert.are.same(map_opts { script = "s.lua", cpu_limit = 3, nice = 10 },
+        parse("map", "s.lua", "--cpu-limit", "3", "--nice=10"))
+      assert.are.same(map_opts { script = "s.lua", nice = 0 }, parse("map", "s.lua", "--nice", "0"))
+    end)
+
     it("-o/--output OUT: -o OUT, -oOUT, --output OUT, --output=OUT", function()
       for _, args in ipairs({ { "-o", "r.txt" }, { "-or.txt" }, { "--output", "r.txt" },
         { "--output=r.txt" } }) do
@@ -177,6 +187,19 @@ describe("procpool's command line", function()
         rejects("option --timeout: expected a number > 0, got 'abc'", "map", "s.lua", "--timeout", "abc")
         rejects("option --timeout: expected a number > 0, got 'nan'", "map", "s.lua", "--timeout", "nan")
         rejects("option --timeout: expected a number > 0, got '0/0'", "map", "s.lua", "--timeout", "0/0")
+      end)
+
+      it("rejects a bad --memory, --cpu-limit or --nice", function()
+        rejects("option --memory: cannot read 'lots' as a size (e.g. \"512M\", \"2G\")", "map",
+          "s.lua", "--memory", "lots")
+        rejects("option --memory: '1000' is under 1M", "map", "s.lua", "--memory=1000")
+        rejects("option --cpu-limit: expected a whole number > 0, got '0.5'", "map", "s.lua",
+          "--cpu-limit", "0.5")
+        rejects("option --nice: expected a whole number from 0 to 19, got '20'", "map", "s.lua",
+          "--nice", "20")
+        rejects("option --nice: expected a whole number from 0 to 19, got '-3'", "map", "s.lua",
+          "--nice=-3")
+        rejects("option --memory needs a value", "map", "s.lua", "--memory")
       end)
 
       it("rejects an empty output file name", function()

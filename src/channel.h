@@ -7,6 +7,7 @@
 
 #include "buf.h"
 #include "le.h"
+#include "reslimit.h"
 
 /*
  * A frame is an 8-byte header (u32 body length, u8 type, u8 flags, u16 0)
@@ -15,10 +16,13 @@
  * The bodies of TASK and RESULT are wire.h's.
  * INITFAIL (worker -> parent): the initializer's error, as text.
  * READY (worker -> parent): initialized; empty body.
+ * RETIRE (worker -> parent): the worker exits after the results sent so
+ * far (a memory error left it unfit); empty body. Not a loss: its
+ * unstarted items go to other workers.
  */
 #define PP_FRAME_HDR 8
 
-enum { PP_FR_TASK = 1, PP_FR_RESULT = 2, PP_FR_INITFAIL = 3, PP_FR_READY = 4 };
+enum { PP_FR_TASK = 1, PP_FR_RESULT = 2, PP_FR_INITFAIL = 3, PP_FR_READY = 4, PP_FR_RETIRE = 7 };
 enum { PP_FF_FD = 0x01 };
 enum { PP_TASK_TIMED = 0x01 }; /* worker records each item's start time */
 enum { PP_RES_OK = 1, PP_RES_ERROR = 2 };
@@ -38,6 +42,7 @@ typedef struct pp_zmsg {
   uint32_t type, slot, gen;
   int32_t pid, status, err, nfds;
   uint64_t len;   /* CONFIG: bytes of the initializer list in the memfd */
+  pp_limits lim;  /* CONFIG: the workers' limits */
   char text[200]; /* HELLO with err: why the zygote cannot start */
 } pp_zmsg;
 

@@ -832,6 +832,12 @@ static void w_readable(pp_engine *e, int slot) {
       } else if (f.type == PP_FR_READY) {
         w->ready = 1;
         e->startup_deaths = 0;
+      } else if (f.type == PP_FR_RETIRE) {
+        /* it ends after the results it sent: its unstarted items are
+         * requeued when the zygote reports it gone */
+        w->retire = 1;
+        w->expected_exit = 1;
+        w_flush(e, slot);
       } else if (f.type == PP_FR_INITFAIL) {
         /* the message is the initializer's error, already a string list */
         char msg[512];
@@ -1520,6 +1526,8 @@ const char *pp_engine_fail_msg(pp_engine *e) {
   pthread_mutex_unlock(&e->mu);
   return m ? m : "the process pool was shut down before the task could complete";
 }
+
+uint32_t pp_engine_cpu_limit(const pp_engine *e) { return e->cfg.cpu_limit; }
 
 uint64_t pp_engine_item_ns(pp_engine *e) {
   pthread_mutex_lock(&e->mu);

@@ -112,6 +112,7 @@ typedef struct pp_engine_cfg {
   uint64_t max_tasks;  /* per worker, 0: unlimited */
   int break_on_lost;   /* on_worker_lost = "break" */
   uint64_t timeout_ns; /* default per-task deadline, 0: none */
+  uint32_t cpu_limit;  /* limits.cpu (seconds per task), 0: none */
 } pp_engine_cfg;
 
 typedef struct pp_stats {
@@ -192,6 +193,8 @@ const char *pp_engine_broken(pp_engine *e);
 /* The message for jobs that failed because the pool broke or was
  * terminated. Owned by the engine. */
 const char *pp_engine_fail_msg(pp_engine *e);
+/* The workers' CPU limit per task, in seconds (0: none). */
+uint32_t pp_engine_cpu_limit(const pp_engine *e);
 /* Observed mean time of one item, in ns (0 before any). */
 uint64_t pp_engine_item_ns(pp_engine *e);
 

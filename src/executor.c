@@ -139,6 +139,18 @@ static int push_initargs(lua_State *L) {
   return (int)n;
 }
 
+/* opts.limits (checked and normalized in Lua: whole numbers) */
+static void get_limits(lua_State *L, pp_limits *lim) {
+  memset(lim, 0, sizeof *lim);
+  if (lua_getfield(L, 1, "limits") == LUA_TTABLE) {
+    lim->memory = (uint64_t)opt_int(L, -1, "memory", 0);
+    lim->cpu = (uint32_t)opt_int(L, -1, "cpu", 0);
+    lim->nofile = (uint32_t)opt_int(L, -1, "nofile", 0);
+    lim->nice = (int32_t)opt_int(L, -1, "nice", 0);
+  }
+  lua_pop(L, 1);
+}
+
 /* executor_new(opts) -> Executor. `opts` has been validated in Lua. */
 static int l_executor_new(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -153,6 +165,9 @@ static int l_executor_new(lua_State *L) {
   cfg.break_on_lost = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "break") == 0;
   lua_pop(L, 1);
   if (cfg.nworkers < 1) luaL_argerror(L, 1, "max_workers must be greater than 0");
+  pp_limits lim;
+  get_limits(L, &lim);
+  cfg.cpu_limit = lim.cpu;
 
   pp_exec *x = lua_newuserdatauv(L, sizeof *x, 0);
   x->e = NULL;
@@ -185,7 +200,7 @@ static int l_executor_new(lua_State *L) {
     pid_t zpid;
     int zfd;
     char why[256];
-    int err = pp_zygote_spawn(exe, paths, b->p, b->n, &zpid, &zfd, why, sizeof why);
+    int err = pp_zygote_spawn(exe, paths, b->p, b->n, &lim, &zpid, &zfd, why, sizeof why);
     if (err) pp_error_raise(L, "BrokenProcessPool", "cannot start the spawn context: %s", why);
     start_engine(L, x, &cfg, zpid, zfd);
     lua_settop(L, xi);
@@ -196,6 +211,7 @@ static int l_executor_new(lua_State *L) {
    * copy of it is what workers run */
   pp_wctx w;
   memset(&w, 0, sizeof w);
+  w.lim = lim;
   lua_getfield(L, 1, "initializer");
   if (!lua_isnil(L, -1)) {
     w.init_idx = lua_gettop(L);

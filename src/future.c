@@ -7,6 +7,7 @@
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
 
 #include <lauxlib.h>
@@ -278,9 +279,11 @@ static int fut_cancel(lua_State *L) {
 /* outcomes                                                             */
 
 static const char *signame(int sig) {
-  static const char *names[] = {NULL,      "SIGHUP",  "SIGINT",  "SIGQUIT", "SIGILL",  "SIGTRAP",
-                                "SIGABRT", "SIGBUS",  "SIGFPE",  "SIGKILL", "SIGUSR1", "SIGSEGV",
-                                "SIGUSR2", "SIGPIPE", "SIGALRM", "SIGTERM"};
+  static const char *names[] = {NULL,      "SIGHUP",  "SIGINT",  "SIGQUIT", "SIGILL",    "SIGTRAP",
+                                "SIGABRT", "SIGBUS",  "SIGFPE",  "SIGKILL", "SIGUSR1",   "SIGSEGV",
+                                "SIGUSR2", "SIGPIPE", "SIGALRM", "SIGTERM", "SIGSTKFLT", "SIGCHLD",
+                                "SIGCONT", "SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU",   "SIGURG",
+                                "SIGXCPU", "SIGXFSZ"};
   return sig > 0 && sig < (int)(sizeof names / sizeof names[0]) ? names[sig] : NULL;
 }
 
@@ -295,7 +298,22 @@ static void push_item_error(lua_State *L, pp_fut *f, int status, const pp_death 
     pp_death none = {0, 0, -1, NULL};
     if (!d) d = &none;
     const char *sn = signame(d->sig);
-    if (d->sig)
+    uint32_t cpu = pp_engine_cpu_limit(f->e);
+    /* the reason alone, then the message that says it in a sentence */
+    if (d->sig == SIGXCPU && cpu)
+      lua_pushfstring(L, "CPU time limit of %d s exceeded (SIGXCPU)", (int)cpu);
+    else if (d->sig)
+      lua_pushfstring(L, "killed by signal %d%s%s", (int)d->sig, sn ? ", " : "", sn ? sn : "");
+    else if (d->code >= 0)
+      lua_pushfstring(L, "exit code %d", (int)d->code);
+    else
+      lua_pushliteral(L, "ended");
+    if (d->sig == SIGXCPU && cpu)
+      lua_pushfstring(L,
+                      "worker process %d was stopped by its CPU time limit (%d s) while running "
+                      "the task",
+                      (int)d->pid, (int)cpu);
+    else if (d->sig)
       lua_pushfstring(L, "worker process %d died while running the task (signal %d%s%s)",
                       (int)d->pid, (int)d->sig, sn ? ", " : "", sn ? sn : "");
     else if (d->code >= 0)
@@ -305,6 +323,8 @@ static void push_item_error(lua_State *L, pp_fut *f, int status, const pp_death 
       lua_pushfstring(L, "worker process %d died while running the task", (int)d->pid);
     pp_error_push(L, "WorkerLost", lua_tostring(L, -1));
     lua_remove(L, -2);
+    lua_insert(L, -2);
+    lua_setfield(L, -2, "reason");
     lua_pushinteger(L, d->pid);
     lua_setfield(L, -2, "pid");
     if (d->stderr_tail) {

@@ -299,7 +299,7 @@ static char **spawn_env(const char *const paths[2], size_t *own) {
 }
 
 int pp_zygote_spawn(const char *exe, const char *const paths[2], const char *init, size_t initlen,
-                    pid_t *zpid, int *zfd, char *why, size_t whylen) {
+                    const pp_limits *lim, pid_t *zpid, int *zfd, char *why, size_t whylen) {
   int sv[2];
   why[0] = 0;
   size_t own;
@@ -341,6 +341,7 @@ int pp_zygote_spawn(const char *exe, const char *const paths[2], const char *ini
   memset(&m, 0, sizeof m);
   m.type = PP_Z_CONFIG;
   m.pid = getpid();
+  m.lim = *lim;
   int mfd = -1, err = 0;
   if (init && initlen) {
     mfd = memfd_create("procpool-init", MFD_CLOEXEC);
@@ -427,6 +428,7 @@ void pp_zygote_spawned(lua_State *L) {
   if (nfds == 0) mfd = -1;
   pp_wctx w;
   memset(&w, 0, sizeof w);
+  w.lim = m.lim;
   lua_settop(L, 0);
   if (mfd >= 0) {
     int err = 0;

@@ -6,12 +6,14 @@
 #include <sys/types.h>
 
 #include "channel.h"
+#include "reslimit.h"
 
 /* What a worker needs from the state it was forked with. */
 typedef struct pp_wctx {
-  int init_idx; /* stack index of the initializer (0: none) */
-  int init_n;   /* number of initargs that follow it */
-  int init_str; /* the initializer is a "module.name" string */
+  int init_idx;  /* stack index of the initializer (0: none) */
+  int init_n;    /* number of initargs that follow it */
+  int init_str;  /* the initializer is a "module.name" string */
+  pp_limits lim; /* the `limits` option */
 } pp_wctx;
 
 /* Fork the zygote from the calling (Lua) thread. The child keeps a copy of
@@ -22,10 +24,10 @@ int pp_zygote_fork(lua_State *L, const pp_wctx *w, pid_t *zpid, int *zfd);
 /* Spawn context: start `exe` (found on PATH), a Lua 5.4 interpreter, as
  * the zygote; `paths` are the package.path and package.cpath it finds
  * procpool with. Send it the encoded initializer list `init` (may be
- * NULL) and wait for it to be ready. In the parent: 0 with *zpid and
+ * NULL) and the workers' limits, and wait for it to be ready. In the parent: 0 with *zpid and
  * *zfd, or an errno with `why` filled. */
 int pp_zygote_spawn(const char *exe, const char *const paths[2], const char *init, size_t initlen,
-                    pid_t *zpid, int *zfd, char *why, size_t whylen);
+                    const pp_limits *lim, pid_t *zpid, int *zfd, char *why, size_t whylen);
 
 /* In a spawned interpreter (procpool.core's _zygote): become the zygote of
  * the parent on fd 3. Never returns. */

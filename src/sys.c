@@ -2,9 +2,11 @@
  * clocks, sleeping, fds (open, read, poll, close), isatty, table_new. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <math.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -107,6 +109,21 @@ static int l_table_new(lua_State *L) {
 }
 
 /* isatty(fd) -> boolean */
+/* rlimit_nofile() -> soft, hard (math.huge for unlimited): what the
+ * `limits.nofile` option is checked against */
+static int l_rlimit_nofile(lua_State *L) {
+  struct rlimit r;
+  if (getrlimit(RLIMIT_NOFILE, &r) != 0) return luaL_fileresult(L, 0, NULL);
+  for (int i = 0; i < 2; i++) {
+    rlim_t v = i ? r.rlim_max : r.rlim_cur;
+    if (v == RLIM_INFINITY)
+      lua_pushnumber(L, HUGE_VAL);
+    else
+      lua_pushinteger(L, (lua_Integer)v);
+  }
+  return 2;
+}
+
 static int l_isatty(lua_State *L) {
   lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)) == 1);
   return 1;
@@ -114,9 +131,15 @@ static int l_isatty(lua_State *L) {
 
 /* Adds the calls to the module table on top of the stack. */
 void pp_sys_open(lua_State *L) {
-  static const luaL_Reg fns[] = {
-      {"monotonic", l_monotonic}, {"sleep", l_sleep}, {"isatty", l_isatty},
-      {"table_new", l_table_new}, {"open", l_open},   {"read", l_read},
-      {"poll", l_poll},           {"close", l_close}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"monotonic", l_monotonic},
+                                 {"sleep", l_sleep},
+                                 {"isatty", l_isatty},
+                                 {"table_new", l_table_new},
+                                 {"open", l_open},
+                                 {"read", l_read},
+                                 {"poll", l_poll},
+                                 {"close", l_close},
+                                 {"rlimit_nofile", l_rlimit_nofile},
+                                 {NULL, NULL}};
   luaL_setfuncs(L, fns, 0);
 }

@@ -18,6 +18,7 @@
 #include "codec.h"
 #include "engine.h"
 #include "error.h"
+#include "reslimit.h"
 #include "pp.h"
 #include "proc.h"
 #include "wire.h"
@@ -80,6 +81,8 @@ typedef struct wstate {
   uint32_t unclocked;    /* quick items since the clock was last read */
   uint32_t batch_n;
   int fncache; /* stack index of the function cache */
+  pp_limiter lim;
+  int retiring; /* a memory error: exit after the results */
 } wstate;
 
 enum { BATCH_NONE, BATCH_OPEN, BATCH_WATCHED };
@@ -364,6 +367,7 @@ static int item_loop(lua_State *L) {
     const char *item = b->items + b->pos + PP_LEN_PREFIX;
     b->pos += PP_LEN_PREFIX + ilen;
     uint64_t seq = b->seq0 + b->k;
+    pp_limiter_item(&ws->lim, ws->last_t); /* (and forget refusals before it) */
     if (b->timed) __atomic_store_n(&ws->page->started_ns, ws->last_t, __ATOMIC_RELEASE);
     __atomic_store_n(&ws->page->started, seq, __ATOMIC_RELEASE);
     if (__atomic_load_n(&ws->bstate, __ATOMIC_RELAXED) == BATCH_OPEN) watch_batch(ws);
@@ -458,6 +462,49 @@ static int decode_fn(lua_State *L) {
   return 1;
 }
 
+/* An error that is Lua's out-of-memory message, raised again by a task
+ * that caught it (the procpool command's wrapper does), after the heap
+ * cap refused an allocation in this item. */
+static int out_of_memory(wstate *ws, int erridx) {
+  if (!pp_limiter_refused(&ws->lim)) return 0;
+  size_t len;
+  const char *msg = lua_tolstring(ws->L, erridx, &len);
+  return lua_type(ws->L, erridx) == LUA_TSTRING && len == 17 &&
+         memcmp(msg, "not enough memory", 17) == 0;
+}
+
+/* The item ran out of memory (the message handler is not called for
+ * that): replace the error on top with a MemoryError naming the limit.
+ * The worker then retires: what the task left behind may be what filled
+ * the heap, and C code may not have recovered. */
+static void memory_error(wstate *ws) {
+  lua_State *L = ws->L;
+  pp_limiter_lift(&ws->lim); /* room to build and send the error */
+  ws->retiring = 1;
+  lua_pop(L, 1);
+  uint64_t cap = ws->lim.lim.memory;
+  if (cap) {
+    static const char *const units[] = {"bytes", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    uint64_t n = cap;
+    while (u < 4 && n % 1024 == 0) {
+      n /= 1024;
+      u++;
+    }
+    lua_pushfstring(L, "the task ran out of memory under the worker's limit of %I %s",
+                    (lua_Integer)n, units[u]);
+    pp_error_push(L, "MemoryError", lua_tostring(L, -1));
+    lua_pushinteger(L, (lua_Integer)cap);
+    lua_setfield(L, -2, "limit");
+  } else {
+    lua_pushliteral(L, "the task ran out of memory");
+    pp_error_push(L, "MemoryError", lua_tostring(L, -1));
+  }
+  lua_remove(L, -2);
+  lua_pushnil(L); /* no traceback: the handler did not run */
+  lua_setfield(L, LUA_REGISTRYINDEX, "procpool.traceback");
+}
+
 static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
   lua_State *L = ws->L;
   if (blen < PP_TASK_HDR) wexit(ws, 71);
@@ -518,12 +565,15 @@ static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
     lua_pushcfunction(L, item_loop);
     lua_pushlightuserdata(L, &b);
     lua_pushvalue(L, fnidx);
-    if (lua_pcall(L, 2, 0, h) == LUA_OK) break;
+    int rc = lua_pcall(L, 2, 0, h);
+    if (rc == LUA_OK) break;
+    if (rc == LUA_ERRMEM || out_of_memory(ws, lua_gettop(L))) memory_error(ws);
     /* item k raised (or its result would not serialize) */
     encode_error(ws, lua_gettop(L));
     uint64_t now = pp_now_ns();
     put_result(ws, seq0 + b.k, PP_RES_ERROR, now, now - ws->last_t);
     b.k++;
+    if (ws->retiring) break; /* the rest goes to other workers */
   }
   lua_settop(L, top);
   pp_blob_unref(map);
@@ -565,6 +615,15 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
   lua_setfield(L, -2, "pid");
   lua_setfield(L, LUA_REGISTRYINDEX, "procpool.current_worker");
   note_base_frames(L);
+  if (w) {
+    const char *what = NULL;
+    int err = pp_limiter_start(&ws.lim, L, &w->lim, &what);
+    if (err) { /* checked in the parent: not expected to happen */
+      fprintf(stderr, "procpool: worker %d: cannot apply limits.%s: %s\n", slot + 1, what,
+              strerror(err));
+      wexit(&ws, 1);
+    }
+  }
   lua_newtable(L);
   ws.fncache = lua_gettop(L);
   if (w && w->init_idx) {
@@ -618,5 +677,11 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
     }
     if (f.type != PP_FR_TASK) wexit(&ws, 71);
     run_task(&ws, f.body, f.len, f.fd);
+    if (ws.retiring) {
+      reserve(&ws, PP_FRAME_HDR);
+      pp_frame_end(&ws.out.buf, pp_frame_begin(&ws.out.buf, PP_FR_RETIRE, 0));
+      flush(&ws);
+      wexit(&ws, 0);
+    }
   }
 }

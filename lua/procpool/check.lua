@@ -141,4 +141,59 @@ function M.size_of(v)
   return math.tointeger(n)
 end
 
+local LIMIT_KEYS = { memory = true, cpu = true, nofile = true, nice = true }
+-- the fds a worker holds itself: stdio, its channel, pipes and payloads
+local MIN_NOFILE = 16
+
+--- Check the `limits` option; returns it normalized (memory in bytes,
+-- all whole numbers) or nil. `fname` names the call, for messages.
+function M.limits_of(lim, fname, level)
+  level = level + 1
+  if lim == nil then return nil end
+  if type(lim) ~= "table" then
+    error("limits must be a table { memory =, cpu =, nofile =, nice = }", level)
+  end
+  for k in pairs(lim) do
+    if not LIMIT_KEYS[k] then
+      error(string.format("unknown limit '%s' to '%s' (known: memory, cpu, nofile, nice)",
+        tostring(k), fname), level)
+    end
+  end
+  local out = {}
+  if lim.memory ~= nil then
+    local n, why = M.size_of(lim.memory)
+    if not n then error("limits.memory: " .. why, level) end
+    if n < 1024 * 1024 then error("limits.memory must be at least 1M", level) end
+    out.memory = n
+  end
+  local cpu = lim.cpu
+  if cpu ~= nil then
+    if not M.is_int(cpu) or cpu < 1 then
+      error("limits.cpu must be a whole number of seconds >= 1 (the kernel counts CPU time in "
+        .. "seconds)", level)
+    end
+    out.cpu = cpu
+  end
+  local nf = lim.nofile
+  if nf ~= nil then
+    if not M.is_int(nf) or nf < MIN_NOFILE then
+      error("limits.nofile must be an integer >= " .. MIN_NOFILE, level)
+    end
+    local _, hard = core.rlimit_nofile()
+    if hard and nf > hard then
+      error(string.format("limits.nofile = %d is above this process's hard limit (%d)", nf,
+        hard), level)
+    end
+    out.nofile = nf
+  end
+  local nice = lim.nice
+  if nice ~= nil then
+    if not M.is_int(nice) or nice < 0 or nice > 19 then
+      error("limits.nice must be an integer from 0 to 19 (added to the workers' niceness)", level)
+    end
+    out.nice = nice
+  end
+  return out
+end
+
 return M

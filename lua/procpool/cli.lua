@@ -84,6 +84,13 @@ Options:
       --timeout S      time limit for each record, in seconds; a record
                        that runs longer is stopped (its worker is replaced)
                        and reported as failed (procpool.DeadlineExceeded)
+      --memory SIZE    memory each worker may allocate (bytes, or 512M, 2G);
+                       a record that runs out fails with
+                       procpool.MemoryError and its worker is replaced
+      --cpu-limit S    CPU seconds each record may use (whole seconds); a
+                       record past it fails (procpool.WorkerLost, reason
+                       "CPU time limit ...") and its worker is replaced
+      --nice N         run the workers N levels nicer (0-19)
       --progress       draw a progress line on stderr, if it is a terminal
       --no-progress    never draw it (default: drawn when stderr is a
                        terminal and the output is not)
@@ -189,6 +196,22 @@ local function parse_map_args(args)
         o.chunksize = parse_number(name, value(), true)
       elseif name == "--timeout" then
         o.timeout = parse_number(name, value(), false)
+      elseif name == "--memory" then
+        local v = value()
+        local n, why = require("procpool.check").size_of(v)
+        if not n or n < 1024 * 1024 then
+          usage_error("option --memory: " .. (why or ("'" .. v .. "' is under 1M")))
+        end
+        o.memory = n
+      elseif name == "--cpu-limit" then
+        o.cpu_limit = parse_number(name, value(), true)
+      elseif name == "--nice" then
+        local v = value()
+        local n = math.tointeger(tonumber(v))
+        if not n or n < 0 or n > 19 then
+          usage_error("option --nice: expected a whole number from 0 to 19, got '" .. v .. "'")
+        end
+        o.nice = n
       elseif name == "--progress" then
         o.progress = flag()
       elseif name == "--no-progress" then
@@ -226,8 +249,8 @@ end
 -- after `map`), "version" or "usage" (no argument: the usage goes to
 -- stderr, status 2); for "map": `script`, `inputs` (a list, `{ "-" }`
 -- when none is given) and, when given, `jobs`, `json`, `unordered`,
--- `chunksize`, `timeout`, `progress` (true, or false for --no-progress)
--- and `output`. For bad usage: nil and the message.
+-- `chunksize`, `timeout`, `memory` (bytes), `cpu_limit`, `nice`,
+-- `progress` (true, or false for --no-progress) and `output`. For bad usage: nil and the message.
 function M.parse(argv)
   local ok, o = pcall(parse, argv)
   if ok then return o end
@@ -295,7 +318,12 @@ local function make_task(path, json, keep_values)
       record = v
     end
     local ok, r = pcall(S.map, record)
-    if not ok then return { [errkey] = tostring(r) } end
+    if not ok then
+      -- out of memory goes on as it is: the worker then fails the record
+      -- with a MemoryError and is replaced (see limits.memory)
+      if r == "not enough memory" then error(r, 0) end
+      return { [errkey] = tostring(r) }
+    end
     if r == nil or keep_values then return r end
     if json then
       local okj, s = pcall(require("cjson").encode, r)
@@ -486,9 +514,14 @@ local function run_map(o)
 
   -- the script, where the workers (forked from this process) find it
   package.loaded[SCRIPT_MODULE] = S
+  local limits
+  if o.memory or o.cpu_limit or o.nice then
+    limits = { memory = o.memory, cpu = o.cpu_limit, nice = o.nice }
+  end
   local ex = procpool.ProcessPoolExecutor {
     max_workers = o.jobs or procpool.cpu_count(),
     initializer = S.init and make_init(o.script) or nil,
+    limits = limits,
   }
   local task = make_task(o.script, o.json, S.reduce ~= nil)
   -- chunks of consecutive lines of one input, sized from the observed

@@ -14,17 +14,19 @@ local M = {}
 local await = core.await
 local check_opts, is_int, check_fn = check.check_opts, check.is_int, check.check_fn
 local context_of, initializer_of = check.context_of, check.initializer_of
+local limits_of = check.limits_of
 local Executor = core.Executor.__index
 
 local EXEC_OPTS = {
   max_workers = true, context = true, initializer = true, initargs = true,
   max_tasks_per_child = true, task_timeout = true, on_worker_lost = true, executable = true,
+  limits = true,
 }
 
 --- Create an executor.
 -- @tparam[opt] table opts `max_workers`, `context` ("fork"), `initializer`,
 --   `initargs`, `max_tasks_per_child`, `task_timeout`, `on_worker_lost`
---   ("replace" or "break").
+--   ("replace" or "break"), `limits` ({ memory =, cpu =, nofile =, nice = }).
 function M.ProcessPoolExecutor(opts)
   opts = check_opts(opts, EXEC_OPTS, "ProcessPoolExecutor")
   local mw = opts.max_workers
@@ -44,10 +46,11 @@ function M.ProcessPoolExecutor(opts)
   if owl ~= nil and owl ~= "replace" and owl ~= "break" then
     error("on_worker_lost must be \"replace\" or \"break\"", 2)
   end
+  local limits = limits_of(opts.limits, "ProcessPoolExecutor", 2)
   return core.executor_new({
     max_workers = mw, initializer = init, initargs = opts.initargs,
     max_tasks_per_child = mt, task_timeout = tt, on_worker_lost = owl,
-    context = ctx.context, executable = ctx.executable,
+    context = ctx.context, executable = ctx.executable, limits = limits,
   })
 end
 

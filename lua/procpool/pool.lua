@@ -157,12 +157,12 @@ Pool.__name = "procpool.Pool"
 
 local POOL_OPTS = {
   processes = true, initializer = true, initargs = true, maxtasksperchild = true,
-  context = true, executable = true,
+  context = true, executable = true, limits = true,
 }
 
 --- Create a pool; its workers start at once.
 -- @tparam[opt] table opts `processes`, `initializer`, `initargs`,
---   `maxtasksperchild`, `context` ("fork").
+--   `maxtasksperchild`, `context` ("fork"), `limits` (as ProcessPoolExecutor's).
 function M.Pool(opts)
   opts = check_opts(opts, POOL_OPTS, "Pool")
   local n = opts.processes
@@ -174,9 +174,10 @@ function M.Pool(opts)
   end
   local ctx = context_of(opts, 2)
   local init = initializer_of(opts, 2)
+  local limits = check.limits_of(opts.limits, "Pool", 2)
   local ex = core.executor_new({
     max_workers = n, initializer = init, initargs = opts.initargs, max_tasks_per_child = mt,
-    context = ctx.context, executable = ctx.executable,
+    context = ctx.context, executable = ctx.executable, limits = limits,
   })
   return setmetatable({ _ex = ex, _state = "RUN", _processes = n }, Pool)
 end
