@@ -54,6 +54,7 @@ build = {
         "src/names.c",
         "src/proc.c",
         "src/procpool.c",
+        "src/reslimit.c",
         "src/sys.c",
         "src/wait.c",
         "src/worker.c",

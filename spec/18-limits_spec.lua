@@ -58,13 +58,19 @@ describe("limits.memory", function()
   end)
 
   it("counts from what the worker holds at start, not what the parent has", function()
-    -- 40 MiB held by the parent, inherited by forked workers
+    -- 40 MiB held by the parent, inherited by forked workers (a global:
+    -- an upvalue would be sent with the task)
     local big = {}
     for i = 1, 4e5 do big[i] = ("z"):rep(64) .. i end
+    rawset(_G, "spec_big", big)
     local ex <close> = procpool.ProcessPoolExecutor { max_workers = 1, limits = { memory = "32M" } }
-    assert.are.equal(4e5, ex:submit(function() return #big end):result(T))
+    rawset(_G, "spec_big", nil)
+    assert.are.equal(4e5, ex:submit(function() return #rawget(_G, "spec_big") end):result(T))
     assert.is_true(procpool.is_error(ex:submit(greedy):exception(T), "MemoryError"))
-    big = nil -- luacheck: ignore 311
+    -- sent with a task, the same table does not fit
+    local e = ex:submit(function() return #big end):exception(T)
+    assert.is_true(procpool.is_error(e, "MemoryError"), tostring(e))
+    assert.are.equal(5, ex:submit(function() return 5 end):result(T))
   end)
 
   it("loses none of the tasks queued behind the greedy one", function()

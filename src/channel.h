@@ -7,7 +7,6 @@
 
 #include "buf.h"
 #include "le.h"
-#include "reslimit.h"
 
 /*
  * A frame is an 8-byte header (u32 body length, u8 type, u8 flags, u16 0)
@@ -26,6 +25,16 @@ enum { PP_FR_TASK = 1, PP_FR_RESULT = 2, PP_FR_INITFAIL = 3, PP_FR_READY = 4, PP
 enum { PP_FF_FD = 0x01 };
 enum { PP_TASK_TIMED = 0x01 }; /* worker records each item's start time */
 enum { PP_RES_OK = 1, PP_RES_ERROR = 2 };
+
+/* The `limits` option, as the parent asks for it (reslimit.h applies it in
+ * each worker); zero fields ask for nothing. */
+typedef struct pp_limits {
+  uint64_t memory; /* bytes a worker may allocate beyond what it holds at start */
+  uint32_t cpu;    /* CPU seconds each task may use */
+  uint32_t nofile; /* open files (soft and hard limit) */
+  int32_t nice;    /* added to the workers' niceness */
+  uint32_t pad;
+} pp_limits;
 
 /* Zygote control messages (a SOCK_SEQPACKET pair). SPAWNED carries the
  * worker's channel, its pidfd (or a stand-in), its progress page (a memfd)

@@ -169,6 +169,10 @@ __attribute__((noreturn)) static void zygote_main(lua_State *L, const pp_wctx *w
   }
   pp_close_from(ZCTL + 1, -1);
   signal(SIGINT, SIG_IGN); /* Ctrl-C is the parent's to act on */
+  /* limits.memory counts from what a worker holds at start: without the
+   * garbage the parent had, which its workers would free and then have
+   * as room past the limit (one collection here, shared by them all) */
+  if (w->lim.memory) lua_gc(L, LUA_GCCOLLECT, 0);
   zstate z;
   memset(&z, 0, sizeof z);
   z.L = L;

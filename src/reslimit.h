@@ -6,18 +6,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* No Lua here: the zygote messages (channel.h) carry pp_limits. */
-struct lua_State;
+#include "channel.h" /* pp_limits, which the spawn context's CONFIG carries */
 
-/* What the parent asks for; zero fields ask for nothing. Plain data: it
- * travels in the zygote's CONFIG message in the spawn context. */
-typedef struct pp_limits {
-  uint64_t memory; /* bytes a worker may allocate beyond what it holds at start */
-  uint32_t cpu;    /* CPU seconds each task may use */
-  uint32_t nofile; /* open files (soft and hard limit) */
-  int32_t nice;    /* added to the workers' niceness */
-  uint32_t pad;
-} pp_limits;
+struct lua_State;
 
 /* The worker's side: the state the limits need while tasks run. */
 typedef struct pp_limiter {

@@ -546,7 +546,9 @@ static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
   lua_pushlightuserdata(L, (void *)fn);
   lua_pushinteger(L, (lua_Integer)fnlen);
   lua_pushvalue(L, ws->fncache);
-  int fnok = lua_pcall(L, 3, 1, h) == LUA_OK && resolve_fn(L);
+  int fnrc = lua_pcall(L, 3, 1, h);
+  if (fnrc == LUA_ERRMEM) memory_error(ws); /* its upvalues did not fit */
+  int fnok = fnrc == LUA_OK && resolve_fn(L);
   int fnidx = lua_gettop(L);
   batch b = {ws, items, itemslen, 0, 0, count, seq0, (flags & PP_TASK_TIMED) != 0};
   ws->last_t = pp_now_ns();
@@ -555,12 +557,12 @@ static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
       lua_pushnil(L);
       lua_setfield(L, LUA_REGISTRYINDEX, "procpool.traceback");
     }
-    for (; b.k < count; b.k++) {
+    for (; b.k < count; b.k++) { /* every item: the function is the same for all */
       encode_error(ws, fnidx);
       put_result(ws, seq0 + b.k, PP_RES_ERROR, pp_now_ns(), 0);
     }
   }
-  while (b.k < count) {
+  while (b.k < count && !ws->retiring) {
     lua_settop(L, fnidx);
     lua_pushcfunction(L, item_loop);
     lua_pushlightuserdata(L, &b);
