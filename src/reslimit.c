@@ -33,6 +33,13 @@ static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   return p;
 }
 
+/* Set soft and hard limit to `v` (a worker never needs more back). */
+static int set_limit(int res, rlim_t v) {
+  struct rlimit r = {v, v};
+  return setrlimit(res, &r) == 0 ? 0 : errno;
+}
+
+#if !defined(__SANITIZE_ADDRESS__)
 /* The process's virtual size, from /proc/self/statm (0 if unknown). */
 static uint64_t vm_bytes(void) {
   FILE *f = fopen("/proc/self/statm", "re");
@@ -42,12 +49,7 @@ static uint64_t vm_bytes(void) {
   fclose(f);
   return (uint64_t)pages * (uint64_t)sysconf(_SC_PAGESIZE);
 }
-
-/* Set soft and hard limit to `v` (a worker never needs more back). */
-static int set_limit(int res, rlim_t v) {
-  struct rlimit r = {v, v};
-  return setrlimit(res, &r) == 0 ? 0 : errno;
-}
+#endif
 
 static uint64_t cpu_used_ns(void) {
   struct rusage ru;
