@@ -15,13 +15,19 @@
  * The bodies of TASK and RESULT are wire.h's.
  * INITFAIL (worker -> parent): the initializer's error, as text.
  * READY (worker -> parent): initialized; empty body.
+ * OUTBUF (worker -> parent, FD): the worker's capture area (wire.h's
+ * pp_outarea), sent once, before its first captured item; empty body.
  */
 #define PP_FRAME_HDR 8
 
-enum { PP_FR_TASK = 1, PP_FR_RESULT = 2, PP_FR_INITFAIL = 3, PP_FR_READY = 4 };
+enum { PP_FR_TASK = 1, PP_FR_RESULT = 2, PP_FR_INITFAIL = 3, PP_FR_READY = 4, PP_FR_OUTBUF = 6 };
 enum { PP_FF_FD = 0x01 };
-enum { PP_TASK_TIMED = 0x01 }; /* worker records each item's start time */
+enum {
+  PP_TASK_TIMED = 0x01,  /* worker records each item's start time */
+  PP_TASK_CAPTURE = 0x02 /* the items' stdout and stderr come back with them */
+};
 enum { PP_RES_OK = 1, PP_RES_ERROR = 2 };
+enum { PP_RES_OUTPUT = 0x80 }; /* on a result's status: its bytes end with output */
 
 /* Zygote control messages (a SOCK_SEQPACKET pair). SPAWNED carries the
  * worker's channel, its pidfd (or a stand-in), its progress page (a memfd)
