@@ -42,6 +42,7 @@ build = {
       sources = {
         "src/bccheck.c",
         "src/buf.c",
+        "src/capture.c",
         "src/channel.c",
         "src/codec.c",
         "src/decode.c",
@@ -68,6 +69,7 @@ build = {
     ["procpool.executor"] = "lua/procpool/executor.lua",
     ["procpool.futures"] = "lua/procpool/futures.lua",
     ["procpool.map"] = "lua/procpool/map.lua",
+    ["procpool.output"] = "lua/procpool/output.lua",
     ["procpool.progress"] = "lua/procpool/progress.lua",
     ["procpool.pool"] = "lua/procpool/pool.lua",
     ["procpool.cqueues"] = "lua/procpool/cqueues.lua",

@@ -18,13 +18,26 @@
  * RETIRE (worker -> parent): the worker exits after the results sent so
  * far (a memory error left it unfit); empty body. Not a loss: its
  * unstarted items go to other workers.
+ * OUTBUF (worker -> parent, FD): the worker's capture area (wire.h's
+ * pp_outarea), sent once, before its first captured item; empty body.
  */
 #define PP_FRAME_HDR 8
 
-enum { PP_FR_TASK = 1, PP_FR_RESULT = 2, PP_FR_INITFAIL = 3, PP_FR_READY = 4, PP_FR_RETIRE = 7 };
+enum {
+  PP_FR_TASK = 1,
+  PP_FR_RESULT = 2,
+  PP_FR_INITFAIL = 3,
+  PP_FR_READY = 4,
+  PP_FR_OUTBUF = 6,
+  PP_FR_RETIRE = 7,
+};
 enum { PP_FF_FD = 0x01 };
-enum { PP_TASK_TIMED = 0x01 }; /* worker records each item's start time */
+enum {
+  PP_TASK_TIMED = 0x01,  /* worker records each item's start time */
+  PP_TASK_CAPTURE = 0x02 /* the items' stdout and stderr come back with them */
+};
 enum { PP_RES_OK = 1, PP_RES_ERROR = 2 };
+enum { PP_RES_OUTPUT = 0x80 }; /* on a result's status: its bytes end with output */
 
 /* The `limits` option, as the parent asks for it (reslimit.h applies it in
  * each worker); zero fields ask for nothing. */

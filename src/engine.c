@@ -13,6 +13,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -87,14 +88,16 @@ typedef struct pp_worker {
   int errfd;          /* its stderr pipe (-1 once at EOF) */
   char errtail[2048]; /* the last bytes it wrote there */
   size_t errlen;
-  int retire;        /* shut its input once the output is flushed */
-  int shut;          /* input shut (SHUT_WR done) */
-  int doomed;        /* being killed: no more work */
-  uint64_t kill_seq; /* deadline kill: the item */
-  uint64_t kill_at;  /* escalate to SIGKILL at (ns), 0: none */
-  int expected_exit; /* retired/closing: not a loss */
-  int ready;         /* initialized (a READY frame came) */
-  int unsent;        /* given tasks by the dispatch under way */
+  int retire;          /* shut its input once the output is flushed */
+  int shut;            /* input shut (SHUT_WR done) */
+  int doomed;          /* being killed: no more work */
+  uint64_t kill_seq;   /* deadline kill: the item */
+  uint64_t kill_at;    /* escalate to SIGKILL at (ns), 0: none */
+  int expected_exit;   /* retired/closing: not a loss */
+  int ready;           /* initialized (a READY frame came) */
+  pp_outarea *outarea; /* its capture area (OUTBUF), mapped, or NULL */
+  size_t outsize;
+  int unsent; /* given tasks by the dispatch under way */
 } pp_worker;
 
 struct pp_engine {
@@ -185,7 +188,11 @@ void pp_job_unref(pp_job *j) {
   if (!j || __atomic_sub_fetch(&j->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
   for (uint32_t i = 0; i < j->nblobs; i++) pp_blob_unref(j->blobs[i]);
   free(j->blobs);
-  for (uint32_t i = 0; i < j->ndeaths; i++) free(j->deaths[i].stderr_tail);
+  for (uint32_t i = 0; i < j->ndeaths; i++) {
+    free(j->deaths[i].stderr_tail);
+    free(j->deaths[i].out);
+    free(j->deaths[i].err);
+  }
   free(j->deaths);
   pp_blob_unref(j->payload);
   wnodes_fire(j);
@@ -259,10 +266,11 @@ static void notify(pp_engine *e) {
 }
 
 static char *w_tail(pp_worker *w);
+static void w_death_output(const pp_worker *w, uint64_t seq, pp_death *d);
 
 /* Record how the worker running pending item i ended (before the item
  * is set LOST or DEADLINE); without memory the error just has no pid. */
-static void job_note_death(pp_job *j, uint32_t i, pp_worker *w, int sig, int code) {
+static void job_note_death(pp_job *j, uint32_t i, uint64_t seq, pp_worker *w, int sig, int code) {
   if (j->ndeaths == j->capdeaths) {
     uint32_t cap = j->capdeaths ? 2 * j->capdeaths : 2;
     pp_death *nd = realloc(j->deaths, cap * sizeof *nd);
@@ -275,6 +283,7 @@ static void job_note_death(pp_job *j, uint32_t i, pp_worker *w, int sig, int cod
   d->sig = sig;
   d->code = code;
   d->stderr_tail = w_tail(w);
+  w_death_output(w, seq, d);
   j->items[i].ref = j->ndeaths;
 }
 
@@ -426,7 +435,8 @@ static size_t item_offset(pp_job *j, uint32_t i) {
 }
 
 /* Append a TASK frame for items [first, first+count) of job j. */
-static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint64_t seq0) {
+static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint64_t seq0,
+                  uint64_t max_output) {
   pp_blob *P = j->payload;
   uint32_t fnlen = pp_wire_len((const unsigned char *)P->p);
   size_t ilo, ihi;
@@ -438,11 +448,16 @@ static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint6
     ihi = item_offset(j, first + count);
   }
   pp_task_hdr th = {seq0, count, j->timeout_ns ? PP_TASK_TIMED : 0};
+  size_t tail = 0; /* a capture frame ends with max_output */
+  if (j->capture) {
+    th.flags |= PP_TASK_CAPTURE;
+    tail = PP_TASK_CAPTURE_TAIL;
+  }
   pp_wbuf *b = &w->out.buf;
   if (P->fd >= 0) {
     int fd = dup(P->fd);
     if (fd < 0) return errno;
-    if (pp_wbuf_reserve(b, PP_FRAME_HDR + PP_TASK_FD_BODY) != 0) {
+    if (pp_wbuf_reserve(b, PP_FRAME_HDR + PP_TASK_FD_BODY + tail) != 0) {
       close(fd);
       return ENOMEM;
     }
@@ -452,6 +467,8 @@ static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint6
     pp_task_fd r = {PP_LEN_PREFIX, fnlen, ilo, ihi - ilo};
     pp_task_fd_put(q + PP_TASK_HDR, &r);
     b->n += PP_TASK_FD_BODY;
+    if (tail) pp_task_capture_put(q + PP_TASK_FD_BODY, max_output);
+    b->n += tail;
     pp_frame_end(b, h);
     if (pp_out_addfd(&w->out, h, fd) != 0) {
       close(fd);
@@ -461,13 +478,16 @@ static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint6
     return 0;
   }
   size_t fnpart = PP_LEN_PREFIX + (size_t)fnlen; /* u32 fnlen, fn */
-  if (pp_wbuf_reserve(b, PP_FRAME_HDR + PP_TASK_HDR + fnpart + (ihi - ilo)) != 0) return ENOMEM;
+  if (pp_wbuf_reserve(b, PP_FRAME_HDR + PP_TASK_HDR + fnpart + (ihi - ilo) + tail) != 0)
+    return ENOMEM;
   size_t h = pp_frame_begin(b, PP_FR_TASK, 0);
   unsigned char *q = (unsigned char *)b->p + b->n;
   pp_task_hdr_put(q, &th);
   memcpy(q + PP_TASK_HDR, P->p, fnpart);
   memcpy(q + PP_TASK_HDR + fnpart, P->p + ilo, ihi - ilo);
   b->n += PP_TASK_HDR + fnpart + (ihi - ilo);
+  if (tail) pp_task_capture_put(q + PP_TASK_HDR + fnpart + (ihi - ilo), max_output);
+  b->n += tail;
   pp_frame_end(b, h);
   return 0;
 }
@@ -524,7 +544,7 @@ static int dispatch(pp_engine *e, int idle_only) {
     if (e->cfg.max_tasks && count > e->cfg.max_tasks - w->assigned)
       count = (uint32_t)(e->cfg.max_tasks - w->assigned);
     pp_disp *d = malloc(sizeof *d);
-    if (!d || w_task(w, j, lo, count, w->next_seq) != 0) {
+    if (!d || w_task(w, j, lo, count, w->next_seq, e->cfg.max_output) != 0) {
       free(d);
       engine_break(e, "out of memory while dispatching");
       return timed;
@@ -625,6 +645,45 @@ static char *w_tail(pp_worker *w) {
   return t;
 }
 
+/* Copy stream k of a dead worker's capture area, with the note of what
+ * was dropped; NULL without memory. */
+static char *area_stream(const pp_outarea *a, int k, size_t *len) {
+  uint64_t n = __atomic_load_n(k ? &a->errlen : &a->outlen, __ATOMIC_ACQUIRE);
+  uint64_t drop = __atomic_load_n(k ? &a->errdrop : &a->outdrop, __ATOMIC_ACQUIRE);
+  if (n > a->cap) n = a->cap;
+  char *s = malloc((size_t)n + PP_OUTPUT_DROPPED_MAX + 1);
+  if (!s) return NULL;
+  memcpy(s, (const char *)a + PP_OUTAREA_HDR + (k ? a->cap : 0), (size_t)n);
+  int m = drop ? snprintf(s + n, PP_OUTPUT_DROPPED_MAX, PP_OUTPUT_DROPPED, (unsigned long long)drop)
+               : 0;
+  *len = (size_t)n + (m > 0 ? (size_t)m : 0);
+  return s;
+}
+
+/* The output item `seq` had written when its worker died, if it was
+ * captured (the area then names it). */
+static void w_death_output(const pp_worker *w, uint64_t seq, pp_death *d) {
+  const pp_outarea *a = w->outarea;
+  d->out = d->err = NULL;
+  d->outlen = d->errlen = 0;
+  d->has_output = 0;
+  if (!a || __atomic_load_n(&a->seq, __ATOMIC_ACQUIRE) != seq) return;
+  if (a->cap > (w->outsize - PP_OUTAREA_HDR) / 2) return; /* not the area it sent */
+  d->out = area_stream(a, 0, &d->outlen);
+  d->err = area_stream(a, 1, &d->errlen);
+  d->has_output = d->out && d->err;
+}
+
+/* Map a worker's capture area (an OUTBUF frame's memfd), once. */
+static void w_outbuf(pp_worker *w, int fd) {
+  struct stat st;
+  if (w->outarea || fd < 0 || fstat(fd, &st) != 0 || st.st_size < PP_OUTAREA_HDR) return;
+  void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+  if (m == MAP_FAILED) return;
+  w->outarea = m;
+  w->outsize = (size_t)st.st_size;
+}
+
 /* Release a worker slot's resources (its process is gone). */
 static void w_clear(pp_engine *e, int slot) {
   pp_worker *w = &e->w[slot];
@@ -638,6 +697,7 @@ static void w_clear(pp_engine *e, int slot) {
     close(w->errfd);
   }
   if (w->page) munmap(w->page, 4096);
+  if (w->outarea) munmap(w->outarea, w->outsize);
   pp_out_free(&w->out);
   pp_in_free(&w->in);
   uint32_t gen = w->gen;
@@ -667,7 +727,7 @@ static void w_died(pp_engine *e, int slot, int status) {
       uint64_t seq = d->seq0 + k;
       uint32_t i = d->first + k;
       if (seq == started && j->items[i].status == PP_IT_PENDING) {
-        job_note_death(j, i, w, sig, code);
+        job_note_death(j, i, seq, w, sig, code);
         e->st.running--;
         if (e->killing || e->broken ||
             (e->cfg.break_on_lost && !w->expected_exit && w->kill_seq != seq)) {
@@ -770,7 +830,11 @@ static int w_results(pp_engine *e, int slot, const pp_frame *f) {
       }
       pos = off + len;
     }
-    if (status != PP_RES_OK && status != PP_RES_ERROR) {
+    int output = (status & PP_RES_OUTPUT) != 0;
+    status &= ~PP_RES_OUTPUT;
+    size_t rl, oo, ol, eo, el;
+    if ((status != PP_RES_OK && status != PP_RES_ERROR) ||
+        (output && pp_output_split(blob->p + off, len, &rl, &oo, &ol, &eo, &el) != 0)) {
       pp_blob_unref(blob);
       return -1;
     }
@@ -797,6 +861,7 @@ static int w_results(pp_engine *e, int slot, const pp_frame *f) {
       it->ref = j->nblobs - 1;
       it->off = (uint32_t)off;
       it->len = f->flags & PP_FF_FD ? PP_WHOLE_BLOB : (uint32_t)len;
+      it->output = (uint8_t)output;
       item_set(e, j, i, status == PP_RES_OK ? PP_IT_OK : PP_IT_ERROR);
     }
     if (d->acked == d->count) {
@@ -829,6 +894,8 @@ static void w_readable(pp_engine *e, int slot) {
       int bad = 0;
       if (f.type == PP_FR_RESULT) {
         bad = w_results(e, slot, &f) != 0;
+      } else if (f.type == PP_FR_OUTBUF) {
+        w_outbuf(w, f.fd);
       } else if (f.type == PP_FR_READY) {
         w->ready = 1;
         e->startup_deaths = 0;
@@ -1365,6 +1432,15 @@ int pp_engine_item_get(pp_engine *e, pp_job *j, uint32_t i, pp_item_view *v) {
   } else if (pp_item_death(j, it)) {
     v->death = *pp_item_death(j, it); /* its tail string lives as long as the job */
     v->has_death = 1;
+  }
+  if (v->blob)
+    v->has_output = pp_item_output(j, it, &v->out, &v->outlen, &v->err, &v->errlen);
+  else if (v->has_death && v->death.has_output) {
+    v->out = v->death.out;
+    v->err = v->death.err;
+    v->outlen = v->death.outlen;
+    v->errlen = v->death.errlen;
+    v->has_output = 1;
   }
   pthread_mutex_unlock(&e->mu);
   return v->status;

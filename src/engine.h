@@ -8,6 +8,7 @@
 
 #include "buf.h"
 #include "channel.h"
+#include "wire.h"
 
 /* Engine error codes (negative; positive values are errnos). */
 #define PP_ESHUTDOWN (-1) /* no new work after shutdown */
@@ -30,6 +31,10 @@ enum {
 typedef struct pp_death {
   int32_t pid, sig, code; /* code -1 when unknown */
   char *stderr_tail;      /* the last lines the worker wrote (owned) */
+  /* a captured item: its output until the death (owned; has_output) */
+  char *out, *err;
+  size_t outlen, errlen;
+  int has_output;
 } pp_death;
 
 /* One item's outcome: 16 bytes, as a map of millions of items keeps one
@@ -41,7 +46,9 @@ typedef struct pp_item {
   uint32_t off;
   uint32_t len; /* PP_WHOLE_BLOB: the rest of the blob (a memfd result) */
   uint8_t status;
+  uint8_t output; /* 1: the bytes end with the task's output (wire.h) */
 } pp_item;
+typedef char pp_item_is_16_bytes[sizeof(pp_item) == 16 ? 1 : -1];
 
 #define PP_WHOLE_BLOB UINT32_MAX
 
@@ -70,6 +77,7 @@ typedef struct pp_job {
   uint32_t ndone;
   uint32_t nfailed;
   uint64_t timeout_ns; /* per-item deadline, 0: none */
+  int capture;         /* its items' stdout and stderr come back with them */
   /* items still to dispatch, as [lo, hi) ranges (dispatch takes from the
    * front; items of a dead worker are put back in front) */
   uint32_t (*ranges)[2];
@@ -91,7 +99,24 @@ typedef struct pp_job {
 static inline const char *pp_item_bytes(const pp_job *j, const pp_item *it, size_t *len) {
   const pp_blob *b = j->blobs[it->ref];
   *len = it->len == PP_WHOLE_BLOB ? b->n - it->off : it->len;
+  if (it->output) { /* checked when the result came (w_results) */
+    size_t oo, ol, eo, el;
+    pp_output_split(b->p + it->off, *len, len, &oo, &ol, &eo, &el);
+  }
   return b->p + it->off;
+}
+
+/* The captured output of a done OK/ERROR item: 0 if it has none. */
+static inline int pp_item_output(const pp_job *j, const pp_item *it, const char **out,
+                                 size_t *outlen, const char **err, size_t *errlen) {
+  if (!it->output) return 0;
+  const pp_blob *b = j->blobs[it->ref];
+  size_t len = it->len == PP_WHOLE_BLOB ? b->n - it->off : it->len, rl, oo, eo;
+  const char *p = b->p + it->off;
+  if (pp_output_split(p, len, &rl, &oo, outlen, &eo, errlen) != 0) return 0;
+  *out = p + oo;
+  *err = p + eo;
+  return 1;
 }
 
 /* The death record of a LOST/DEADLINE item, or NULL. */
@@ -113,6 +138,7 @@ typedef struct pp_engine_cfg {
   int break_on_lost;   /* on_worker_lost = "break" */
   uint64_t timeout_ns; /* default per-task deadline, 0: none */
   uint32_t cpu_limit;  /* limits.cpu (seconds per task), 0: none */
+  uint64_t max_output; /* captured bytes kept per stream per task */
 } pp_engine_cfg;
 
 typedef struct pp_stats {
@@ -158,6 +184,10 @@ typedef struct pp_item_view {
   size_t off, len;
   pp_death death;
   int has_death;
+  /* a captured item's output: in the blob (OK/ERROR) or the death record */
+  const char *out, *err;
+  size_t outlen, errlen;
+  int has_output;
 } pp_item_view;
 int pp_engine_item_get(pp_engine *e, pp_job *j, uint32_t i, pp_item_view *v);
 /* Take the list of ended jobs that were watched (linked by cnext; the

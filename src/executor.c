@@ -28,6 +28,7 @@ typedef struct pp_exec {
   pp_engine *e; /* NULL once closed */
   int nworkers;
   uint64_t polled; /* ended-job count at the last poll() */
+  int capture;     /* output = "capture": tasks capture unless told */
 } pp_exec;
 
 /* A registry-held object whose finalizer runs first when the state
@@ -164,15 +165,20 @@ static int l_executor_new(lua_State *L) {
   lua_getfield(L, 1, "on_worker_lost");
   cfg.break_on_lost = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "break") == 0;
   lua_pop(L, 1);
+  cfg.max_output = (uint64_t)opt_int(L, 1, "max_output", 1 << 20);
   if (cfg.nworkers < 1) luaL_argerror(L, 1, "max_workers must be greater than 0");
   pp_limits lim;
   get_limits(L, &lim);
   cfg.cpu_limit = lim.cpu;
+  lua_getfield(L, 1, "output");
+  int capture = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "capture") == 0;
+  lua_pop(L, 1);
 
   pp_exec *x = lua_newuserdatauv(L, sizeof *x, 0);
   x->e = NULL;
   x->nworkers = cfg.nworkers;
   x->polled = 0;
+  x->capture = capture;
   luaL_setmetatable(L, PP_EXECUTOR_MT);
   int xi = lua_gettop(L);
 
@@ -262,7 +268,7 @@ static void submit_job(lua_State *L, pp_exec *x, pp_job *j) {
   if (rc) pp_error_raise(L, "InvalidStateError", "%s", msg);
 }
 
-static pp_job *new_job(lua_State *L, uint32_t n, pp_wbuf *b, double timeout) {
+static pp_job *new_job(lua_State *L, uint32_t n, pp_wbuf *b, double timeout, int capture) {
   pp_job *j = pp_job_new(n);
   if (!j) luaL_error(L, "procpool: not enough memory");
   j->payload = pp_blob_from_wbuf(b, 1);
@@ -271,33 +277,44 @@ static pp_job *new_job(lua_State *L, uint32_t n, pp_wbuf *b, double timeout) {
     luaL_error(L, "procpool: not enough memory");
   }
   j->timeout_ns = timeout > 0 ? (uint64_t)(timeout * 1e9) : 0;
+  j->capture = capture;
   return j;
 }
 
-/* _submit(timeout|nil, fn, ...) -> Future */
-static int l_submit(lua_State *L) {
-  pp_exec *x = checkexec(L, 1);
-  double timeout = luaL_optnumber(L, 2, 0);
-  check_fn(L, 3);
-  int nargs = lua_gettop(L) - 3;
+/* Submit fn(...) (fn at index `fi`, its arguments after it). */
+static int submit_task(lua_State *L, pp_exec *x, double timeout, int capture, int fi) {
+  check_fn(L, fi);
+  int nargs = lua_gettop(L) - fi;
   pp_wbuf *b = push_box(L);
   put_u32_placeholder(L, b);
-  pp_encode(L, 3, 1, b, 0, "=fn", 0);
+  pp_encode(L, fi, 1, b, 0, "=fn", 0);
   patch_len(b, 0);
   size_t at = b->n;
   put_u32_placeholder(L, b);
-  pp_encode(L, 4, nargs, b, 0, "args", 0);
+  pp_encode(L, fi + 1, nargs, b, 0, "args", 0);
   patch_len(b, at);
-  pp_job *j = new_job(L, 1, b, timeout);
+  pp_job *j = new_job(L, 1, b, timeout, capture);
   submit_job(L, x, j);
   return 1;
 }
 
-/* _submit_chunk(fn, items, i, j, star, timeout|nil, base|nil) -> Future
- * for fn(items[i]) .. fn(items[j]); with `star`, each item is a table of
- * arguments (unpacked 1..(t.n or #t)). An item that cannot be serialized
- * is named by its input position, base + 1 for items[i] (base defaults
- * to i - 1). */
+/* _submit(timeout|nil, fn, ...) -> Future (output as the executor's) */
+static int l_submit(lua_State *L) {
+  pp_exec *x = checkexec(L, 1);
+  return submit_task(L, x, luaL_optnumber(L, 2, 0), x->capture, 3);
+}
+
+/* _submit_as(timeout|nil, capture, fn, ...) -> Future */
+static int l_submit_as(lua_State *L) {
+  pp_exec *x = checkexec(L, 1);
+  return submit_task(L, x, luaL_optnumber(L, 2, 0), lua_toboolean(L, 3), 4);
+}
+
+/* _submit_chunk(fn, items, i, j, star, timeout|nil, base|nil,
+ * capture|nil) -> Future for fn(items[i]) .. fn(items[j]); with `star`,
+ * each item is a table of arguments (unpacked 1..(t.n or #t)). An item
+ * that cannot be serialized is named by its input position, base + 1 for
+ * items[i] (base defaults to i - 1). `capture` nil: as the executor's. */
 static int l_submit_chunk(lua_State *L) {
   pp_exec *x = checkexec(L, 1);
   check_fn(L, 2);
@@ -306,6 +323,7 @@ static int l_submit_chunk(lua_State *L) {
   int star = lua_toboolean(L, 6);
   double timeout = luaL_optnumber(L, 7, 0);
   lua_Integer pos0 = luaL_optinteger(L, 8, lo - 1) + 1; /* input position of items[lo] */
+  int capture = lua_isnoneornil(L, 9) ? x->capture : lua_toboolean(L, 9);
   if (hi - lo + 1 < 0 || hi - lo + 1 > (lua_Integer)UINT32_MAX / 2)
     luaL_argerror(L, 5, "bad range");
   uint32_t n = (uint32_t)(hi - lo + 1);
@@ -352,7 +370,7 @@ static int l_submit_chunk(lua_State *L) {
     lua_settop(L, top);
     patch_len(b, at);
   }
-  pp_job *j = new_job(L, n, b, timeout);
+  pp_job *j = new_job(L, n, b, timeout, capture);
   submit_job(L, x, j);
   return 1;
 }
@@ -455,6 +473,13 @@ static int l_item_ns(lua_State *L) {
   return 1;
 }
 
+/* _capture() -> whether tasks capture their output unless told */
+static int l_capture(lua_State *L) {
+  pp_exec *x = checkexec(L, 1);
+  lua_pushboolean(L, x->capture);
+  return 1;
+}
+
 static int l_nworkers(lua_State *L) {
   pp_exec *x = luaL_checkudata(L, 1, PP_EXECUTOR_MT);
   lua_pushinteger(L, x->nworkers);
@@ -518,6 +543,8 @@ static int l_current_worker(lua_State *L) {
 void pp_engine_open(lua_State *L) {
   static const luaL_Reg methods[] = {{"_submit", l_submit},
                                      {"_submit_chunk", l_submit_chunk},
+                                     {"_submit_as", l_submit_as},
+                                     {"_capture", l_capture},
                                      {"_shutdown", l_shutdown},
                                      {"_kill", l_kill},
                                      {"_join", l_join},

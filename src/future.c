@@ -295,7 +295,7 @@ static void push_item_error(lua_State *L, pp_fut *f, int status, const pp_death 
     pp_error_push(L, "CancelledError", "the future was cancelled");
     break;
   case PP_IT_LOST: {
-    pp_death none = {0, 0, -1, NULL};
+    pp_death none = {0, 0, -1, NULL, NULL, NULL, 0, 0, 0};
     if (!d) d = &none;
     const char *sn = signame(d->sig);
     uint32_t cpu = pp_engine_cpu_limit(f->e);
@@ -327,7 +327,12 @@ static void push_item_error(lua_State *L, pp_fut *f, int status, const pp_death 
     lua_setfield(L, -2, "reason");
     lua_pushinteger(L, d->pid);
     lua_setfield(L, -2, "pid");
-    if (d->stderr_tail) {
+    if (d->has_output) { /* captured: what the task wrote, in place of the tail */
+      lua_pushlstring(L, d->out, d->outlen);
+      lua_setfield(L, -2, "stdout");
+      lua_pushlstring(L, d->err, d->errlen);
+      lua_setfield(L, -2, "stderr");
+    } else if (d->stderr_tail) {
       lua_pushstring(L, d->stderr_tail);
       lua_setfield(L, -2, "stderr");
     }
@@ -591,6 +596,27 @@ static int fut_values(lua_State *L) {
   return 3;
 }
 
+/* _output([i]) -> stdout, stderr of item i (default 1), done; nothing
+ * when it was not captured. */
+static int fut_output(lua_State *L) {
+  pp_fut *f = pp_future_check(L, 1);
+  lua_Integer i = luaL_optinteger(L, 2, 1);
+  if (i < 1 || i > (lua_Integer)f->job->n) luaL_argerror(L, 2, "no such item");
+  if (!pp_future_item_ready(f, (uint32_t)(i - 1)))
+    pp_error_raise(L, "InvalidStateError", "the item is not done");
+  luaL_checkstack(L, 4, NULL);
+  pp_item_view v;
+  pp_engine_item_get(f->e, f->job, (uint32_t)(i - 1), &v);
+  /* the blob is held while its bytes are copied: a box of its own would
+   * cost more than the memory error that could leak it */
+  if (v.has_output) {
+    lua_pushlstring(L, v.out, v.outlen);
+    lua_pushlstring(L, v.err, v.errlen);
+  }
+  pp_blob_unref(v.blob);
+  return v.has_output ? 2 : 0;
+}
+
 static int fut_traceback(lua_State *L) {
   pp_fut *f = pp_future_check(L, 1);
   if (!pp_job_ended(pp_engine_job_state(f->e, f->job)) || f->job->n == 0 ||
@@ -632,6 +658,7 @@ void pp_future_open(lua_State *L) {
                                      {"_item_ready", fut_item_ready},
                                      {"_collect", fut_collect},
                                      {"_values", fut_values},
+                                     {"_output", fut_output},
                                      {"_state", fut_state},
                                      {"_nitems", fut_nitems},
                                      {"_failed", fut_failed},

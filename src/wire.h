@@ -8,9 +8,13 @@
  * TASK (parent -> worker): a header, then
  *   inline: the payload's u32 fnlen and fn, then the items sent
  *   FD:     where in the memfd (the whole payload) the fn and items are
+ *   with PP_TASK_CAPTURE, last: u64 max_output (bytes kept per stream)
  * RESULT (worker -> parent): a header, then
  *   inline: per item: u8 status, u32 len, bytes
  *   FD:     u8 status, u64 len (count is 1; the bytes are the memfd)
+ *   a status with PP_RES_OUTPUT: the item's bytes end with its output,
+ *   stdout, stderr, u32 outlen, u32 errlen (pp_output_split)
+ * The capture area (OUTBUF's memfd): pp_outarea, then the bytes.
  */
 #ifndef PP_WIRE_H
 #define PP_WIRE_H
@@ -97,5 +101,52 @@ static inline void pp_result_fd_item_put(unsigned char *q, int status, uint64_t 
   pp_put64(q + 1, len);
 }
 static inline uint64_t pp_result_fd_item_len(const unsigned char *q) { return pp_get64(q + 1); }
+
+/* A capture TASK frame ends with u64 max_output: the size of the
+ * worker's capture area, made at its first such frame. */
+#define PP_TASK_CAPTURE_TAIL 8
+static inline void pp_task_capture_put(unsigned char *q, uint64_t max_output) {
+  pp_put64(q, max_output);
+}
+static inline uint64_t pp_task_capture_get(const unsigned char *q) { return pp_get64(q); }
+
+/* The output after a result's bytes: stdout, stderr, then their lengths,
+ * last, so that the result and its output are one range of the frame
+ * (or memfd) and the result is its first part. */
+#define PP_OUTPUT_TRAILER 8
+static inline void pp_output_trailer_put(unsigned char *q, uint32_t outlen, uint32_t errlen) {
+  pp_put32(q, outlen);
+  pp_put32(q + 4, errlen);
+}
+/* Split an item's bytes p[0..len) into result (its length), stdout and
+ * stderr (their offsets and lengths). -1 when the trailer does not fit. */
+static inline int pp_output_split(const char *p, size_t len, size_t *reslen, size_t *outoff,
+                                  size_t *outlen, size_t *erroff, size_t *errlen) {
+  if (len < PP_OUTPUT_TRAILER) return -1;
+  const unsigned char *t = (const unsigned char *)p + len - PP_OUTPUT_TRAILER;
+  uint64_t o = pp_get32(t), e = pp_get32(t + 4);
+  if (o + e > len - PP_OUTPUT_TRAILER) return -1;
+  *reslen = len - PP_OUTPUT_TRAILER - (size_t)(o + e);
+  *outoff = *reslen;
+  *outlen = (size_t)o;
+  *erroff = *reslen + (size_t)o;
+  *errlen = (size_t)e;
+  return 0;
+}
+
+/* What a worker's capture area holds: the output of item `seq` so far,
+ * `outlen` bytes of stdout at PP_OUTAREA_HDR and `errlen` of stderr at
+ * PP_OUTAREA_HDR + cap; what did not fit is counted in *drop. Written by
+ * the worker (atomically, lengths after bytes), read by the parent once
+ * the worker is dead. Native byte order: it never leaves the machine. */
+typedef struct pp_outarea {
+  uint64_t seq, cap;
+  uint64_t outlen, errlen;
+  uint64_t outdrop, errdrop;
+} pp_outarea;
+#define PP_OUTAREA_HDR 64
+/* Appended to a stream that lost bytes (a printf format of the count). */
+#define PP_OUTPUT_DROPPED "\n[procpool: %llu bytes of output dropped]\n"
+#define PP_OUTPUT_DROPPED_MAX 64 /* its length, at most */
 
 #endif

@@ -15,6 +15,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
+#include "capture.h"
 #include "codec.h"
 #include "engine.h"
 #include "error.h"
@@ -83,6 +84,10 @@ typedef struct wstate {
   int fncache; /* stack index of the function cache */
   pp_limiter lim;
   int retiring; /* a memory error: exit after the results */
+  /* captured output (capture.c): made at the first capture TASK frame;
+   * `capturing` while fds 1 and 2 go to it (switched per frame) */
+  pp_capture *cap;
+  int capturing, cap_failed;
 } wstate;
 
 enum { BATCH_NONE, BATCH_OPEN, BATCH_WATCHED };
@@ -305,6 +310,40 @@ static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now, uint6
   unclaim(ws);
 }
 
+/* The status of an item's result, with its output appended when it is
+ * captured. */
+static int with_output(wstate *ws, int status) {
+  if (!ws->capturing) return status;
+  if (pp_capture_take(ws->cap, &ws->res) != 0) wexit(ws, 70);
+  return status | PP_RES_OUTPUT;
+}
+
+/* A capture TASK frame: capture from now on, making the capture area
+ * first and passing it to the parent (OUTBUF) before any captured item
+ * runs, so that the output of an item whose worker dies is not lost.
+ * Without one (no memory, no fds), items run uncaptured. */
+static void capture_start(wstate *ws, uint64_t max_output) {
+  if (!ws->cap && !ws->cap_failed) {
+    int memfd = -1;
+    ws->cap = pp_capture_new(max_output, &memfd);
+    if (!ws->cap) {
+      ws->cap_failed = 1;
+      return;
+    }
+    claim(ws);
+    reserve(ws, PP_FRAME_HDR);
+    size_t h = pp_frame_begin(&ws->out.buf, PP_FR_OUTBUF, PP_FF_FD);
+    pp_frame_end(&ws->out.buf, h);
+    if (pp_out_addfd(&ws->out, h, memfd) != 0) wexit(ws, 70);
+    flush_locked(ws, pp_now_ns());
+    unclaim(ws);
+  }
+  if (ws->cap && !ws->capturing) {
+    pp_capture_on(ws->cap);
+    ws->capturing = 1;
+  }
+}
+
 /* Message handler: keep the error value, remember a traceback. The
  * frames below the worker loop (the parent's, from when the executor was
  * created, copied by fork) are cut off: they say nothing about the task. */
@@ -369,6 +408,7 @@ static int item_loop(lua_State *L) {
     uint64_t seq = b->seq0 + b->k;
     pp_limiter_item(&ws->lim, ws->last_t); /* (and forget refusals before it) */
     if (b->timed) __atomic_store_n(&ws->page->started_ns, ws->last_t, __ATOMIC_RELEASE);
+    if (ws->capturing) pp_capture_begin(ws->cap, seq);
     __atomic_store_n(&ws->page->started, seq, __ATOMIC_RELEASE);
     if (__atomic_load_n(&ws->bstate, __ATOMIC_RELAXED) == BATCH_OPEN) watch_batch(ws);
     lua_settop(L, 2);
@@ -401,7 +441,7 @@ static int item_loop(lua_State *L) {
     } else {
       ws->unclocked++;
     }
-    put_result(ws, seq, PP_RES_OK, now, took);
+    put_result(ws, seq, with_output(ws, PP_RES_OK), now, took);
   }
   return 0;
 }
@@ -512,6 +552,14 @@ static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
   pp_task_hdr_get(fb, &th);
   uint64_t seq0 = th.seq0;
   uint32_t count = th.count, flags = th.flags;
+  if (flags & PP_TASK_CAPTURE) {
+    if (blen < PP_TASK_HDR + PP_TASK_CAPTURE_TAIL) wexit(ws, 71);
+    blen -= PP_TASK_CAPTURE_TAIL;
+    capture_start(ws, pp_task_capture_get(fb + blen));
+  } else if (ws->capturing) {
+    pp_capture_off(ws->cap);
+    ws->capturing = 0;
+  }
   const char *fn, *items;
   size_t fnlen, itemslen;
   pp_blob *map = NULL;
@@ -558,8 +606,9 @@ static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
       lua_setfield(L, LUA_REGISTRYINDEX, "procpool.traceback");
     }
     for (; b.k < count; b.k++) { /* every item: the function is the same for all */
+      if (ws->capturing) pp_capture_begin(ws->cap, seq0 + b.k);
       encode_error(ws, fnidx);
-      put_result(ws, seq0 + b.k, PP_RES_ERROR, pp_now_ns(), 0);
+      put_result(ws, seq0 + b.k, with_output(ws, PP_RES_ERROR), pp_now_ns(), 0);
     }
   }
   while (b.k < count && !ws->retiring) {
@@ -573,7 +622,7 @@ static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
     /* item k raised (or its result would not serialize) */
     encode_error(ws, lua_gettop(L));
     uint64_t now = pp_now_ns();
-    put_result(ws, seq0 + b.k, PP_RES_ERROR, now, now - ws->last_t);
+    put_result(ws, seq0 + b.k, with_output(ws, PP_RES_ERROR), now, now - ws->last_t);
     b.k++;
     if (ws->retiring) break; /* the rest goes to other workers */
   }

@@ -76,6 +76,10 @@ Options:
                        map; results are JSON-encoded, one per line; blank
                        lines are skipped
       --unordered      write results as they complete, not in input order
+      --group          capture what each record's map writes to stdout and
+                       stderr (its own prints, and the commands it runs)
+                       and write it together, never interleaved with
+                       another record's, just before the record's result
       --chunksize K    records sent to a worker at a time (default: auto:
                        1 at first, then sized from the observed speed to
                        about 5 ms of work per chunk, at most 512, so slow
@@ -192,6 +196,8 @@ local function parse_map_args(args)
         o.json = flag()
       elseif name == "--unordered" then
         o.unordered = flag()
+      elseif name == "--group" then
+        o.group = flag()
       elseif name == "--chunksize" then
         o.chunksize = parse_number(name, value(), true)
       elseif name == "--timeout" then
@@ -522,13 +528,14 @@ local function run_map(o)
     max_workers = o.jobs or procpool.cpu_count(),
     initializer = S.init and make_init(o.script) or nil,
     limits = limits,
+    output = o.group and "capture" or nil,
   }
   local task = make_task(o.script, o.json, S.reduce ~= nil)
   -- chunks of consecutive lines of one input, sized from the observed
   -- time per line (or --chunksize), a bounded number ahead of the output
   local pipe = map.pipeline(ex, task, {
     task_timeout = o.timeout, chunksize = o.chunksize, chunk_ns = CHUNK_NS,
-    max_chunk = MAX_CHUNK, unordered = o.unordered,
+    max_chunk = MAX_CHUNK, unordered = o.unordered, capture = o.group == true,
   })
   local progress = show_progress and new_progress(core.monotonic)
   local several = #sources > 1
@@ -548,6 +555,20 @@ local function run_map(o)
     else
       say(string.format("line %d: %s", line, msg))
     end
+  end
+
+  -- --group: a record's captured output, before its result
+  local function write_group(out_s, err_s)
+    if out_s == "" and err_s == "" then return end
+    if progress_shown then
+      stderr:write("\r\27[K")
+      progress_shown = false
+    end
+    if out_s ~= "" then
+      io.stdout:write(out_s)
+      if err_s ~= "" then io.stdout:flush() end
+    end
+    if err_s ~= "" then stderr:write(err_s) end
   end
 
   local function handle(value, src, line)
@@ -599,11 +620,13 @@ local function run_map(o)
   local function take_results()
     local any = false
     while true do
-      local base, n, values, failures, src = pipe.take()
+      local base, n, values, failures, src, outputs = pipe.take()
       if not base then return any end
       any = true
       local line0 = base - src.start
       for k = 1, n do
+        local o_k = outputs and outputs[k]
+        if o_k and o_k[1] then write_group(o_k[1], o_k[2]) end
         local f = failures and failures[k]
         if f then
           local e = f[1]

@@ -8,6 +8,7 @@
 local core = require "procpool.core"
 local check = require "procpool.check"
 local map = require "procpool.map"
+local output = require "procpool.output"
 
 local M = {}
 
@@ -20,13 +21,15 @@ local Executor = core.Executor.__index
 local EXEC_OPTS = {
   max_workers = true, context = true, initializer = true, initargs = true,
   max_tasks_per_child = true, task_timeout = true, on_worker_lost = true, executable = true,
-  limits = true,
+  limits = true, output = true, max_output = true,
 }
 
 --- Create an executor.
 -- @tparam[opt] table opts `max_workers`, `context` ("fork"), `initializer`,
 --   `initargs`, `max_tasks_per_child`, `task_timeout`, `on_worker_lost`
---   ("replace" or "break"), `limits` ({ memory =, cpu =, nofile =, nice = }).
+--   ("replace" or "break"), `limits` ({ memory =, cpu =, nofile =, nice = }),
+--   `output` ("inherit" or "capture"), `max_output` (bytes kept per stream
+--   per task, default 1 MiB).
 function M.ProcessPoolExecutor(opts)
   opts = check_opts(opts, EXEC_OPTS, "ProcessPoolExecutor")
   local mw = opts.max_workers
@@ -47,10 +50,12 @@ function M.ProcessPoolExecutor(opts)
     error("on_worker_lost must be \"replace\" or \"break\"", 2)
   end
   local limits = limits_of(opts.limits, "ProcessPoolExecutor", 2)
+  local out, max_output = output.options_of(opts, 2)
   return core.executor_new({
     max_workers = mw, initializer = init, initargs = opts.initargs,
     max_tasks_per_child = mt, task_timeout = tt, on_worker_lost = owl,
     context = ctx.context, executable = ctx.executable, limits = limits,
+    output = out, max_output = max_output,
   })
 end
 
@@ -62,20 +67,24 @@ end
 
 --- As submit, with per-task options: `timeout` (a deadline in seconds;
 -- past it the worker is stopped and the future fails with
--- DeadlineExceeded).
+-- DeadlineExceeded), `output` ("inherit" or "capture"; default: the
+-- executor's).
 function Executor:submit_with(opts, fn, ...)
-  opts = check_opts(opts, { timeout = true }, "submit_with")
+  opts = check_opts(opts, { timeout = true, output = true }, "submit_with")
   local t = opts.timeout
   if t ~= nil and (type(t) ~= "number" or not (t > 0)) then -- luacheck: ignore 581 (NaN too)
     error("bad timeout to 'submit_with' (number of seconds > 0 expected)", 2)
   end
+  local capture = output.capture_of(opts.output, "submit_with", 2)
   check_fn(fn, 2, "submit_with")
+  if capture ~= nil then return self:_submit_as(t, capture, fn, ...) end
   return self:_submit(t, fn, ...)
 end
 
 --- Lazy parallel map: `for i, v in ex:map(fn, items) do`. Yields `i, v`
 -- in input order; raises the first task error when iteration reaches it.
--- @tparam[opt] table opts `timeout` (whole map), `chunksize`, `buffersize`.
+-- @tparam[opt] table opts `timeout` (whole map), `chunksize`, `buffersize`,
+--   `progress`, `output`, `on_output`.
 function Executor:map(fn, iterable, opts)
   return map.iterate(self, fn, iterable, opts, false, "map", "stop")
 end

@@ -64,6 +64,19 @@ function Future:exception(timeout)
   return err
 end
 
+--- What the task wrote to its stdout and stderr (two strings), when it
+-- ran with `output = "capture"`; nil otherwise. Waits as exception()
+-- does; for a task whose worker died, what it wrote until then.
+function Future:output(timeout)
+  local d = deadline_of(timeout, "output")
+  if not await(self, d) then
+    raise("TimeoutError", string.format("the future did not finish within %g seconds", timeout))
+  end
+  if self:cancelled() then error((select(2, self:_outcome())), 0) end
+  local out, err = self:_output()
+  return out, err
+end
+
 ---------------------------------------------------------------------------
 -- waiting on many futures
 

@@ -24,7 +24,9 @@
 --   (rounded up to a whole chunk); by default `4 * workers * chunksize`;
 -- * `unordered`: `take` hands out any chunk that is done (by default
 --   only the first chunk, so results come in input order);
--- * `step`: called as `step(n)` when n results are taken (progress).
+-- * `step`: called as `step(n)` when n results are taken (progress);
+-- * `capture`: true or false, each task's output is captured or not (by
+--   default as the executor's `output`); `on_output`: see below.
 --
 -- `p.fill(src, tag) -> n, why[, err]` reads items while there is room
 -- and submits them in chunks: a chunk goes when it is full, when `src`
@@ -45,7 +47,12 @@
 -- that is done), without waiting: input item `base + k`, for k = 1..n,
 -- returned `values[k]` (its first value), or failed with `failures[k][1]`
 -- (`failures` is nil when none failed). Nothing when no such chunk is
--- done. (The iterators take single items as they arrive instead.)
+-- done. (The iterators take single items as they arrive instead.) With
+-- capture, a sixth value: `outputs[k] = { stdout, stderr }`.
+--
+-- The iterators hand a captured item's output to `on_output(index,
+-- stdout, stderr)` (procpool.output's grouped writer by default) as they
+-- take its result, before they yield it or raise its error.
 --
 -- `p.pending()` counts the items read whose results are not taken (0:
 -- nothing in flight); `p.read()` the items read; `p.cancel()` cancels
@@ -72,6 +79,7 @@
 local core = require "procpool.core"
 local check = require "procpool.check"
 local progress = require "procpool.progress"
+local output = require "procpool.output"
 
 local M = {}
 
@@ -89,6 +97,9 @@ local function new(ex, fn, o, it)
   local cs_fixed, bs_fixed, len = o.chunksize, o.buffersize, o.len
   local chunk_ns, max_chunk = o.chunk_ns or 2000000, o.max_chunk or 4096
   local nw = ex:_nworkers()
+  local capture = o.capture
+  if capture == nil then capture = ex:_capture() end
+  local emit = capture and it and output.emitter(o.on_output) -- an item's output, as it is taken
   -- chunks in input order: { fut, n, pos (items taken), base (input index
   -- before its first), values, failed, upto (items decoded), tag }; a chunk
   -- whose item could not be sent has no fut and fails at its position
@@ -114,7 +125,8 @@ local function new(ex, fn, o, it)
   -- be serialized becomes a failed chunk of its own, the others still go.
   -- Returns the executor's refusal (it takes no more work), if any.
   local function submit(items, lo, hi, base, tag)
-    local ok, fut = pcall(ex._submit_chunk, ex, fn, items, lo, hi, star, task_timeout, base)
+    local ok, fut = pcall(ex._submit_chunk, ex, fn, items, lo, hi, star, task_timeout, base,
+      capture)
     if ok then
       push({ fut = fut, n = hi - lo + 1, pos = 0, base = base, tag = tag })
     elseif not is_error(fut, "SerializationError") then
@@ -220,11 +232,15 @@ local function new(ex, fn, o, it)
         end
       end
       if not c then return nil end
-      local values, failures = c.values, c.failed
+      local values, failures, outputs = c.values, c.failed, nil
       if c.fut then values, failures = c.fut:_values() end
+      if capture and c.fut then
+        outputs = {}
+        for k = 1, c.n do outputs[k] = { c.fut:_output(k) } end
+      end
       ahead = ahead - c.n
       if step then step(c.n) end
-      return c.base, c.n, values, failures, c.tag
+      return c.base, c.n, values, failures, c.tag, outputs
     end
     return p
   end
@@ -289,6 +305,7 @@ local function new(ex, fn, o, it)
     local v = c.values[pos]
     c.values[pos] = nil -- what was yielded is the caller's to keep or drop
     if step then step(1) end
+    if emit and c.fut then emit(c.base + pos, c.fut:_output(pos)) end
     if failed then
       if mode == "stop" then cancel_rest() end
       error(failed[1], 0)
@@ -312,6 +329,9 @@ local function new(ex, fn, o, it)
       return c.base + pos, v
     end
   end
+
+  -- with captured output every item goes through take, which hands it on
+  if emit then take_decoded = function() end end
 
   local function ordered()
     local c = chunks[head]
@@ -387,7 +407,9 @@ function M.iterate(ex, fn, iterable, opts, star, fname, mode, task_timeout)
   local nexti, len = items_of(iterable, 2, fname)
   local source = type(iterable) == "table" and iterable -- chunks are ranges of it
   opts = check_opts(opts, { timeout = true, chunksize = true, buffersize = true,
-    progress = true }, fname)
+    progress = true, output = true, on_output = true }, fname)
+  local capture = output.capture_of(opts.output, fname, 3)
+  output.check_on_output(opts.on_output, 3)
   local pstep, pfinish = progress.reporter(opts.progress, len, fname)
   local d = deadline_of(opts.timeout, fname)
   local cs_fixed, bs_fixed = opts.chunksize, opts.buffersize
@@ -407,7 +429,7 @@ function M.iterate(ex, fn, iterable, opts, star, fname, mode, task_timeout)
   if not okfn then error(fnerr, 3) end
   return new(ex, fn, {
     star = star, task_timeout = task_timeout, chunksize = cs_fixed, buffersize = bs_fixed,
-    len = len, step = pstep,
+    len = len, step = pstep, capture = capture, on_output = opts.on_output,
   }, {
     source = source, next = nexti, mode = mode, deadline = d, fname = fname,
     timeout = opts.timeout, finish = pfinish,

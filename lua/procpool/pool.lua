@@ -9,6 +9,7 @@ local map = require "procpool.map"
 local progress_of = require("procpool.progress").reporter
 local futures = require "procpool.futures"
 local executor = require "procpool.executor"
+local output = require "procpool.output"
 
 local M = {}
 
@@ -29,13 +30,30 @@ AsyncResult.__name = "procpool.AsyncResult"
 
 -- kind "apply": one future, get() returns its values.
 -- kind "map": chunk futures, get() returns the list (field n).
-local function new_result(kind, futs, n, callback, error_callback)
-  local r = setmetatable({ _kind = kind, _futs = futs, _n = n }, AsyncResult)
+-- Hand on the captured output of the items of futs[1..k] not handed on
+-- yet (r._emit: the output's emitter; nil without capture).
+local function emit_upto(r, k)
+  local emit = r._emit
+  if not emit then return end
+  local base, futs = r._emit_base or 0, r._futs
+  for i = (r._emitted or 0) + 1, k do
+    local f = futs[i]
+    local n = f:_nitems()
+    for j = 1, n do emit(base + j, f:_output(j)) end
+    base = base + n
+    r._emitted = i
+  end
+  r._emit_base = base
+end
+
+local function new_result(kind, futs, n, callback, error_callback, emit)
+  local r = setmetatable({ _kind = kind, _futs = futs, _n = n, _emit = emit }, AsyncResult)
   if callback or error_callback then
     local left = #futs
     local function on_done()
       left = left - 1
       if left > 0 then return end
+      emit_upto(r, #futs)
       local ok, a = r:_outcome()
       if ok then
         if callback then
@@ -101,6 +119,7 @@ function AsyncResult:get(timeout)
     if not await(f, d) then
       raise("TimeoutError", string.format("the result was not ready within %g seconds", timeout))
     end
+    if self._emit then emit_upto(self, 1) end
     return finish(f:_outcome())
   end
   if self._kind == "map" and self._ok == nil then
@@ -126,6 +145,7 @@ function AsyncResult:get(timeout)
         if idx then err = { e } end
       end
       base = base + f:_nitems()
+      if self._emit then emit_upto(self, k) end
       if self._pstep then self._pstep(f:_nitems()) end
       k = k + 1
     end
@@ -157,12 +177,14 @@ Pool.__name = "procpool.Pool"
 
 local POOL_OPTS = {
   processes = true, initializer = true, initargs = true, maxtasksperchild = true,
-  context = true, executable = true, limits = true,
+  context = true, executable = true, limits = true, output = true, max_output = true,
 }
 
 --- Create a pool; its workers start at once.
 -- @tparam[opt] table opts `processes`, `initializer`, `initargs`,
---   `maxtasksperchild`, `context` ("fork"), `limits` (as ProcessPoolExecutor's).
+--   `maxtasksperchild`, `context` ("fork"), `limits` (as ProcessPoolExecutor's),
+--   `output` ("inherit" or "capture"), `max_output` (bytes kept per stream
+--   per task).
 function M.Pool(opts)
   opts = check_opts(opts, POOL_OPTS, "Pool")
   local n = opts.processes
@@ -175,9 +197,11 @@ function M.Pool(opts)
   local ctx = context_of(opts, 2)
   local init = initializer_of(opts, 2)
   local limits = check.limits_of(opts.limits, "Pool", 2)
+  local out, max_output = output.options_of(opts, 2)
   local ex = core.executor_new({
     max_workers = n, initializer = init, initargs = opts.initargs, max_tasks_per_child = mt,
     context = ctx.context, executable = ctx.executable, limits = limits,
+    output = out, max_output = max_output,
   })
   return setmetatable({ _ex = ex, _state = "RUN", _processes = n }, Pool)
 end
@@ -225,7 +249,8 @@ function Pool:apply_async(fn, args, opts)
   else
     f = self._ex:_submit(timeout, fn)
   end
-  return new_result("apply", { f }, 1, callback, error_callback)
+  return new_result("apply", { f }, 1, callback, error_callback,
+    self._ex:_capture() and output.emitter(nil) or nil)
 end
 
 --- fn(table.unpack(args)), blocking; its values.
@@ -250,7 +275,10 @@ local function map_async(self, fn, iterable, opts, star, fname)
   running(self)
   check_fn(fn, 1, fname)
   opts = check_opts(opts, { chunksize = true, callback = true, error_callback = true,
-    timeout = true, progress = true }, fname)
+    timeout = true, progress = true, output = true, on_output = true }, fname)
+  local capture = output.capture_of(opts.output, fname, 3)
+  if capture == nil then capture = self._ex:_capture() end
+  output.check_on_output(opts.on_output, 3)
   check_cb(opts.callback, "callback")
   check_cb(opts.error_callback, "error_callback")
   check_timeout(opts.timeout, fname)
@@ -264,21 +292,26 @@ local function map_async(self, fn, iterable, opts, star, fname)
   local futs = {}
   for lo = 1, n, math.max(cs, 1) do
     local ok, f = pcall(self._ex._submit_chunk, self._ex, fn, list, lo, math.min(lo + cs - 1, n),
-      star, opts.timeout)
+      star, opts.timeout, nil, capture)
     if not ok then -- an item that cannot be sent: the call fails, nothing stays queued
       for _, g in ipairs(futs) do g:cancel() end
       error(f, 3)
     end
     futs[#futs + 1] = f
   end
-  local r = new_result("map", futs, n, opts.callback, opts.error_callback)
+  local r = new_result("map", futs, n, opts.callback, opts.error_callback,
+    capture and output.emitter(opts.on_output) or nil)
   r._pstep, r._pfinish = progress_of(opts.progress, n, fname)
   return r
 end
 
--- the chunksize argument of map/starmap: a number, or { chunksize, progress }
+-- the chunksize argument of map/starmap: a number, or { chunksize,
+-- progress, output, on_output }
 local function map_opts(arg, fname)
-  if type(arg) == "table" then return check_opts(arg, { chunksize = true, progress = true }, fname) end
+  if type(arg) == "table" then
+    return check_opts(arg, { chunksize = true, progress = true, output = true, on_output = true },
+      fname)
+  end
   return { chunksize = arg }
 end
 
@@ -308,18 +341,19 @@ end
 -- (timeout: each task's deadline, as in the async calls)
 local function imap(self, fn, iterable, opts, fname, mode)
   running(self)
-  local progress, timeout
+  local progress, timeout, out, on_output
   if type(opts) == "table" then
-    opts = check_opts(opts, { chunksize = true, progress = true, timeout = true }, fname)
-    progress, timeout = opts.progress, opts.timeout
+    opts = check_opts(opts, { chunksize = true, progress = true, timeout = true, output = true,
+      on_output = true }, fname)
+    progress, timeout, out, on_output = opts.progress, opts.timeout, opts.output, opts.on_output
     check_timeout(timeout, fname)
     opts = opts.chunksize
   end
   if opts ~= nil and (not is_int(opts) or opts < 1) then
     error("chunksize must be >= 1", 3)
   end
-  return iterate(self._ex, fn, iterable, { chunksize = opts or 1, progress = progress }, false,
-    fname, mode, timeout)
+  return iterate(self._ex, fn, iterable, { chunksize = opts or 1, progress = progress,
+    output = out, on_output = on_output }, false, fname, mode, timeout)
 end
 
 --- Lazy map: yields i, v in input order. A task error is raised at its
