@@ -151,6 +151,28 @@ describe("limits.cpu", function()
   end)
 end)
 
+describe("limits with captured output", function()
+  it("keep what a task printed before it ran out of memory or CPU time", function()
+    local ex <close> = procpool.ProcessPoolExecutor {
+      max_workers = 1, output = "capture", limits = { memory = "32M", cpu = 1 },
+    }
+    local f = ex:submit(function()
+      print("eating")
+      io.stdout:flush()
+      return greedy()
+    end)
+    assert.is_true(procpool.is_error(f:exception(T), "MemoryError"))
+    assert.are.equal("eating\n", (f:output(T)))
+    f = ex:submit(function()
+      io.stderr:write("spinning\n")
+      while true do end
+    end)
+    local e = f:exception(T)
+    assert.matches("CPU time limit", e.reason, 1, true)
+    assert.are.equal("spinning\n", select(2, f:output(T)))
+  end)
+end)
+
 describe("limits.nofile and limits.nice", function()
   it("bound the files a task can open", function()
     local ex <close> = procpool.ProcessPoolExecutor { max_workers = 1, limits = { nofile = 24 } }
