@@ -15,10 +15,11 @@
  * The bodies of TASK and RESULT are wire.h's.
  * INITFAIL (worker -> parent): the initializer's error, as text.
  * READY (worker -> parent): initialized; empty body.
+ * REPORT (worker -> parent): procpool.report's values (wire.h).
  */
 #define PP_FRAME_HDR 8
 
-enum { PP_FR_TASK = 1, PP_FR_RESULT = 2, PP_FR_INITFAIL = 3, PP_FR_READY = 4 };
+enum { PP_FR_TASK = 1, PP_FR_RESULT = 2, PP_FR_INITFAIL = 3, PP_FR_READY = 4, PP_FR_REPORT = 5 };
 enum { PP_FF_FD = 0x01 };
 enum { PP_TASK_TIMED = 0x01 }; /* worker records each item's start time */
 enum { PP_RES_OK = 1, PP_RES_ERROR = 2 };

@@ -277,11 +277,12 @@ static int l_submit(lua_State *L) {
   return 1;
 }
 
-/* _submit_chunk(fn, items, i, j, star, timeout|nil, base|nil) -> Future
- * for fn(items[i]) .. fn(items[j]); with `star`, each item is a table of
- * arguments (unpacked 1..(t.n or #t)). An item that cannot be serialized
- * is named by its input position, base + 1 for items[i] (base defaults
- * to i - 1). */
+/* _submit_chunk(fn, items, i, j, star, timeout|nil, base|nil, reports)
+ * -> Future for fn(items[i]) .. fn(items[j]); with `star`, each item is a
+ * table of arguments (unpacked 1..(t.n or #t)). An item that cannot be
+ * serialized is named by its input position, base + 1 for items[i] (base
+ * defaults to i - 1). The items' reports are dropped unless `reports`
+ * (then they are queued from the start, for _on_item_report). */
 static int l_submit_chunk(lua_State *L) {
   pp_exec *x = checkexec(L, 1);
   check_fn(L, 2);
@@ -290,10 +291,11 @@ static int l_submit_chunk(lua_State *L) {
   int star = lua_toboolean(L, 6);
   double timeout = luaL_optnumber(L, 7, 0);
   lua_Integer pos0 = luaL_optinteger(L, 8, lo - 1) + 1; /* input position of items[lo] */
+  int reports = lua_toboolean(L, 9) ? PP_REPORTS_QUEUE : PP_REPORTS_DROP;
   if (hi - lo + 1 < 0 || hi - lo + 1 > (lua_Integer)UINT32_MAX / 2)
     luaL_argerror(L, 5, "bad range");
   uint32_t n = (uint32_t)(hi - lo + 1);
-  lua_settop(L, 8);
+  lua_settop(L, 9);
   pp_wbuf *b = push_box(L);
   /* room for small items up front: no regrowing (and copying) per chunk */
   if (pp_wbuf_reserve(b, (size_t)n * 8 + 64) != 0) luaL_error(L, "procpool: not enough memory");
@@ -337,6 +339,7 @@ static int l_submit_chunk(lua_State *L) {
     patch_len(b, at);
   }
   pp_job *j = new_job(L, n, b, timeout);
+  j->reports = reports;
   submit_job(L, x, j);
   return 1;
 }

@@ -14,6 +14,7 @@
 #include "codec.h"
 #include "error.h"
 #include "pp.h"
+#include "progress_cb.h"
 
 /* registry: futures with callbacks by job, and a count per engine */
 #define REG_CBFUTS "procpool.cbfuts"
@@ -143,6 +144,19 @@ static void reg_table(lua_State *L, const char *name) {
   }
 }
 
+void pp_future_count_engine(lua_State *L, pp_engine *e, int delta) {
+  reg_table(L, REG_CBENGINES);
+  lua_rawgetp(L, -1, e);
+  lua_Integer n = lua_tointeger(L, -1) + delta;
+  lua_pop(L, 1);
+  if (n > 0)
+    lua_pushinteger(L, n);
+  else
+    lua_pushnil(L);
+  lua_rawsetp(L, -2, e);
+  lua_pop(L, 1);
+}
+
 /* Forget the registration of the future for `job`; leaves the future (or
  * nil) on the stack. */
 static void unregister(lua_State *L, pp_engine *e, pp_job *job) {
@@ -151,16 +165,7 @@ static void unregister(lua_State *L, pp_engine *e, pp_job *job) {
   if (!lua_isnil(L, -1)) {
     lua_pushnil(L);
     lua_rawsetp(L, -3, job);
-    reg_table(L, REG_CBENGINES);
-    lua_rawgetp(L, -1, e);
-    lua_Integer n = lua_tointeger(L, -1) - 1;
-    lua_pop(L, 1);
-    if (n > 0)
-      lua_pushinteger(L, n);
-    else
-      lua_pushnil(L);
-    lua_rawsetp(L, -2, e);
-    lua_pop(L, 1);
+    pp_future_count_engine(L, e, -1);
   }
   lua_remove(L, -2);
 }
@@ -170,12 +175,16 @@ static void drain_engine(lua_State *L, pp_engine *e) {
   reg_table(L, REG_CBENGINES);
   int live = lua_rawgetp(L, -1, e) != LUA_TNIL;
   lua_pop(L, 2);
-  if (!live) return; /* a callback's drain got to it */
+  if (!live) return;                     /* a callback's drain got to it */
+  if (pp_progress_delivering(L)) return; /* inside a progress callback: after it */
   /* futures with callbacks hold the engine, so it is alive here */
   pp_engine_ref(e);
   pp_job *j = pp_engine_take_ended(e);
+  /* the reports of these jobs came before their ends: they go first */
+  pp_progress_deliver(L, e);
   while (j) {
     pp_job *next = j->cnext;
+    pp_progress_forget(L, e, j);
     unregister(L, e, j);
     if (!lua_isnil(L, -1)) run_callbacks(L, -1);
     lua_pop(L, 1);
@@ -248,12 +257,7 @@ static int fut_add_done_callback(lua_State *L) {
     if (pp_engine_watch(f->e, f->job)) {
       lua_pushvalue(L, 1);
       lua_rawsetp(L, -2, f->job);
-      reg_table(L, REG_CBENGINES);
-      lua_rawgetp(L, -1, f->e);
-      lua_Integer n = lua_tointeger(L, -1) + 1;
-      lua_pop(L, 1);
-      lua_pushinteger(L, n);
-      lua_rawsetp(L, -2, f->e);
+      pp_future_count_engine(L, f->e, 1);
       return 0;
     }
     run_callbacks(L, 1); /* already done: now, in the caller */

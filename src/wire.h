@@ -1,4 +1,4 @@
-/* wire.h: the bodies of the frames (TASK, RESULT) and the job payload:
+/* wire.h: the bodies of the frames (TASK, RESULT, REPORT) and the job payload:
  * their layout, named, and the one writer and reader of each field. The
  * framing itself (header, fds) is channel.h's. Everything is
  * little-endian.
@@ -11,6 +11,8 @@
  * RESULT (worker -> parent): a header, then
  *   inline: per item: u8 status, u32 len, bytes
  *   FD:     u8 status, u64 len (count is 1; the bytes are the memfd)
+ * REPORT (worker -> parent): u64 seq (the item running), then the
+ *   encoded values of procpool.report (a value list)
  */
 #ifndef PP_WIRE_H
 #define PP_WIRE_H
@@ -97,5 +99,10 @@ static inline void pp_result_fd_item_put(unsigned char *q, int status, uint64_t 
   pp_put64(q + 1, len);
 }
 static inline uint64_t pp_result_fd_item_len(const unsigned char *q) { return pp_get64(q + 1); }
+
+/* REPORT header: u64 seq; the encoded values follow */
+#define PP_REPORT_HDR 8
+static inline void pp_report_hdr_put(unsigned char *q, uint64_t seq) { pp_put64(q, seq); }
+static inline uint64_t pp_report_hdr_get(const unsigned char *q) { return pp_get64(q); }
 
 #endif
