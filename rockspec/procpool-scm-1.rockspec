@@ -54,6 +54,8 @@ build = {
         "src/names.c",
         "src/proc.c",
         "src/procpool.c",
+        "src/progress_cb.c",
+        "src/report.c",
         "src/sys.c",
         "src/wait.c",
         "src/worker.c",

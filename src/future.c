@@ -184,7 +184,7 @@ static void drain_engine(lua_State *L, pp_engine *e) {
   pp_progress_deliver(L, e);
   while (j) {
     pp_job *next = j->cnext;
-    pp_progress_forget(L, e, j);
+    if (pp_progress_forget(L, j)) pp_future_count_engine(L, e, -1);
     unregister(L, e, j);
     if (!lua_isnil(L, -1)) run_callbacks(L, -1);
     lua_pop(L, 1);
@@ -263,6 +263,29 @@ static int fut_add_done_callback(lua_State *L) {
     run_callbacks(L, 1); /* already done: now, in the caller */
   }
   return 0;
+}
+
+/* add_progress_callback(cb): cb(f, ...) with each report of the task */
+static int fut_add_progress_callback(lua_State *L) {
+  pp_fut *f = pp_future_check(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  if (pp_progress_listen(L, 1, f->e, f->job, 2, 0)) pp_future_count_engine(L, f->e, 1);
+  return 0;
+}
+
+/* _on_item_report(cb): cb(f, i, ...) with each report of item i */
+static int fut_on_item_report(lua_State *L) {
+  pp_fut *f = pp_future_check(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  if (pp_progress_listen(L, 1, f->e, f->job, 2, 1)) pp_future_count_engine(L, f->e, 1);
+  return 0;
+}
+
+/* progress() -> the values of the task's latest report (none before one) */
+static int fut_progress(lua_State *L) {
+  pp_fut *f = pp_future_check(L, 1);
+  lua_settop(L, 1);
+  return pp_progress_latest(L, f->e, f->job);
 }
 
 static int fut_cancel(lua_State *L) {
@@ -607,6 +630,9 @@ void pp_future_open(lua_State *L) {
                                      {"cancelled", fut_cancelled},
                                      {"cancel", fut_cancel},
                                      {"add_done_callback", fut_add_done_callback},
+                                     {"add_progress_callback", fut_add_progress_callback},
+                                     {"progress", fut_progress},
+                                     {"_on_item_report", fut_on_item_report},
                                      {"traceback", fut_traceback},
                                      {"pollfd", pp_future_pollfd},
                                      {"events", pp_pollable_events},

@@ -1,6 +1,6 @@
 /* progress_cb.c: the parent's side of task reports (procpool.report): a
- * Future's progress callbacks, run where its done callbacks run (during
- * waits, ex:poll, drains), and f:progress(). */
+ * job's progress callbacks, run from the drain of its done callbacks
+ * (future.c), and its latest report. */
 #include "progress_cb.h"
 
 #include <stdio.h>
@@ -9,7 +9,6 @@
 #include <lauxlib.h>
 
 #include "codec.h"
-#include "future.h"
 #include "pp.h"
 #include "wire.h"
 
@@ -147,49 +146,48 @@ void pp_progress_deliver(lua_State *L, pp_engine *e) {
   lua_settop(L, top);
 }
 
-void pp_progress_forget(lua_State *L, pp_engine *e, pp_job *j) {
+int pp_progress_forget(lua_State *L, pp_job *j) {
   listeners(L);
-  if (lua_rawgetp(L, -1, j) != LUA_TNIL) {
+  int had = lua_rawgetp(L, -1, j) != LUA_TNIL;
+  if (had) {
     lua_pushnil(L);
     lua_rawsetp(L, -3, j);
-    pp_future_count_engine(L, e, -1);
   }
   lua_pop(L, 2);
+  return had;
 }
 
 /* ------------------------------------------------------------------ */
-/* the methods                                                          */
+/* listening                                                            */
 
-/* [future, cb]: add cb as a listener of the future's reports; it is
- * called at once with the latest report, if one came. */
-static int add_listener(lua_State *L, int indexed) {
-  pp_fut *f = pp_future_check(L, 1);
-  luaL_checktype(L, 2, LUA_TFUNCTION);
-  lua_settop(L, 2);
+int pp_progress_listen(lua_State *L, int fut, pp_engine *e, pp_job *j, int cb, int indexed) {
+  fut = lua_absindex(L, fut);
+  cb = lua_absindex(L, cb);
+  int top = lua_gettop(L), added = 0;
   /* reports are queued from now on; the latest one, read after, is then
    * the newest this callback is given at once */
-  int live = pp_engine_want_reports(f->e, f->job);
-  pp_report_note n = {f->job, 0, 0, NULL, NULL};
-  n.num = pp_engine_latest_report(f->e, f->job, &n.blob, &n.item);
+  int live = pp_engine_want_reports(e, j);
+  pp_report_note n = {j, 0, 0, NULL, NULL};
+  n.num = pp_engine_latest_report(e, j, &n.blob, &n.item);
   if (live) {
     listeners(L);
-    if (lua_rawgetp(L, 3, f->job) != LUA_TTABLE) {
+    if (lua_rawgetp(L, -1, j) != LUA_TTABLE) {
       lua_pop(L, 1);
       lua_createtable(L, 4, 0);
-      lua_pushvalue(L, 1);
+      lua_pushvalue(L, fut);
       lua_rawseti(L, -2, LS_FUT);
       for (int k = LS_CBS; k <= LS_INDEXED; k++) {
         lua_newtable(L);
         lua_rawseti(L, -2, k);
       }
       lua_pushvalue(L, -1);
-      lua_rawsetp(L, 3, f->job);
-      pp_future_count_engine(L, f->e, 1);
+      lua_rawsetp(L, -3, j);
+      added = 1;
     }
     int l = lua_gettop(L);
     lua_rawgeti(L, l, LS_CBS);
     lua_Integer k = (lua_Integer)lua_rawlen(L, -1) + 1;
-    lua_pushvalue(L, 2);
+    lua_pushvalue(L, cb);
     lua_rawseti(L, -2, k);
     lua_rawgeti(L, l, LS_SEEN);
     lua_pushinteger(L, (lua_Integer)n.num);
@@ -197,53 +195,37 @@ static int add_listener(lua_State *L, int indexed) {
     lua_rawgeti(L, l, LS_INDEXED);
     lua_pushboolean(L, indexed);
     lua_rawseti(L, -2, k);
-    lua_settop(L, 2);
+    lua_settop(L, top);
   }
   if (n.num) {
-    call_one(L, 2, 1, &n, indexed);
+    call_one(L, cb, fut, &n, indexed);
     pp_blob_unref(n.blob);
   }
-  return 0;
+  return added;
 }
 
-/* add_progress_callback(cb): cb(f, ...) for each report of the task */
-static int fut_add_progress_callback(lua_State *L) { return add_listener(L, 0); }
-
-/* _on_item_report(cb): cb(f, i, ...) for each report of item i */
-static int fut_on_item_report(lua_State *L) { return add_listener(L, 1); }
-
 /* [blob] -> the report's values */
-static int progress_body(lua_State *L) {
+static int latest_body(lua_State *L) {
   const pp_blob *b = lua_touserdata(L, 1);
   return pp_decode(L, b->p + PP_REPORT_HDR, b->n - PP_REPORT_HDR, NULL, 0, 0);
 }
 
-/* progress() -> the values of the task's latest report (none before one) */
-static int fut_progress(lua_State *L) {
-  pp_fut *f = pp_future_check(L, 1);
+int pp_progress_latest(lua_State *L, pp_engine *e, pp_job *j) {
   pp_blob *b;
   uint32_t item;
-  if (!pp_engine_latest_report(f->e, f->job, &b, &item)) return 0;
-  lua_settop(L, 1);
-  lua_pushcfunction(L, progress_body);
+  if (!pp_engine_latest_report(e, j, &b, &item)) return 0;
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, latest_body);
   lua_pushlightuserdata(L, b);
   int rc = lua_pcall(L, 1, LUA_MULTRET, 0);
   pp_blob_unref(b);
   if (rc != LUA_OK) lua_error(L);
-  return lua_gettop(L) - 1;
+  return lua_gettop(L) - top;
 }
 
 void pp_progress_cb_open(lua_State *L) {
-  static const luaL_Reg methods[] = {{"add_progress_callback", fut_add_progress_callback},
-                                     {"progress", fut_progress},
-                                     {"_on_item_report", fut_on_item_report},
-                                     {NULL, NULL}};
   luaL_newmetatable(L, NOTES_MT);
   lua_pushcfunction(L, notes_gc);
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
-  lua_getfield(L, -1, "Future");
-  lua_getfield(L, -1, "__index");
-  luaL_setfuncs(L, methods, 0);
-  lua_pop(L, 2);
 }
