@@ -265,21 +265,23 @@ static int fut_add_done_callback(lua_State *L) {
   return 0;
 }
 
-/* add_progress_callback(cb): cb(f, ...) with each report of the task */
-static int fut_add_progress_callback(lua_State *L) {
+/* [future, cb]: cb listens to the task's reports; the latest one so far
+ * comes at once (once the job counts as watched) */
+static int add_listener(lua_State *L, int indexed) {
   pp_fut *f = pp_future_check(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  if (pp_progress_listen(L, 1, f->e, f->job, 2, 0)) pp_future_count_engine(L, f->e, 1);
+  pp_report_note latest;
+  if (pp_progress_listen(L, 1, f->e, f->job, 2, indexed, &latest))
+    pp_future_count_engine(L, f->e, 1);
+  pp_progress_catch_up(L, 1, 2, &latest, indexed);
   return 0;
 }
 
+/* add_progress_callback(cb): cb(f, ...) with each report of the task */
+static int fut_add_progress_callback(lua_State *L) { return add_listener(L, 0); }
+
 /* _on_item_report(cb): cb(f, i, ...) with each report of item i */
-static int fut_on_item_report(lua_State *L) {
-  pp_fut *f = pp_future_check(L, 1);
-  luaL_checktype(L, 2, LUA_TFUNCTION);
-  if (pp_progress_listen(L, 1, f->e, f->job, 2, 1)) pp_future_count_engine(L, f->e, 1);
-  return 0;
-}
+static int fut_on_item_report(lua_State *L) { return add_listener(L, 1); }
 
 /* progress() -> the values of the task's latest report (none before one) */
 static int fut_progress(lua_State *L) {

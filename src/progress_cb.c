@@ -160,7 +160,8 @@ int pp_progress_forget(lua_State *L, pp_job *j) {
 /* ------------------------------------------------------------------ */
 /* listening                                                            */
 
-int pp_progress_listen(lua_State *L, int fut, pp_engine *e, pp_job *j, int cb, int indexed) {
+int pp_progress_listen(lua_State *L, int fut, pp_engine *e, pp_job *j, int cb, int indexed,
+                       pp_report_note *latest) {
   fut = lua_absindex(L, fut);
   cb = lua_absindex(L, cb);
   int top = lua_gettop(L), added = 0;
@@ -169,6 +170,7 @@ int pp_progress_listen(lua_State *L, int fut, pp_engine *e, pp_job *j, int cb, i
   int live = pp_engine_want_reports(e, j);
   pp_report_note n = {j, 0, 0, NULL, NULL};
   n.num = pp_engine_latest_report(e, j, &n.blob, &n.item);
+  *latest = n;
   if (live) {
     listeners(L);
     if (lua_rawgetp(L, -1, j) != LUA_TTABLE) {
@@ -197,11 +199,14 @@ int pp_progress_listen(lua_State *L, int fut, pp_engine *e, pp_job *j, int cb, i
     lua_rawseti(L, -2, k);
     lua_settop(L, top);
   }
-  if (n.num) {
-    call_one(L, cb, fut, &n, indexed);
-    pp_blob_unref(n.blob);
-  }
   return added;
+}
+
+void pp_progress_catch_up(lua_State *L, int fut, int cb, pp_report_note *latest, int indexed) {
+  if (!latest->num) return;
+  call_one(L, lua_absindex(L, cb), lua_absindex(L, fut), latest, indexed);
+  pp_blob_unref(latest->blob);
+  latest->blob = NULL;
 }
 
 /* [blob] -> the report's values */

@@ -17,10 +17,14 @@ int pp_progress_delivering(lua_State *L);
 int pp_progress_forget(lua_State *L, pp_job *j);
 /* Add the function at `cb` as a listener of the reports of job `j` of `e`
  * (the Future at `fut`): called as cb(future, ...), or with `indexed` as
- * cb(future, item, ...) (item: 1-based), for each report from now on,
- * and at once with the latest report, if one came. Returns 1 if the job
- * had no listener before (the caller counts it as watched). */
-int pp_progress_listen(lua_State *L, int fut, pp_engine *e, pp_job *j, int cb, int indexed);
+ * cb(future, item, ...) (item: 1-based), for each report after *latest,
+ * the latest report so far (num 0: none; it holds a blob reference).
+ * Returns 1 if the job had no listener before: the caller counts it as
+ * watched, then calls pp_progress_catch_up. */
+int pp_progress_listen(lua_State *L, int fut, pp_engine *e, pp_job *j, int cb, int indexed,
+                       pp_report_note *latest);
+/* Call the new listener at `cb` with *latest, if there is one, and drop it. */
+void pp_progress_catch_up(lua_State *L, int fut, int cb, pp_report_note *latest, int indexed);
 /* Push the values of the job's latest report; returns how many (0: none
  * yet). Raises if they cannot be decoded here. */
 int pp_progress_latest(lua_State *L, pp_engine *e, pp_job *j);
