@@ -15,11 +15,12 @@
  * The bodies of TASK and RESULT are wire.h's.
  * INITFAIL (worker -> parent): the initializer's error, as text.
  * READY (worker -> parent): initialized; empty body.
+ * REPORT (worker -> parent): procpool.report's values (wire.h).
+ * OUTBUF (worker -> parent, FD): the worker's capture area (wire.h's
+ * pp_outarea), sent once, before its first captured item; empty body.
  * RETIRE (worker -> parent): the worker exits after the results sent so
  * far (a memory error left it unfit); empty body. Not a loss: its
  * unstarted items go to other workers.
- * OUTBUF (worker -> parent, FD): the worker's capture area (wire.h's
- * pp_outarea), sent once, before its first captured item; empty body.
  */
 #define PP_FRAME_HDR 8
 
@@ -28,6 +29,7 @@ enum {
   PP_FR_RESULT = 2,
   PP_FR_INITFAIL = 3,
   PP_FR_READY = 4,
+  PP_FR_REPORT = 5,
   PP_FR_OUTBUF = 6,
   PP_FR_RETIRE = 7,
 };

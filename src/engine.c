@@ -124,6 +124,7 @@ struct pp_engine {
   pp_worker *w;
   pp_job *qhead, *qtail;
   pp_job *chead, *ctail;
+  pp_report_note *rhead, *rtail; /* reports for the Lua side */
   uint64_t next_id;
   pp_stats st;
   uint64_t ewma_ns;
@@ -194,6 +195,7 @@ void pp_job_unref(pp_job *j) {
     free(j->deaths[i].err);
   }
   free(j->deaths);
+  pp_blob_unref(j->report);
   pp_blob_unref(j->payload);
   wnodes_fire(j);
   free(j->ranges);
@@ -876,6 +878,38 @@ static int w_results(pp_engine *e, int slot, const pp_frame *f) {
   return 0;
 }
 
+/* A REPORT frame: the item's job keeps it as its latest report, and
+ * queues it when the Lua side listens. A report of an item that is no
+ * longer running is dropped; so is one there is no memory for. */
+static int w_report(pp_engine *e, int slot, const pp_frame *f) {
+  if (f->len < PP_REPORT_HDR || (f->flags & PP_FF_FD)) return -1;
+  uint64_t seq = pp_report_hdr_get(f->body);
+  pp_disp *d = e->w[slot].dhead;
+  while (d && seq >= d->seq0 + d->count) d = d->next;
+  if (!d || seq < d->seq0 + d->acked) return 0;
+  pp_job *j = d->job;
+  uint32_t i = d->first + (uint32_t)(seq - d->seq0);
+  if (j->reports == PP_REPORTS_DROP || j->items[i].status != PP_IT_PENDING) return 0;
+  pp_blob *b = pp_blob_new(f->body, f->len);
+  if (!b) return 0;
+  pp_blob_unref(j->report);
+  j->report = b;
+  j->report_item = i;
+  j->nreports++;
+  if (j->reports != PP_REPORTS_QUEUE) return 0;
+  pp_report_note *n = malloc(sizeof *n);
+  if (!n) return 0;
+  *n = (pp_report_note){j, i, j->nreports, pp_blob_ref(b), NULL};
+  __atomic_add_fetch(&j->refs, 1, __ATOMIC_RELAXED);
+  if (e->rtail)
+    e->rtail->next = n;
+  else
+    e->rhead = n;
+  e->rtail = n;
+  notify(e);
+  return 0;
+}
+
 /* Read and handle what a worker sent. */
 static void w_readable(pp_engine *e, int slot) {
   pp_worker *w = &e->w[slot];
@@ -896,6 +930,8 @@ static void w_readable(pp_engine *e, int slot) {
         bad = w_results(e, slot, &f) != 0;
       } else if (f.type == PP_FR_OUTBUF) {
         w_outbuf(w, f.fd);
+      } else if (f.type == PP_FR_REPORT) {
+        bad = w_report(e, slot, &f) != 0;
       } else if (f.type == PP_FR_READY) {
         w->ready = 1;
         e->startup_deaths = 0;
@@ -1329,6 +1365,7 @@ void pp_engine_unref(pp_engine *e) {
     e->chead = j->cnext;
     pp_job_unref(j);
   }
+  pp_report_notes_free(e->rhead);
   if (e->zfd >= 0) close(e->zfd);
   if (e->zpid > 0) {
     kill(e->zpid, SIGKILL);
@@ -1452,6 +1489,45 @@ pp_job *pp_engine_take_ended(pp_engine *e) {
   e->chead = e->ctail = NULL;
   pthread_mutex_unlock(&e->mu);
   return j;
+}
+
+int pp_engine_want_reports(pp_engine *e, pp_job *j) {
+  pthread_mutex_lock(&e->mu);
+  int r = 0;
+  if (j->state != PP_JOB_DONE && j->state != PP_JOB_CANCELLED) {
+    j->reports = PP_REPORTS_QUEUE;
+    j->has_cb = 1;
+    r = 1;
+  }
+  pthread_mutex_unlock(&e->mu);
+  return r;
+}
+
+pp_report_note *pp_engine_take_reports(pp_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  pp_report_note *n = e->rhead;
+  e->rhead = e->rtail = NULL;
+  pthread_mutex_unlock(&e->mu);
+  return n;
+}
+
+void pp_report_notes_free(pp_report_note *n) {
+  while (n) {
+    pp_report_note *next = n->next;
+    pp_blob_unref(n->blob);
+    pp_job_unref(n->job);
+    free(n);
+    n = next;
+  }
+}
+
+uint64_t pp_engine_latest_report(pp_engine *e, pp_job *j, pp_blob **blob, uint32_t *item) {
+  pthread_mutex_lock(&e->mu);
+  uint64_t num = j->report ? j->nreports : 0;
+  *blob = j->report ? pp_blob_ref(j->report) : NULL;
+  *item = j->report_item;
+  pthread_mutex_unlock(&e->mu);
+  return num;
 }
 
 int pp_engine_wait_add(pp_engine *e, pp_job *j, pp_waiter *w) {

@@ -66,6 +66,11 @@ typedef struct pp_wnode {
   struct pp_wnode *next;
 } pp_wnode;
 
+/* What a job does with its items' reports (procpool.report): keep the
+ * latest (a submitted task's future shows it), also queue each one for
+ * the Lua side (it listens), or drop them (a map chunk nobody listens to). */
+enum { PP_REPORTS_KEEP = 0, PP_REPORTS_QUEUE, PP_REPORTS_DROP };
+
 typedef struct pp_job {
   int refs; /* atomic: the engine while it holds the job, each Future */
   int state;
@@ -90,6 +95,10 @@ typedef struct pp_job {
   uint32_t nblobs, capblobs;
   pp_death *deaths; /* of its LOST/DEADLINE items */
   uint32_t ndeaths, capdeaths;
+  int reports;     /* PP_REPORTS_* */
+  pp_blob *report; /* the latest report's frame body (values at PP_REPORT_HDR) */
+  uint32_t report_item;
+  uint64_t nreports;            /* reports kept so far, numbering them */
   struct pp_job *qnext, *qprev; /* pending queue */
   struct pp_job *cnext;         /* callback list */
   pp_item *items;
@@ -193,6 +202,24 @@ int pp_engine_item_get(pp_engine *e, pp_job *j, uint32_t i, pp_item_view *v);
 /* Take the list of ended jobs that were watched (linked by cnext; the
  * caller owns one reference to each). */
 pp_job *pp_engine_take_ended(pp_engine *e);
+/* A report of item `item` of `job`, queued for the Lua side. */
+typedef struct pp_report_note {
+  pp_job *job; /* one reference */
+  uint32_t item;
+  uint64_t num;  /* its number among the job's reports: 1, 2, ... */
+  pp_blob *blob; /* the frame body: the values are at PP_REPORT_HDR */
+  struct pp_report_note *next;
+} pp_report_note;
+/* Queue every report of the job from now on (and list the job as
+ * watched, pp_engine_watch, so that its end is seen). 0 if it has ended. */
+int pp_engine_want_reports(pp_engine *e, pp_job *j);
+/* Take the reports queued so far, in the order they came (the caller
+ * frees them with pp_report_notes_free). */
+pp_report_note *pp_engine_take_reports(pp_engine *e);
+void pp_report_notes_free(pp_report_note *n);
+/* The job's latest report: its number (0: none yet), with *blob (one
+ * reference, the caller's) and *item. */
+uint64_t pp_engine_latest_report(pp_engine *e, pp_job *j, pp_blob **blob, uint32_t *item);
 /* Register/unregister a coroutine waiter on a job. Register returns 0 if
  * the job already ended (nothing registered). */
 int pp_engine_wait_add(pp_engine *e, pp_job *j, pp_waiter *w);

@@ -310,11 +310,13 @@ static int l_submit_as(lua_State *L) {
   return submit_task(L, x, luaL_optnumber(L, 2, 0), lua_toboolean(L, 3), 4);
 }
 
-/* _submit_chunk(fn, items, i, j, star, timeout|nil, base|nil,
+/* _submit_chunk(fn, items, i, j, star, timeout|nil, base|nil, reports,
  * capture|nil) -> Future for fn(items[i]) .. fn(items[j]); with `star`,
  * each item is a table of arguments (unpacked 1..(t.n or #t)). An item
  * that cannot be serialized is named by its input position, base + 1 for
- * items[i] (base defaults to i - 1). `capture` nil: as the executor's. */
+ * items[i] (base defaults to i - 1). The items' reports are dropped
+ * unless `reports` (then they are queued from the start, for
+ * _on_item_report). `capture` nil: as the executor's. */
 static int l_submit_chunk(lua_State *L) {
   pp_exec *x = checkexec(L, 1);
   check_fn(L, 2);
@@ -323,11 +325,12 @@ static int l_submit_chunk(lua_State *L) {
   int star = lua_toboolean(L, 6);
   double timeout = luaL_optnumber(L, 7, 0);
   lua_Integer pos0 = luaL_optinteger(L, 8, lo - 1) + 1; /* input position of items[lo] */
-  int capture = lua_isnoneornil(L, 9) ? x->capture : lua_toboolean(L, 9);
+  int reports = lua_toboolean(L, 9) ? PP_REPORTS_QUEUE : PP_REPORTS_DROP;
+  int capture = lua_isnoneornil(L, 10) ? x->capture : lua_toboolean(L, 10);
   if (hi - lo + 1 < 0 || hi - lo + 1 > (lua_Integer)UINT32_MAX / 2)
     luaL_argerror(L, 5, "bad range");
   uint32_t n = (uint32_t)(hi - lo + 1);
-  lua_settop(L, 8);
+  lua_settop(L, 10);
   pp_wbuf *b = push_box(L);
   /* room for small items up front: no regrowing (and copying) per chunk */
   if (pp_wbuf_reserve(b, (size_t)n * 8 + 64) != 0) luaL_error(L, "procpool: not enough memory");
@@ -371,6 +374,7 @@ static int l_submit_chunk(lua_State *L) {
     patch_len(b, at);
   }
   pp_job *j = new_job(L, n, b, timeout, capture);
+  j->reports = reports;
   submit_job(L, x, j);
   return 1;
 }

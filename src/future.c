@@ -15,6 +15,7 @@
 #include "codec.h"
 #include "error.h"
 #include "pp.h"
+#include "progress_cb.h"
 
 /* registry: futures with callbacks by job, and a count per engine */
 #define REG_CBFUTS "procpool.cbfuts"
@@ -144,6 +145,19 @@ static void reg_table(lua_State *L, const char *name) {
   }
 }
 
+void pp_future_count_engine(lua_State *L, pp_engine *e, int delta) {
+  reg_table(L, REG_CBENGINES);
+  lua_rawgetp(L, -1, e);
+  lua_Integer n = lua_tointeger(L, -1) + delta;
+  lua_pop(L, 1);
+  if (n > 0)
+    lua_pushinteger(L, n);
+  else
+    lua_pushnil(L);
+  lua_rawsetp(L, -2, e);
+  lua_pop(L, 1);
+}
+
 /* Forget the registration of the future for `job`; leaves the future (or
  * nil) on the stack. */
 static void unregister(lua_State *L, pp_engine *e, pp_job *job) {
@@ -152,16 +166,7 @@ static void unregister(lua_State *L, pp_engine *e, pp_job *job) {
   if (!lua_isnil(L, -1)) {
     lua_pushnil(L);
     lua_rawsetp(L, -3, job);
-    reg_table(L, REG_CBENGINES);
-    lua_rawgetp(L, -1, e);
-    lua_Integer n = lua_tointeger(L, -1) - 1;
-    lua_pop(L, 1);
-    if (n > 0)
-      lua_pushinteger(L, n);
-    else
-      lua_pushnil(L);
-    lua_rawsetp(L, -2, e);
-    lua_pop(L, 1);
+    pp_future_count_engine(L, e, -1);
   }
   lua_remove(L, -2);
 }
@@ -171,12 +176,16 @@ static void drain_engine(lua_State *L, pp_engine *e) {
   reg_table(L, REG_CBENGINES);
   int live = lua_rawgetp(L, -1, e) != LUA_TNIL;
   lua_pop(L, 2);
-  if (!live) return; /* a callback's drain got to it */
+  if (!live) return;                     /* a callback's drain got to it */
+  if (pp_progress_delivering(L)) return; /* inside a progress callback: after it */
   /* futures with callbacks hold the engine, so it is alive here */
   pp_engine_ref(e);
   pp_job *j = pp_engine_take_ended(e);
+  /* the reports of these jobs came before their ends: they go first */
+  pp_progress_deliver(L, e);
   while (j) {
     pp_job *next = j->cnext;
+    if (pp_progress_forget(L, j)) pp_future_count_engine(L, e, -1);
     unregister(L, e, j);
     if (!lua_isnil(L, -1)) run_callbacks(L, -1);
     lua_pop(L, 1);
@@ -249,17 +258,37 @@ static int fut_add_done_callback(lua_State *L) {
     if (pp_engine_watch(f->e, f->job)) {
       lua_pushvalue(L, 1);
       lua_rawsetp(L, -2, f->job);
-      reg_table(L, REG_CBENGINES);
-      lua_rawgetp(L, -1, f->e);
-      lua_Integer n = lua_tointeger(L, -1) + 1;
-      lua_pop(L, 1);
-      lua_pushinteger(L, n);
-      lua_rawsetp(L, -2, f->e);
+      pp_future_count_engine(L, f->e, 1);
       return 0;
     }
     run_callbacks(L, 1); /* already done: now, in the caller */
   }
   return 0;
+}
+
+/* [future, cb]: cb listens to the task's reports; the latest one so far
+ * comes at once (once the job counts as watched) */
+static int add_listener(lua_State *L, int indexed) {
+  pp_fut *f = pp_future_check(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  pp_report_note latest;
+  if (pp_progress_listen(L, 1, f->e, f->job, 2, indexed, &latest))
+    pp_future_count_engine(L, f->e, 1);
+  pp_progress_catch_up(L, 1, 2, &latest, indexed);
+  return 0;
+}
+
+/* add_progress_callback(cb): cb(f, ...) with each report of the task */
+static int fut_add_progress_callback(lua_State *L) { return add_listener(L, 0); }
+
+/* _on_item_report(cb): cb(f, i, ...) with each report of item i */
+static int fut_on_item_report(lua_State *L) { return add_listener(L, 1); }
+
+/* progress() -> the values of the task's latest report (none before one) */
+static int fut_progress(lua_State *L) {
+  pp_fut *f = pp_future_check(L, 1);
+  lua_settop(L, 1);
+  return pp_progress_latest(L, f->e, f->job);
 }
 
 static int fut_cancel(lua_State *L) {
@@ -649,6 +678,9 @@ void pp_future_open(lua_State *L) {
                                      {"cancelled", fut_cancelled},
                                      {"cancel", fut_cancel},
                                      {"add_done_callback", fut_add_done_callback},
+                                     {"add_progress_callback", fut_add_progress_callback},
+                                     {"progress", fut_progress},
+                                     {"_on_item_report", fut_on_item_report},
                                      {"traceback", fut_traceback},
                                      {"pollfd", pp_future_pollfd},
                                      {"events", pp_pollable_events},

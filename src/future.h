@@ -20,8 +20,11 @@ typedef struct pp_fut {
 void pp_future_push(lua_State *L, pp_engine *e, pp_job *job);
 /* The Future at `idx`; raises if it is released or another process's. */
 pp_fut *pp_future_check(lua_State *L, int idx);
-/* Run the done callbacks of every ended watched job. */
+/* Run the progress and done callbacks due (of every watched job). */
 void pp_drain(lua_State *L);
+/* Count one more (delta 1) or one less (-1) watched job of engine `e`:
+ * pp_drain looks at the engines that have some. */
+void pp_future_count_engine(lua_State *L, pp_engine *e, int delta);
 
 /* A job in state `st` has ended (done or cancelled). */
 static inline int pp_job_ended(int st) { return st == PP_JOB_DONE || st == PP_JOB_CANCELLED; }

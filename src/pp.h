@@ -30,7 +30,9 @@ void pp_error_open(lua_State *L);
 void pp_sys_open(lua_State *L);
 void pp_codec_open(lua_State *L);
 void pp_future_open(lua_State *L);
+void pp_progress_cb_open(lua_State *L);
 void pp_wait_open(lua_State *L);
 void pp_engine_open(lua_State *L);
+void pp_report_open(lua_State *L);
 
 #endif

@@ -1,4 +1,4 @@
-/* wire.h: the bodies of the frames (TASK, RESULT) and the job payload:
+/* wire.h: the bodies of the frames (TASK, RESULT, REPORT) and the job payload:
  * their layout, named, and the one writer and reader of each field. The
  * framing itself (header, fds) is channel.h's. Everything is
  * little-endian.
@@ -15,6 +15,8 @@
  *   a status with PP_RES_OUTPUT: the item's bytes end with its output,
  *   stdout, stderr, u32 outlen, u32 errlen (pp_output_split)
  * The capture area (OUTBUF's memfd): pp_outarea, then the bytes.
+ * REPORT (worker -> parent): u64 seq (the item running), then the
+ *   encoded values of procpool.report (a value list)
  */
 #ifndef PP_WIRE_H
 #define PP_WIRE_H
@@ -148,5 +150,9 @@ typedef struct pp_outarea {
 /* Appended to a stream that lost bytes (a printf format of the count). */
 #define PP_OUTPUT_DROPPED "\n[procpool: %llu bytes of output dropped]\n"
 #define PP_OUTPUT_DROPPED_MAX 64 /* its length, at most */
+/* REPORT header: u64 seq; the encoded values follow */
+#define PP_REPORT_HDR 8
+static inline void pp_report_hdr_put(unsigned char *q, uint64_t seq) { pp_put64(q, seq); }
+static inline uint64_t pp_report_hdr_get(const unsigned char *q) { return pp_get64(q); }
 
 #endif

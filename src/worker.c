@@ -6,6 +6,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -22,6 +23,7 @@
 #include "reslimit.h"
 #include "pp.h"
 #include "proc.h"
+#include "report.h"
 #include "wire.h"
 
 /* Results of quick items are sent in batches: one send per result would
@@ -46,6 +48,12 @@
 #define FLUSH_SLOW_NS 5000000u
 /* How long an idle worker keeps looking for a next task before sleeping. */
 #define SPIN_NS 50000u
+/* Reports (procpool.report) are sent by themselves at most once every
+ * REPORT_INTERVAL_NS, so a task reporting in a tight loop pays for an
+ * encode, not a send. One made sooner is held, replacing the report held
+ * before it (latest wins), until the interval has passed (the flusher
+ * sends it then) or until its item's result, which it goes just before. */
+#define REPORT_INTERVAL_NS 20000000u
 
 typedef struct wstate {
   lua_State *L;
@@ -88,9 +96,18 @@ typedef struct wstate {
    * `capturing` while fds 1 and 2 go to it (switched per frame) */
   pp_capture *cap;
   int capturing, cap_failed;
+  /* reports: the task thread encodes into rep.values; a report held back
+   * (rheld, for item rheld_seq) belongs to the owner of `out`. rstate
+   * (atomic): REPORT_NONE or REPORT_HELD, to be sent at report_due;
+   * rsent_ns: when one was last sent by itself */
+  pp_reporter rep;
+  pp_wbuf rheld;
+  uint64_t rheld_seq, rsent_ns, report_due;
+  int rstate;
 } wstate;
 
 enum { BATCH_NONE, BATCH_OPEN, BATCH_WATCHED };
+enum { REPORT_NONE, REPORT_HELD };
 enum { OWN_NONE, OWN_TASK, OWN_FLUSHER };
 
 /* The task thread takes `out` (waiting while the flusher sends). */
@@ -151,6 +168,44 @@ static void flush(wstate *ws) {
   unclaim(ws);
 }
 
+/* Append a REPORT frame of item `seq` with the value list `v`, after the
+ * results before it (`out` claimed). */
+static void put_report(wstate *ws, uint64_t seq, const pp_wbuf *v) {
+  batch_close(ws, ws->batch_end);
+  if (pp_wbuf_reserve(&ws->out.buf, PP_FRAME_HDR + PP_REPORT_HDR + v->n) != 0) wexit(ws, 70);
+  size_t h = pp_frame_begin(&ws->out.buf, PP_FR_REPORT, 0);
+  pp_report_hdr_put((unsigned char *)ws->out.buf.p + ws->out.buf.n, seq);
+  memcpy(ws->out.buf.p + ws->out.buf.n + PP_REPORT_HDR, v->p, v->n);
+  ws->out.buf.n += PP_REPORT_HDR + v->n;
+  pp_frame_end(&ws->out.buf, h);
+}
+
+/* The held report goes into `out` (`out` claimed). */
+static void release_report(wstate *ws) {
+  put_report(ws, ws->rheld_seq, &ws->rheld);
+  ws->rheld.n = 0;
+  __atomic_store_n(&ws->rstate, REPORT_NONE, __ATOMIC_RELAXED);
+}
+
+/* The flusher sends the held report, with the results before it; 0 if
+ * the task thread has `out` just now. */
+static int flusher_send_report(wstate *ws) {
+  pthread_mutex_lock(&ws->mu);
+  int none = OWN_NONE;
+  int mine = __atomic_compare_exchange_n(&ws->owner, &none, OWN_FLUSHER, 0, __ATOMIC_ACQUIRE,
+                                         __ATOMIC_RELAXED);
+  if (mine) {
+    if (__atomic_load_n(&ws->rstate, __ATOMIC_RELAXED) == REPORT_HELD) {
+      release_report(ws);
+      ws->rsent_ns = pp_now_ns();
+      flush_locked(ws, ws->batch_end);
+    }
+    __atomic_store_n(&ws->owner, OWN_NONE, __ATOMIC_RELEASE);
+  }
+  pthread_mutex_unlock(&ws->mu);
+  return mine;
+}
+
 /* The flusher thread: sends a watched batch still open when due (the
  * task thread is then inside a long item). It looks when the batch it
  * saw is due, lingers FLUSH_SLOW_NS after the last one it saw, then
@@ -185,11 +240,22 @@ static void *flusher_main(void *arg) {
     } else if (now - seen < FLUSH_SLOW_NS) {
       wake = seen + FLUSH_SLOW_NS;
     }
+    if (__atomic_load_n(&ws->rstate, __ATOMIC_SEQ_CST) == REPORT_HELD) {
+      uint64_t rdue = __atomic_load_n(&ws->report_due, __ATOMIC_ACQUIRE);
+      if (now >= rdue) {
+        if (flusher_send_report(ws)) continue;
+        rdue = now + FLUSH_FAST_NS; /* the task thread has `out` for a moment */
+      }
+      if (rdue < wake) wake = rdue;
+    }
     /* publish when it looks next, then look again: watch_batch sets the
      * state first, then reads this, so one of the two sees the other */
     __atomic_store_n(&ws->flusher_wake, wake, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&ws->bstate, __ATOMIC_SEQ_CST) == BATCH_WATCHED &&
         __atomic_load_n(&ws->watch_due, __ATOMIC_ACQUIRE) < wake)
+      continue;
+    if (__atomic_load_n(&ws->rstate, __ATOMIC_SEQ_CST) == REPORT_HELD &&
+        __atomic_load_n(&ws->report_due, __ATOMIC_ACQUIRE) < wake)
       continue;
     if (wake == UINT64_MAX) {
       pthread_cond_wait(&ws->cv, &ws->fmu);
@@ -253,6 +319,40 @@ static void watch_batch(wstate *ws) {
   }
 }
 
+/* rep.send: a report of the item running, encoded in rep.values. It goes
+ * at once when none went in the last REPORT_INTERVAL_NS (or when there
+ * can be no flusher thread), else it is held (see REPORT_INTERVAL_NS). */
+static void send_report(pp_reporter *r) {
+  wstate *ws = (wstate *)(void *)((char *)r - offsetof(wstate, rep));
+  uint64_t now = pp_now_ns();
+  claim(ws);
+  pp_wbuf v = ws->rheld; /* the buffers swap: no copy */
+  ws->rheld = r->values;
+  r->values = v;
+  ws->rheld_seq = r->seq;
+  if (__atomic_load_n(&ws->rstate, __ATOMIC_RELAXED) == REPORT_HELD) {
+    unclaim(ws); /* it replaces the one held, of the same item (a result releases it) */
+    return;
+  }
+  if (now - ws->rsent_ns >= REPORT_INTERVAL_NS || (!ws->flusher && !start_flusher(ws))) {
+    release_report(ws);
+    ws->rsent_ns = now;
+    flush_locked(ws, ws->batch_end);
+    unclaim(ws);
+    return;
+  }
+  uint64_t due = ws->rsent_ns + REPORT_INTERVAL_NS;
+  __atomic_store_n(&ws->report_due, due, __ATOMIC_RELEASE);
+  __atomic_store_n(&ws->rstate, REPORT_HELD, __ATOMIC_SEQ_CST);
+  unclaim(ws);
+  /* as watch_batch: the state is set, then the flusher's next look read */
+  if (__atomic_load_n(&ws->flusher_wake, __ATOMIC_SEQ_CST) > due) {
+    pthread_mutex_lock(&ws->fmu);
+    pthread_cond_signal(&ws->cv);
+    pthread_mutex_unlock(&ws->fmu);
+  }
+}
+
 static void reserve(wstate *ws, size_t n) {
   if (pp_wbuf_reserve(&ws->out.buf, n) != 0) wexit(ws, 70);
 }
@@ -260,7 +360,9 @@ static void reserve(wstate *ws, size_t n) {
 /* Append one item's result (status + the encoded list in ws->res);
  * `now` is the time the item ended, `took` about how long it ran. */
 static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now, uint64_t took) {
+  ws->rep.seq = 0; /* the item is over: no more reports for it */
   claim(ws);
+  if (__atomic_load_n(&ws->rstate, __ATOMIC_RELAXED) == REPORT_HELD) release_report(ws);
   if (ws->res.fd >= 0) { /* large: its own frame, the bytes in the memfd */
     flush_locked(ws, ws->last_t);
     reserve(ws, PP_FRAME_HDR + PP_RESULT_HDR + PP_RESULT_FD_ITEM);
@@ -410,6 +512,7 @@ static int item_loop(lua_State *L) {
     if (b->timed) __atomic_store_n(&ws->page->started_ns, ws->last_t, __ATOMIC_RELEASE);
     if (ws->capturing) pp_capture_begin(ws->cap, seq);
     __atomic_store_n(&ws->page->started, seq, __ATOMIC_RELEASE);
+    ws->rep.seq = seq;
     if (__atomic_load_n(&ws->bstate, __ATOMIC_RELAXED) == BATCH_OPEN) watch_batch(ws);
     lua_settop(L, 2);
     lua_pushvalue(L, 2);
@@ -643,6 +746,11 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
   pthread_mutex_init(&ws.fmu, NULL);
   ws.flusher_wake = UINT64_MAX;
   pp_wbuf_init(&ws.res, PP_MEMFD_MIN);
+  pp_wbuf_init(&ws.rep.values, 0);
+  pp_wbuf_init(&ws.rheld, 0);
+  ws.rep.send = send_report;
+  ws.rep.forkgen = pp_fork_generation();
+  pp_report_attach(L, &ws.rep);
   /* Ctrl-C is for the parent (which then stops the pool), not for the
    * tasks: an inherited interpreter handler would fail them all */
   signal(SIGINT, SIG_IGN);

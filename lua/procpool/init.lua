@@ -29,6 +29,7 @@ M.serialize = core.serialize
 M.deserialize = core.deserialize
 M.cpu_count = core.cpu_count
 M.current_worker = core.current_worker
+M.report = core.report
 M.set_waiter = futures.set_waiter
 
 M.wait = futures.wait

@@ -24,9 +24,13 @@
 --   (rounded up to a whole chunk); by default `4 * workers * chunksize`;
 -- * `unordered`: `take` hands out any chunk that is done (by default
 --   only the first chunk, so results come in input order);
--- * `step`: called as `step(n)` when n results are taken (progress);
+-- * `step`: called as `step(n, first)` when the n results from input
+--   index `first` on are taken (progress);
 -- * `capture`: true or false, each task's output is captured or not (by
 --   default as the executor's `output`); `on_output`: see below.
+-- * `listen`: called as `listen(i, ...)` with each report of input item
+--   i (`procpool.report(...)` in its task), during the waits (otherwise
+--   the items' reports are dropped in the engine, at no cost here).
 --
 -- `p.fill(src, tag) -> n, why[, err]` reads items while there is room
 -- and submits them in chunks: a chunk goes when it is full, when `src`
@@ -93,7 +97,7 @@ local raise, check_opts, deadline_of, is_int, check_fn, items_of =
 -- items_of function), `it.mode`, `it.deadline`, `it.fname`, `it.timeout`,
 -- `it.finish` (progress).
 local function new(ex, fn, o, it)
-  local star, task_timeout, step = o.star, o.task_timeout, o.step
+  local star, task_timeout, step, listen = o.star, o.task_timeout, o.step, o.listen
   local cs_fixed, bs_fixed, len = o.chunksize, o.buffersize, o.len
   local chunk_ns, max_chunk = o.chunk_ns or 2000000, o.max_chunk or 4096
   local nw = ex:_nworkers()
@@ -126,7 +130,10 @@ local function new(ex, fn, o, it)
   -- Returns the executor's refusal (it takes no more work), if any.
   local function submit(items, lo, hi, base, tag)
     local ok, fut = pcall(ex._submit_chunk, ex, fn, items, lo, hi, star, task_timeout, base,
-      capture)
+      listen ~= nil, capture)
+    if ok and listen then
+      fut:_on_item_report(function(_, k, ...) listen(base + k, ...) end)
+    end
     if ok then
       push({ fut = fut, n = hi - lo + 1, pos = 0, base = base, tag = tag })
     elseif not is_error(fut, "SerializationError") then
@@ -239,7 +246,7 @@ local function new(ex, fn, o, it)
         for k = 1, c.n do outputs[k] = { c.fut:_output(k) } end
       end
       ahead = ahead - c.n
-      if step then step(c.n) end
+      if step then step(c.n, c.base + 1) end
       return c.base, c.n, values, failures, c.tag, outputs
     end
     return p
@@ -298,13 +305,18 @@ local function new(ex, fn, o, it)
   -- all the items that are in, the whole chunk once it is done
   local function take(c)
     local pos = c.pos + 1
-    if not c.upto or pos > c.upto then c.values, c.failed, c.upto = c.fut:_values(pos) end
+    if not c.upto or pos > c.upto then
+      c.values, c.failed, c.upto = c.fut:_values(pos)
+      -- the reports of the items just decoded came before them: deliver
+      -- them before the items are yielded
+      if listen then core.drain() end
+    end
     c.pos = pos
     ahead = ahead - 1
     local failed = c.failed and c.failed[pos]
     local v = c.values[pos]
     c.values[pos] = nil -- what was yielded is the caller's to keep or drop
-    if step then step(1) end
+    if step then step(1, c.base + pos) end
     if emit and c.fut then emit(c.base + pos, c.fut:_output(pos)) end
     if failed then
       if mode == "stop" then cancel_rest() end
@@ -325,7 +337,7 @@ local function new(ex, fn, o, it)
       local values = c.values
       local v = values[pos]
       values[pos] = nil -- what was yielded is the caller's to keep or drop
-      if step then step(1) end
+      if step then step(1, c.base + pos) end
       return c.base + pos, v
     end
   end
@@ -407,10 +419,11 @@ function M.iterate(ex, fn, iterable, opts, star, fname, mode, task_timeout)
   local nexti, len = items_of(iterable, 2, fname)
   local source = type(iterable) == "table" and iterable -- chunks are ranges of it
   opts = check_opts(opts, { timeout = true, chunksize = true, buffersize = true,
-    progress = true, output = true, on_output = true }, fname)
+    progress = true, output = true, on_output = true, on_report = true }, fname)
   local capture = output.capture_of(opts.output, fname, 3)
   output.check_on_output(opts.on_output, 3)
-  local pstep, pfinish = progress.reporter(opts.progress, len, fname)
+  local pstep, pfinish, preport = progress.reporter(opts.progress, len, fname)
+  local listen = progress.listener(opts.on_report, preport, fname)
   local d = deadline_of(opts.timeout, fname)
   local cs_fixed, bs_fixed = opts.chunksize, opts.buffersize
   if cs_fixed ~= nil and (not is_int(cs_fixed) or cs_fixed < 1) then
@@ -429,7 +442,7 @@ function M.iterate(ex, fn, iterable, opts, star, fname, mode, task_timeout)
   if not okfn then error(fnerr, 3) end
   return new(ex, fn, {
     star = star, task_timeout = task_timeout, chunksize = cs_fixed, buffersize = bs_fixed,
-    len = len, step = pstep, capture = capture, on_output = opts.on_output,
+    len = len, step = pstep, capture = capture, on_output = opts.on_output, listen = listen,
   }, {
     source = source, next = nexti, mode = mode, deadline = d, fname = fname,
     timeout = opts.timeout, finish = pfinish,

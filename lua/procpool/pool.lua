@@ -6,7 +6,8 @@
 local core = require "procpool.core"
 local check = require "procpool.check"
 local map = require "procpool.map"
-local progress_of = require("procpool.progress").reporter
+local progress = require "procpool.progress"
+local progress_of, listener_of = progress.reporter, progress.listener
 local futures = require "procpool.futures"
 local executor = require "procpool.executor"
 local output = require "procpool.output"
@@ -144,9 +145,9 @@ function AsyncResult:get(timeout)
         local idx, e = f:_collect(out, base)
         if idx then err = { e } end
       end
+      if self._pstep then self._pstep(f:_nitems(), base) end
       base = base + f:_nitems()
       if self._emit then emit_upto(self, k) end
-      if self._pstep then self._pstep(f:_nitems()) end
       k = k + 1
     end
     if self._pfinish then self._pfinish() end
@@ -158,6 +159,28 @@ function AsyncResult:get(timeout)
   local ok, v = self:_outcome()
   if not ok then error(v, 0) end
   return v
+end
+
+local function apply_future(self, fname)
+  if self._kind ~= "apply" then
+    raise("InvalidStateError", fname .. " is for apply_async results (a map's items report " ..
+      "to its on_report option)")
+  end
+  return self._futs[1]
+end
+
+--- apply_async: `cb(r, ...)` with each report of the task
+-- (procpool.report), as Future:add_progress_callback.
+function AsyncResult:add_progress_callback(cb)
+  if type(cb) ~= "function" then
+    error("bad argument #1 to 'add_progress_callback' (function expected, got " .. type(cb) .. ")", 2)
+  end
+  apply_future(self, "add_progress_callback"):add_progress_callback(function(_, ...) cb(self, ...) end)
+end
+
+--- apply_async: the values of the task's latest report (none before one).
+function AsyncResult:progress()
+  return apply_future(self, "progress"):progress()
 end
 
 --- Whether the call completed without raising; an error before ready().
@@ -275,7 +298,7 @@ local function map_async(self, fn, iterable, opts, star, fname)
   running(self)
   check_fn(fn, 1, fname)
   opts = check_opts(opts, { chunksize = true, callback = true, error_callback = true,
-    timeout = true, progress = true, output = true, on_output = true }, fname)
+    timeout = true, progress = true, output = true, on_output = true, on_report = true }, fname)
   local capture = output.capture_of(opts.output, fname, 3)
   if capture == nil then capture = self._ex:_capture() end
   output.check_on_output(opts.on_output, 3)
@@ -283,6 +306,8 @@ local function map_async(self, fn, iterable, opts, star, fname)
   check_cb(opts.error_callback, "error_callback")
   check_timeout(opts.timeout, fname)
   local list, n = list_of(iterable, fname)
+  local pstep, pfinish, preport = progress_of(opts.progress, n, fname)
+  local listen = listener_of(opts.on_report, preport, fname)
   local cs = opts.chunksize
   if cs == nil then
     cs = -(-n // (4 * self._processes)) -- CPython's rule
@@ -292,16 +317,17 @@ local function map_async(self, fn, iterable, opts, star, fname)
   local futs = {}
   for lo = 1, n, math.max(cs, 1) do
     local ok, f = pcall(self._ex._submit_chunk, self._ex, fn, list, lo, math.min(lo + cs - 1, n),
-      star, opts.timeout, nil, capture)
+      star, opts.timeout, nil, listen ~= nil, capture)
     if not ok then -- an item that cannot be sent: the call fails, nothing stays queued
       for _, g in ipairs(futs) do g:cancel() end
       error(f, 3)
     end
+    if listen then f:_on_item_report(function(_, k, ...) listen(lo + k - 1, ...) end) end
     futs[#futs + 1] = f
   end
   local r = new_result("map", futs, n, opts.callback, opts.error_callback,
     capture and output.emitter(opts.on_output) or nil)
-  r._pstep, r._pfinish = progress_of(opts.progress, n, fname)
+  r._pstep, r._pfinish = pstep, pfinish
   return r
 end
 
@@ -309,8 +335,8 @@ end
 -- progress, output, on_output }
 local function map_opts(arg, fname)
   if type(arg) == "table" then
-    return check_opts(arg, { chunksize = true, progress = true, output = true, on_output = true },
-      fname)
+    return check_opts(arg, { chunksize = true, progress = true, output = true, on_output = true,
+      on_report = true }, fname)
   end
   return { chunksize = arg }
 end
@@ -341,19 +367,20 @@ end
 -- (timeout: each task's deadline, as in the async calls)
 local function imap(self, fn, iterable, opts, fname, mode)
   running(self)
-  local progress, timeout, out, on_output
+  local shown, timeout, out, on_output, on_report
   if type(opts) == "table" then
     opts = check_opts(opts, { chunksize = true, progress = true, timeout = true, output = true,
-      on_output = true }, fname)
-    progress, timeout, out, on_output = opts.progress, opts.timeout, opts.output, opts.on_output
+      on_output = true, on_report = true }, fname)
+    shown, timeout, out, on_output, on_report = opts.progress, opts.timeout, opts.output,
+      opts.on_output, opts.on_report
     check_timeout(timeout, fname)
     opts = opts.chunksize
   end
   if opts ~= nil and (not is_int(opts) or opts < 1) then
     error("chunksize must be >= 1", 3)
   end
-  return iterate(self._ex, fn, iterable, { chunksize = opts or 1, progress = progress,
-    output = out, on_output = on_output }, false, fname, mode, timeout)
+  return iterate(self._ex, fn, iterable, { chunksize = opts or 1, progress = shown,
+    output = out, on_output = on_output, on_report = on_report }, false, fname, mode, timeout)
 end
 
 --- Lazy map: yields i, v in input order. A task error is raised at its
