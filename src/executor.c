@@ -13,8 +13,10 @@
 #include <lauxlib.h>
 
 #include "codec.h"
+#include "codec_ctx.h"
 #include "engine.h"
 #include "error.h"
+#include "fncache.h"
 #include "future.h"
 #include "pp.h"
 #include "proc.h"
@@ -28,7 +30,11 @@ typedef struct pp_exec {
   pp_engine *e; /* NULL once closed */
   int nworkers;
   uint64_t polled; /* ended-job count at the last poll() */
+  pp_fncache fns;  /* the encoded functions its jobs share */
 } pp_exec;
+
+/* user value of the Executor: the write buffer that submit reuses */
+enum { EXEC_UV_SCRATCH = 1, EXEC_UV_N = EXEC_UV_SCRATCH };
 
 /* A registry-held object whose finalizer runs first when the state
  * closes: it tells executors that the state is closing, so they stop
@@ -169,10 +175,9 @@ static int l_executor_new(lua_State *L) {
   get_limits(L, &lim);
   cfg.cpu_limit = lim.cpu;
 
-  pp_exec *x = lua_newuserdatauv(L, sizeof *x, 0);
-  x->e = NULL;
+  pp_exec *x = lua_newuserdatauv(L, sizeof *x, EXEC_UV_N);
+  memset(x, 0, sizeof *x);
   x->nworkers = cfg.nworkers;
-  x->polled = 0;
   luaL_setmetatable(L, PP_EXECUTOR_MT);
   int xi = lua_gettop(L);
 
@@ -262,15 +267,46 @@ static void submit_job(lua_State *L, pp_exec *x, pp_job *j) {
   if (rc) pp_error_raise(L, "InvalidStateError", "%s", msg);
 }
 
+static void scratch_init(void *o) { pp_wbuf_init(o, PP_MEMFD_MIN); }
+
+/* submit's buffer, kept in the executor (a box's layout: the buffer, then
+ * its in-use flag), so a task costs no buffer of its own; its metatable
+ * (and __gc) is codec.c's */
+static const pp_scratch_kind scratch_kind = {
+    EXEC_UV_SCRATCH, sizeof(pp_wbuf) + sizeof(int), sizeof(pp_wbuf), "procpool.Buffer", NULL,
+    scratch_init};
+
+static void job_fail(lua_State *L, pp_job *j) {
+  pp_job_unref(j);
+  luaL_error(L, "procpool: not enough memory");
+}
+
 static pp_job *new_job(lua_State *L, uint32_t n, pp_wbuf *b, double timeout) {
-  pp_job *j = pp_job_new(n);
+  pp_job *j = pp_job_new(n, 0);
   if (!j) luaL_error(L, "procpool: not enough memory");
-  j->payload = pp_blob_from_wbuf(b, 1);
-  if (!j->payload) {
-    pp_job_unref(j);
-    luaL_error(L, "procpool: not enough memory");
+  pp_blob *payload = pp_blob_from_wbuf(b, 1);
+  if (!payload) job_fail(L, j);
+  if (pp_job_set_payload(j, payload) != 0) {
+    pp_blob_unref(payload);
+    job_fail(L, j);
   }
-  j->timeout_ns = timeout > 0 ? (uint64_t)(timeout * 1e9) : 0;
+  if (pp_job_set_timeout(j, timeout > 0 ? (uint64_t)(timeout * 1e9) : 0) != 0) job_fail(L, j);
+  return j;
+}
+
+/* The job of one task whose payload is in b, its function part ending at
+ * fnend: on the heap, one allocation holding the argument bytes at their
+ * size, and the function bytes shared with earlier jobs that sent the
+ * same; a memfd payload is kept whole. b is left empty for reuse. */
+static pp_job *task_job(lua_State *L, pp_exec *x, pp_wbuf *b, size_t fnend, double timeout) {
+  if (b->fd >= 0) return new_job(L, 1, b, timeout);
+  pp_job *j = pp_job_new(1, b->n - fnend);
+  if (!j) luaL_error(L, "procpool: not enough memory");
+  memcpy(pp_job_inline(j), b->p + fnend, b->n - fnend);
+  j->fn = pp_fncache_get(&x->fns, b->p, fnend);
+  pp_wbuf_reset(b);
+  if (!j->fn) job_fail(L, j);
+  if (pp_job_set_timeout(j, timeout > 0 ? (uint64_t)(timeout * 1e9) : 0) != 0) job_fail(L, j);
   return j;
 }
 
@@ -280,7 +316,12 @@ static int l_submit(lua_State *L) {
   double timeout = luaL_optnumber(L, 2, 0);
   check_fn(L, 3);
   int nargs = lua_gettop(L) - 3;
-  pp_wbuf *b = push_box(L);
+  /* (an encoding that raised leaves the buffer marked busy: the next
+   * submit replaces it) */
+  int *busy;
+  pp_wbuf *b = pp_codec_scratch(L, 1, &scratch_kind, &busy);
+  *busy = 1;
+  b->n = 0;
   put_u32_placeholder(L, b);
   pp_encode(L, 3, 1, b, 0, "=fn", 0);
   patch_len(b, 0);
@@ -288,7 +329,8 @@ static int l_submit(lua_State *L) {
   put_u32_placeholder(L, b);
   pp_encode(L, 4, nargs, b, 0, "args", 0);
   patch_len(b, at);
-  pp_job *j = new_job(L, 1, b, timeout);
+  pp_job *j = task_job(L, x, b, at, timeout);
+  *busy = 0;
   submit_job(L, x, j);
   return 1;
 }
@@ -474,6 +516,7 @@ static int l_gc(lua_State *L) {
   pp_engine *e = x->e;
   x->e = NULL;
   if (!pp_engine_mine(e)) return 0; /* a worker's copy of its parent's */
+  pp_fncache_clear(&x->fns);
   if (state_closing(L)->closing) {
     /* the state is closing: stop the workers now and wait for them */
     if (pp_engine_state(e) != PP_E_DEAD) pp_engine_kill(e, SIGKILL);

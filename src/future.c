@@ -176,7 +176,7 @@ static void drain_engine(lua_State *L, pp_engine *e) {
   pp_engine_ref(e);
   pp_job *j = pp_engine_take_ended(e);
   while (j) {
-    pp_job *next = j->cnext;
+    pp_job *next = j->qnext; /* the callback list */
     unregister(L, e, j);
     if (!lua_isnil(L, -1)) run_callbacks(L, -1);
     lua_pop(L, 1);
@@ -344,7 +344,7 @@ static void push_item_error(lua_State *L, pp_fut *f, int status, const pp_death 
     pp_error_push(L, "DeadlineExceeded", "the task ran past its deadline and was stopped");
     lua_pushinteger(L, d ? d->pid : 0);
     lua_setfield(L, -2, "pid");
-    lua_pushnumber(L, (lua_Number)f->job->timeout_ns / 1e9);
+    lua_pushnumber(L, (lua_Number)pp_engine_job_timeout(f->e, f->job) / 1e9);
     lua_setfield(L, -2, "timeout");
     break;
   }
