@@ -50,6 +50,7 @@ build = {
         "src/engine.c",
         "src/error.c",
         "src/executor.c",
+        "src/fncache.c",
         "src/forkgate.c",
         "src/future.c",
         "src/names.c",

@@ -125,7 +125,6 @@ struct pp_engine {
   pp_job *qhead, *qtail;
   pp_job *chead, *ctail;
   pp_report_note *rhead, *rtail; /* reports for the Lua side */
-  uint64_t next_id;
   pp_stats st;
   uint64_t ewma_ns;
   int startup_deaths; /* workers in a row that died before being ready */
@@ -145,35 +144,59 @@ static void engine_break(pp_engine *e, const char *msg);
  * written before it. */
 static void set_state(pp_job *j, int st) { __atomic_store_n(&j->state, st, __ATOMIC_RELEASE); }
 
-pp_job *pp_job_new(uint32_t n) {
-  pp_job *j = calloc(1, sizeof *j);
+pp_job *pp_job_new(uint32_t n, size_t ilen) {
+  size_t nitems = n ? n : 1;
+  if (ilen > UINT32_MAX || nitems > (SIZE_MAX - sizeof(pp_job) - ilen) / sizeof(pp_item))
+    return NULL;
+  size_t head = sizeof(pp_job) + nitems * sizeof(pp_item);
+  pp_job *j = malloc(head + ilen);
   if (!j) return NULL;
   /* written here, by the submitting thread: calloc's untouched zero pages
    * would be copied on first write by the I/O thread, a fault and a TLB
    * shootdown per page */
-  size_t isize = (n ? n : 1) * sizeof *j->items;
-  j->items = malloc(isize);
-  if (j->items) pp_zero_touch(j->items, isize);
-  j->ranges = malloc(sizeof *j->ranges);
-  if (!j->items || !j->ranges) {
-    free(j->items);
-    free(j->ranges);
-    free(j);
-    return NULL;
-  }
+  pp_zero_touch(j, head);
   j->refs = 1;
   j->n = n;
-  j->ranges[0][0] = 0;
-  j->ranges[0][1] = n;
+  j->range0[0][0] = 0;
+  j->range0[0][1] = n;
   j->nranges = 1;
-  j->capranges = 1;
+  j->ilen = (uint32_t)ilen;
   j->state = PP_JOB_PENDING;
   return j;
 }
 
+/* The job's rarely needed part, made on first use (NULL: out of memory). */
+static pp_job_ext *job_ext(pp_job *j) {
+  if (!j->x) j->x = calloc(1, sizeof *j->x);
+  return j->x;
+}
+
+int pp_job_set_payload(pp_job *j, pp_blob *payload) {
+  if (!job_ext(j)) return ENOMEM;
+  j->x->payload = payload;
+  return 0;
+}
+
+int pp_job_set_timeout(pp_job *j, uint64_t ns) {
+  if (!ns) return 0;
+  if (!job_ext(j)) return ENOMEM;
+  j->x->timeout_ns = ns;
+  return 0;
+}
+
+uint64_t pp_engine_job_timeout(const pp_engine *e, const pp_job *j) {
+  return j->x && j->x->timeout_ns ? j->x->timeout_ns : e->cfg.timeout_ns;
+}
+
+/* The pending ranges: range0, or the ext's array once there are more. */
+static uint32_t (*job_ranges(pp_job *j))[2] {
+  return j->x && j->x->ranges ? j->x->ranges : j->range0;
+}
+
 static void wnodes_fire(pp_job *j) {
-  pp_wnode *n = j->waiters;
-  j->waiters = NULL;
+  if (!j->x) return;
+  pp_wnode *n = j->x->waiters;
+  j->x->waiters = NULL;
   while (n) {
     pp_wnode *next = n->next;
     uint64_t one = 1;
@@ -187,19 +210,23 @@ static void wnodes_fire(pp_job *j) {
 
 void pp_job_unref(pp_job *j) {
   if (!j || __atomic_sub_fetch(&j->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
-  for (uint32_t i = 0; i < j->nblobs; i++) pp_blob_unref(j->blobs[i]);
-  free(j->blobs);
-  for (uint32_t i = 0; i < j->ndeaths; i++) {
-    free(j->deaths[i].stderr_tail);
-    free(j->deaths[i].out);
-    free(j->deaths[i].err);
-  }
-  free(j->deaths);
-  pp_blob_unref(j->report);
-  pp_blob_unref(j->payload);
+  for (uint32_t i = 0; i < j->nblobs; i++) pp_blob_unref(pp_job_blob(j, i));
+  pp_blob_unref(j->fn);
   wnodes_fire(j);
-  free(j->ranges);
-  free(j->items);
+  pp_job_ext *x = j->x;
+  if (x) {
+    free(x->blobs);
+    for (uint32_t i = 0; i < x->ndeaths; i++) {
+      free(x->deaths[i].stderr_tail);
+      free(x->deaths[i].out);
+      free(x->deaths[i].err);
+    }
+    free(x->deaths);
+    pp_blob_unref(x->payload);
+    pp_blob_unref(x->report);
+    free(x->ranges);
+    free(x);
+  }
   free(j);
 }
 
@@ -242,16 +269,19 @@ static void q_push(pp_engine *e, pp_job *j, int front) {
 /* Put items [lo, hi) of a job back in front of its pending ranges. */
 static int job_requeue(pp_engine *e, pp_job *j, uint32_t lo, uint32_t hi) {
   if (lo >= hi) return 0;
-  if (j->nranges == j->capranges) {
-    int cap = j->capranges * 2;
-    void *r = realloc(j->ranges, (size_t)cap * sizeof *j->ranges);
+  uint32_t cap = j->x && j->x->ranges ? j->x->capranges : 1;
+  if (j->nranges == cap) { /* the ranges move to (or grow in) the ext */
+    if (!job_ext(j)) return ENOMEM;
+    uint32_t(*r)[2] = realloc(j->x->ranges, (size_t)cap * 2 * sizeof *r);
     if (!r) return ENOMEM;
-    j->ranges = r;
-    j->capranges = cap;
+    if (!j->x->ranges) memcpy(r, j->range0, sizeof j->range0);
+    j->x->ranges = r;
+    j->x->capranges = cap * 2;
   }
-  memmove(j->ranges + 1, j->ranges, (size_t)j->nranges * sizeof *j->ranges);
-  j->ranges[0][0] = lo;
-  j->ranges[0][1] = hi;
+  uint32_t(*ranges)[2] = job_ranges(j);
+  memmove(ranges + 1, ranges, (size_t)j->nranges * sizeof *ranges);
+  ranges[0][0] = lo;
+  ranges[0][1] = hi;
   j->nranges++;
   e->st.pending += hi - lo;
   e->st.running -= hi - lo;
@@ -270,23 +300,47 @@ static void notify(pp_engine *e) {
 static char *w_tail(pp_worker *w);
 static void w_death_output(const pp_worker *w, uint64_t seq, pp_death *d);
 
+/* Keep a reference to a result frame its items point into: in blob0, then
+ * in the ext's array. 0 or ENOMEM. */
+static int job_add_blob(pp_job *j, pp_blob *blob) {
+  if (j->nblobs == 0) {
+    j->blob0 = pp_blob_ref(blob);
+    j->nblobs = 1;
+    return 0;
+  }
+  uint32_t cap = j->x && j->x->blobs ? j->x->capblobs : 1;
+  if (j->nblobs == cap) {
+    if (!job_ext(j)) return ENOMEM;
+    uint32_t ncap = cap == 1 ? 4 : cap * 2;
+    pp_blob **nb = realloc(j->x->blobs, (size_t)ncap * sizeof *nb);
+    if (!nb) return ENOMEM;
+    if (!j->x->blobs) nb[0] = j->blob0;
+    j->x->blobs = nb;
+    j->x->capblobs = ncap;
+  }
+  j->x->blobs[j->nblobs++] = pp_blob_ref(blob);
+  return 0;
+}
+
 /* Record how the worker running pending item i ended (before the item
  * is set LOST or DEADLINE); without memory the error just has no pid. */
 static void job_note_death(pp_job *j, uint32_t i, uint64_t seq, pp_worker *w, int sig, int code) {
-  if (j->ndeaths == j->capdeaths) {
-    uint32_t cap = j->capdeaths ? 2 * j->capdeaths : 2;
-    pp_death *nd = realloc(j->deaths, cap * sizeof *nd);
+  pp_job_ext *x = job_ext(j);
+  if (!x) return;
+  if (x->ndeaths == x->capdeaths) {
+    uint32_t cap = x->capdeaths ? 2 * x->capdeaths : 2;
+    pp_death *nd = realloc(x->deaths, cap * sizeof *nd);
     if (!nd) return;
-    j->deaths = nd;
-    j->capdeaths = cap;
+    x->deaths = nd;
+    x->capdeaths = cap;
   }
-  pp_death *d = &j->deaths[j->ndeaths++];
+  pp_death *d = &x->deaths[x->ndeaths++];
   d->pid = w->pid;
   d->sig = sig;
   d->code = code;
   d->stderr_tail = w_tail(w);
   w_death_output(w, seq, d);
-  j->items[i].ref = j->ndeaths;
+  j->items[i].ref = x->ndeaths;
 }
 
 /* Set an item's final outcome (it has none yet). */
@@ -326,9 +380,9 @@ static void job_end(pp_engine *e, pp_job *j) {
   e->ended_total++;
   notify(e);
   if (j->has_cb) {
-    j->cnext = NULL;
+    j->qnext = NULL; /* out of the queue for good: it links the callback list */
     if (e->ctail)
-      e->ctail->cnext = j;
+      e->ctail->qnext = j;
     else
       e->chead = j;
     e->ctail = j;
@@ -345,7 +399,7 @@ static void job_fail_pending(pp_engine *e, pp_job *j, int status) {
   /* copy out: item_set may end (and free) the job */
   uint32_t(*rs)[2] = nr <= 64 ? ranges : malloc((size_t)nr * sizeof *rs);
   if (!rs) return;
-  memcpy(rs, j->ranges, (size_t)nr * sizeof *rs);
+  memcpy(rs, job_ranges(j), (size_t)nr * sizeof *rs);
   for (int k = 0; k < nr; k++) e->st.pending -= rs[k][1] - rs[k][0];
   j->nranges = 0;
   __atomic_add_fetch(&j->refs, 1, __ATOMIC_RELAXED);
@@ -418,46 +472,76 @@ static uint32_t window(const pp_engine *e) {
   return (uint32_t)w;
 }
 
-/* Byte offset of item i in a job's payload ([u32 len][bytes] per item
- * after the function). Only a part of a job needs it (after a worker
- * death, or a split for max_tasks), so it is found by walking the lengths
- * from the nearest boundary seen before, not kept per item. */
-static size_t item_offset(pp_job *j, uint32_t i) {
-  const unsigned char *p = (const unsigned char *)j->payload->p;
-  if (i == j->n) return j->payload->n;
-  size_t k = 0, off = PP_LEN_PREFIX + (size_t)pp_wire_len(p);
-  if (j->scan_off && j->scan_item <= i) {
-    k = j->scan_item;
-    off = j->scan_off;
+/* A job's payload in two parts: the function ([u32 fnlen][fn]) and the
+ * items ([u32 len][bytes] each); held whole in x->payload, or as the
+ * shared j->fn and the job's inline bytes. */
+typedef struct job_parts {
+  const char *fn, *items;
+  size_t fnpart, ilen;
+  int fd; /* the whole payload's memfd, or -1 */
+} job_parts;
+
+static void get_parts(const pp_job *j, job_parts *jp) {
+  const pp_blob *P = j->x ? j->x->payload : NULL;
+  if (P) {
+    jp->fn = P->p;
+    jp->fnpart = PP_LEN_PREFIX + (size_t)pp_wire_len((const unsigned char *)P->p);
+    jp->items = P->p + jp->fnpart;
+    jp->ilen = P->n - jp->fnpart;
+    jp->fd = P->fd;
+  } else {
+    jp->fn = j->fn->p;
+    jp->fnpart = j->fn->n;
+    jp->items = (const char *)(j->items + (j->n ? j->n : 1));
+    jp->ilen = j->ilen;
+    jp->fd = -1;
+  }
+}
+
+/* Byte offset of item i in a job's items part. Only a part of a job
+ * needs it (after a worker death, or a split for max_tasks), so it is
+ * found by walking the lengths from the nearest boundary seen before, not
+ * kept per item (a job split so has x: its payload is held whole). */
+static size_t item_offset(pp_job *j, const job_parts *jp, uint32_t i) {
+  const unsigned char *p = (const unsigned char *)jp->items;
+  if (i == j->n) return jp->ilen;
+  size_t k = 0, off = 0;
+  pp_job_ext *x = j->x;
+  if (x && x->scan_off && x->scan_item <= i) {
+    k = x->scan_item;
+    off = x->scan_off;
   }
   for (; k < i; k++) off += PP_LEN_PREFIX + (size_t)pp_wire_len(p + off);
-  j->scan_item = i;
-  j->scan_off = off;
+  if (x) {
+    x->scan_item = i;
+    x->scan_off = off;
+  }
   return off;
 }
 
 /* Append a TASK frame for items [first, first+count) of job j. */
-static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint64_t seq0,
-                  uint64_t max_output) {
-  pp_blob *P = j->payload;
-  uint32_t fnlen = pp_wire_len((const unsigned char *)P->p);
+static int w_task(pp_engine *e, pp_worker *w, pp_job *j, uint32_t first, uint32_t count,
+                  uint64_t seq0) {
+  job_parts jp;
+  get_parts(j, &jp);
+  uint64_t max_output = e->cfg.max_output;
   size_t ilo, ihi;
   if (first == 0 && first + count == j->n) { /* the common case: the whole job */
-    ilo = PP_LEN_PREFIX + (size_t)fnlen;
-    ihi = P->n;
+    ilo = 0;
+    ihi = jp.ilen;
   } else {
-    ilo = item_offset(j, first);
-    ihi = item_offset(j, first + count);
+    ilo = item_offset(j, &jp, first);
+    ihi = item_offset(j, &jp, first + count);
   }
-  pp_task_hdr th = {seq0, count, j->timeout_ns ? PP_TASK_TIMED : 0};
+  pp_task_hdr th = {seq0, count, pp_engine_job_timeout(e, j) ? PP_TASK_TIMED : 0};
   size_t tail = 0; /* a capture frame ends with max_output */
   if (j->capture) {
     th.flags |= PP_TASK_CAPTURE;
     tail = PP_TASK_CAPTURE_TAIL;
   }
   pp_wbuf *b = &w->out.buf;
-  if (P->fd >= 0) {
-    int fd = dup(P->fd);
+  if (jp.fd >= 0) {
+    int fd = dup(jp.fd);
     if (fd < 0) return errno;
     if (pp_wbuf_reserve(b, PP_FRAME_HDR + PP_TASK_FD_BODY + tail) != 0) {
       close(fd);
@@ -466,7 +550,8 @@ static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint6
     size_t h = pp_frame_begin(b, PP_FR_TASK, PP_FF_FD);
     unsigned char *q = (unsigned char *)b->p + b->n;
     pp_task_hdr_put(q, &th);
-    pp_task_fd r = {PP_LEN_PREFIX, fnlen, ilo, ihi - ilo};
+    pp_task_fd r = {PP_LEN_PREFIX, (uint32_t)(jp.fnpart - PP_LEN_PREFIX), jp.fnpart + ilo,
+                    ihi - ilo};
     pp_task_fd_put(q + PP_TASK_HDR, &r);
     b->n += PP_TASK_FD_BODY;
     if (tail) pp_task_capture_put(q + PP_TASK_FD_BODY, max_output);
@@ -479,14 +564,14 @@ static int w_task(pp_worker *w, pp_job *j, uint32_t first, uint32_t count, uint6
     }
     return 0;
   }
-  size_t fnpart = PP_LEN_PREFIX + (size_t)fnlen; /* u32 fnlen, fn */
+  size_t fnpart = jp.fnpart; /* u32 fnlen, fn */
   if (pp_wbuf_reserve(b, PP_FRAME_HDR + PP_TASK_HDR + fnpart + (ihi - ilo) + tail) != 0)
     return ENOMEM;
   size_t h = pp_frame_begin(b, PP_FR_TASK, 0);
   unsigned char *q = (unsigned char *)b->p + b->n;
   pp_task_hdr_put(q, &th);
-  memcpy(q + PP_TASK_HDR, P->p, fnpart);
-  memcpy(q + PP_TASK_HDR + fnpart, P->p + ilo, ihi - ilo);
+  memcpy(q + PP_TASK_HDR, jp.fn, fnpart);
+  memcpy(q + PP_TASK_HDR + fnpart, jp.items + ilo, ihi - ilo);
   b->n += PP_TASK_HDR + fnpart + (ihi - ilo);
   if (tail) pp_task_capture_put(q + PP_TASK_HDR + fnpart + (ihi - ilo), max_output);
   b->n += tail;
@@ -538,7 +623,8 @@ static int dispatch(pp_engine *e, int idle_only) {
   uint32_t win = depth(e);
   while (e->qhead && e->state != PP_E_CLOSING && e->state != PP_E_DEAD) {
     pp_job *j = e->qhead;
-    uint32_t lo = j->ranges[0][0], hi = j->ranges[0][1];
+    uint32_t(*ranges)[2] = job_ranges(j);
+    uint32_t lo = ranges[0][0], hi = ranges[0][1];
     int best = pick_worker(e, win, idle_only, hi - lo > 1);
     if (best < 0) break;
     pp_worker *w = &e->w[best];
@@ -546,7 +632,7 @@ static int dispatch(pp_engine *e, int idle_only) {
     if (e->cfg.max_tasks && count > e->cfg.max_tasks - w->assigned)
       count = (uint32_t)(e->cfg.max_tasks - w->assigned);
     pp_disp *d = malloc(sizeof *d);
-    if (!d || w_task(w, j, lo, count, w->next_seq, e->cfg.max_output) != 0) {
+    if (!d || w_task(e, w, j, lo, count, w->next_seq) != 0) {
       free(d);
       engine_break(e, "out of memory while dispatching");
       return timed;
@@ -570,13 +656,13 @@ static int dispatch(pp_engine *e, int idle_only) {
     e->st.pending -= count;
     e->st.running += count;
     set_state(j, PP_JOB_RUNNING);
-    if (j->timeout_ns) timed = 1;
+    if (pp_engine_job_timeout(e, j)) timed = 1;
     if (lo + count == hi) {
-      memmove(j->ranges, j->ranges + 1, (size_t)(j->nranges - 1) * sizeof *j->ranges);
+      memmove(ranges, ranges + 1, (size_t)(j->nranges - 1) * sizeof *ranges);
       j->nranges--;
       if (j->nranges == 0) q_remove(e, j);
     } else {
-      j->ranges[0][0] = lo + count;
+      ranges[0][0] = lo + count;
     }
     if (e->cfg.max_tasks && w->assigned >= e->cfg.max_tasks) {
       w->retire = 1;
@@ -847,18 +933,11 @@ static int w_results(pp_engine *e, int slot, const pp_frame *f) {
     e->st.running--;
     pp_item *it = &j->items[i];
     if (it->status == PP_IT_PENDING) {
-      if (!j->nblobs || j->blobs[j->nblobs - 1] != blob) { /* the job keeps the frame */
-        if (j->nblobs == j->capblobs) {
-          uint32_t cap = j->capblobs ? j->capblobs * 2 : 4;
-          pp_blob **nb = realloc(j->blobs, (size_t)cap * sizeof *nb);
-          if (!nb) {
-            pp_blob_unref(blob);
-            return -1;
-          }
-          j->blobs = nb;
-          j->capblobs = cap;
+      if (!j->nblobs || pp_job_blob(j, j->nblobs - 1) != blob) { /* the job keeps the frame */
+        if (job_add_blob(j, blob) != 0) {
+          pp_blob_unref(blob);
+          return -1;
         }
-        j->blobs[j->nblobs++] = pp_blob_ref(blob);
       }
       it->ref = j->nblobs - 1;
       it->off = (uint32_t)off;
@@ -890,16 +969,17 @@ static int w_report(pp_engine *e, int slot, const pp_frame *f) {
   pp_job *j = d->job;
   uint32_t i = d->first + (uint32_t)(seq - d->seq0);
   if (j->reports == PP_REPORTS_DROP || j->items[i].status != PP_IT_PENDING) return 0;
-  pp_blob *b = pp_blob_new(f->body, f->len);
+  pp_job_ext *x = job_ext(j); /* reports are rare: kept beside the job */
+  pp_blob *b = x ? pp_blob_new(f->body, f->len) : NULL;
   if (!b) return 0;
-  pp_blob_unref(j->report);
-  j->report = b;
-  j->report_item = i;
-  j->nreports++;
+  pp_blob_unref(x->report);
+  x->report = b;
+  x->report_item = i;
+  x->nreports++;
   if (j->reports != PP_REPORTS_QUEUE) return 0;
   pp_report_note *n = malloc(sizeof *n);
   if (!n) return 0;
-  *n = (pp_report_note){j, i, j->nreports, pp_blob_ref(b), NULL};
+  *n = (pp_report_note){j, i, x->nreports, pp_blob_ref(b), NULL};
   __atomic_add_fetch(&j->refs, 1, __ATOMIC_RELAXED);
   if (e->rtail)
     e->rtail->next = n;
@@ -1158,11 +1238,12 @@ static int deadlines(pp_engine *e) {
     uint64_t started = __atomic_load_n(&w->page->started, __ATOMIC_ACQUIRE);
     /* the item running is the first unacknowledged one at or after it */
     for (pp_disp *d = w->dhead; d; d = d->next) {
-      if (!d->job->timeout_ns) continue;
+      uint64_t timeout_ns = pp_engine_job_timeout(e, d->job);
+      if (!timeout_ns) continue;
       uint64_t first = d->seq0 + d->acked, last = d->seq0 + d->count - 1;
       if (started >= first && started <= last) {
         uint64_t t0 = __atomic_load_n(&w->page->started_ns, __ATOMIC_ACQUIRE);
-        uint64_t due = t0 + d->job->timeout_ns;
+        uint64_t due = t0 + timeout_ns;
         if (now >= due) {
           w->doomed = 1;
           w->kill_seq = started;
@@ -1175,7 +1256,7 @@ static int deadlines(pp_engine *e) {
         break;
       }
       if (started < first) { /* not started yet: look again a timeout later */
-        uint64_t due = now + d->job->timeout_ns;
+        uint64_t due = now + timeout_ns;
         if (!next || due < next) next = due;
         break;
       }
@@ -1362,7 +1443,7 @@ void pp_engine_unref(pp_engine *e) {
   }
   while (e->chead) {
     pp_job *j = e->chead;
-    e->chead = j->cnext;
+    e->chead = j->qnext;
     pp_job_unref(j);
   }
   pp_report_notes_free(e->rhead);
@@ -1397,8 +1478,6 @@ int pp_engine_submit(pp_engine *e, pp_job *j, const char **msg) {
     pthread_mutex_unlock(&e->mu);
     return PP_ESHUTDOWN;
   }
-  j->id = ++e->next_id;
-  if (!j->timeout_ns) j->timeout_ns = e->cfg.timeout_ns;
   __atomic_add_fetch(&j->refs, 1, __ATOMIC_RELAXED);
   e->st.pending += j->n;
   if (j->n == 0) {
@@ -1464,7 +1543,7 @@ int pp_engine_item_get(pp_engine *e, pp_job *j, uint32_t i, pp_item_view *v) {
   v->status = it->status;
   if (it->status == PP_IT_OK || it->status == PP_IT_ERROR) {
     pp_item_bytes(j, it, &v->len);
-    v->blob = pp_blob_ref(j->blobs[it->ref]);
+    v->blob = pp_blob_ref(pp_job_blob(j, it->ref));
     v->off = it->off;
   } else if (pp_item_death(j, it)) {
     v->death = *pp_item_death(j, it); /* its tail string lives as long as the job */
@@ -1523,9 +1602,10 @@ void pp_report_notes_free(pp_report_note *n) {
 
 uint64_t pp_engine_latest_report(pp_engine *e, pp_job *j, pp_blob **blob, uint32_t *item) {
   pthread_mutex_lock(&e->mu);
-  uint64_t num = j->report ? j->nreports : 0;
-  *blob = j->report ? pp_blob_ref(j->report) : NULL;
-  *item = j->report_item;
+  pp_job_ext *x = j->x;
+  uint64_t num = x && x->report ? x->nreports : 0;
+  *blob = num ? pp_blob_ref(x->report) : NULL;
+  *item = x ? x->report_item : 0;
   pthread_mutex_unlock(&e->mu);
   return num;
 }
@@ -1534,12 +1614,12 @@ int pp_engine_wait_add(pp_engine *e, pp_job *j, pp_waiter *w) {
   pthread_mutex_lock(&e->mu);
   int r = 0;
   if (j->state != PP_JOB_DONE && j->state != PP_JOB_CANCELLED) {
-    pp_wnode *n = malloc(sizeof *n);
+    pp_wnode *n = job_ext(j) ? malloc(sizeof *n) : NULL;
     if (n) {
       n->w = w;
       __atomic_add_fetch(&w->refs, 1, __ATOMIC_RELAXED);
-      n->next = j->waiters;
-      j->waiters = n;
+      n->next = j->x->waiters;
+      j->x->waiters = n;
       r = 1;
     }
   }
@@ -1549,7 +1629,7 @@ int pp_engine_wait_add(pp_engine *e, pp_job *j, pp_waiter *w) {
 
 void pp_engine_wait_del(pp_engine *e, pp_job *j, pp_waiter *w) {
   pthread_mutex_lock(&e->mu);
-  for (pp_wnode **p = &j->waiters; *p; p = &(*p)->next) {
+  for (pp_wnode **p = j->x ? &j->x->waiters : NULL; p && *p; p = &(*p)->next) {
     if ((*p)->w == w) {
       pp_wnode *n = *p;
       *p = n->next;

@@ -71,42 +71,66 @@ typedef struct pp_wnode {
  * the Lua side (it listens), or drop them (a map chunk nobody listens to). */
 enum { PP_REPORTS_KEEP = 0, PP_REPORTS_QUEUE, PP_REPORTS_DROP };
 
-typedef struct pp_job {
-  int refs; /* atomic: the engine while it holds the job, each Future */
-  int state;
-  uint64_t id;
-  /* payload: [u32 fnlen][fn][items: u32 len, bytes]*; heap or memfd */
+/* What only some jobs need, allocated when first needed: a payload held
+ * whole (chunks, memfd payloads), a deadline of its own, more than one
+ * pending range or result frame, death records, coroutine waiters. A
+ * pending single task has none, so it costs one allocation. */
+typedef struct pp_job_ext {
+  /* [u32 fnlen][fn][items: u32 len, bytes]*; heap or memfd */
   pp_blob *payload;
   size_t scan_item, scan_off; /* a known item boundary, to find others fast */
+  uint64_t timeout_ns;        /* per-item deadline, 0: the engine's */
+  uint32_t (*ranges)[2];      /* all the ranges, once there is more than one */
+  uint32_t capranges;
+  uint32_t capblobs;
+  pp_blob **blobs;  /* all the result frames, once there is more than one */
+  pp_death *deaths; /* of its LOST/DEADLINE items */
+  uint32_t ndeaths, capdeaths;
+  pp_wnode *waiters;
+  pp_blob *report; /* the latest report's frame body (values at PP_REPORT_HDR) */
+  uint32_t report_item;
+  uint64_t nreports; /* reports kept so far, numbering them */
+} pp_job_ext;
+
+/* A job: one allocation holding its items and, for a single task, its
+ * argument bytes. */
+typedef struct pp_job {
+  int refs; /* atomic: the engine while it holds the job, each Future */
+  uint8_t state;
+  uint8_t in_queue;
+  uint8_t has_cb;      /* the Lua side wants it on the callback list when done */
+  uint8_t watch_items; /* wake waiters as each item ends, not only the last */
+  uint8_t capture;     /* its items' stdout and stderr come back with them */
+  uint8_t reports;     /* PP_REPORTS_* */
   uint32_t n;
   uint32_t ndone;
   uint32_t nfailed;
-  uint64_t timeout_ns; /* per-item deadline, 0: none */
-  int capture;         /* its items' stdout and stderr come back with them */
   /* items still to dispatch, as [lo, hi) ranges (dispatch takes from the
-   * front; items of a dead worker are put back in front) */
-  uint32_t (*ranges)[2];
-  int nranges, capranges;
-  int in_queue;
-  int has_cb;      /* the Lua side wants it on the callback list when done */
-  int watch_items; /* wake waiters as each item ends, not only the last */
-  pp_wnode *waiters;
-  pp_blob **blobs; /* one reference per result frame its items point into */
-  uint32_t nblobs, capblobs;
-  pp_death *deaths; /* of its LOST/DEADLINE items */
-  uint32_t ndeaths, capdeaths;
-  int reports;     /* PP_REPORTS_* */
-  pp_blob *report; /* the latest report's frame body (values at PP_REPORT_HDR) */
-  uint32_t report_item;
-  uint64_t nreports;            /* reports kept so far, numbering them */
-  struct pp_job *qnext, *qprev; /* pending queue */
-  struct pp_job *cnext;         /* callback list */
-  pp_item *items;
+   * front; items of a dead worker are put back in front): range0, or
+   * x->ranges once there are more */
+  uint32_t nranges;
+  uint32_t range0[1][2];
+  uint32_t nblobs; /* result frames its items point into: blob0, or x->blobs */
+  uint32_t ilen;   /* inline payload bytes (the items' part), after items[n] */
+  /* the pending queue; once the job has ended (out of the queue for
+   * good), qnext links the callback list */
+  struct pp_job *qnext, *qprev;
+  /* with inline bytes: [u32 fnlen][fn], shared by the jobs of the same
+   * encoded function */
+  pp_blob *fn;
+  pp_blob *blob0;
+  pp_job_ext *x; /* NULL until needed */
+  pp_item items[];
 } pp_job;
+
+/* The result frame k of a job. */
+static inline pp_blob *pp_job_blob(const pp_job *j, uint32_t k) {
+  return j->x && j->x->blobs ? j->x->blobs[k] : j->blob0;
+}
 
 /* The encoded values of a done item that has them (OK/ERROR). */
 static inline const char *pp_item_bytes(const pp_job *j, const pp_item *it, size_t *len) {
-  const pp_blob *b = j->blobs[it->ref];
+  const pp_blob *b = pp_job_blob(j, it->ref);
   *len = it->len == PP_WHOLE_BLOB ? b->n - it->off : it->len;
   if (it->output) { /* checked when the result came (w_results) */
     size_t oo, ol, eo, el;
@@ -119,7 +143,7 @@ static inline const char *pp_item_bytes(const pp_job *j, const pp_item *it, size
 static inline int pp_item_output(const pp_job *j, const pp_item *it, const char **out,
                                  size_t *outlen, const char **err, size_t *errlen) {
   if (!it->output) return 0;
-  const pp_blob *b = j->blobs[it->ref];
+  const pp_blob *b = pp_job_blob(j, it->ref);
   size_t len = it->len == PP_WHOLE_BLOB ? b->n - it->off : it->len, rl, oo, eo;
   const char *p = b->p + it->off;
   if (pp_output_split(p, len, &rl, &oo, outlen, &eo, errlen) != 0) return 0;
@@ -130,7 +154,7 @@ static inline int pp_item_output(const pp_job *j, const pp_item *it, const char 
 
 /* The death record of a LOST/DEADLINE item, or NULL. */
 static inline const pp_death *pp_item_death(const pp_job *j, const pp_item *it) {
-  return it->ref && it->ref <= j->ndeaths ? &j->deaths[it->ref - 1] : NULL;
+  return it->ref && j->x && it->ref <= j->x->ndeaths ? &j->x->deaths[it->ref - 1] : NULL;
 }
 
 /* Lifecycle of the engine. */
@@ -167,7 +191,15 @@ void pp_engine_unref(pp_engine *e);
  * of its parent's engines, which it must never touch). */
 int pp_engine_mine(const pp_engine *e);
 
-pp_job *pp_job_new(uint32_t n);
+/* A job of n items with room for `ilen` inline payload bytes (the items'
+ * part, written at pp_job_inline; its function then goes in j->fn). NULL
+ * when out of memory. */
+pp_job *pp_job_new(uint32_t n, size_t ilen);
+static inline char *pp_job_inline(pp_job *j) { return (char *)(j->items + (j->n ? j->n : 1)); }
+/* Give the job its whole payload (takes the reference), or a deadline of
+ * its own (ns): 0, or ENOMEM (nothing taken). Before it is submitted. */
+int pp_job_set_payload(pp_job *j, pp_blob *payload);
+int pp_job_set_timeout(pp_job *j, uint64_t ns);
 void pp_job_unref(pp_job *j);
 
 /* Queue a job (the engine takes a reference). 0, or PP_ESHUTDOWN /
@@ -250,6 +282,8 @@ const char *pp_engine_broken(pp_engine *e);
 /* The message for jobs that failed because the pool broke or was
  * terminated. Owned by the engine. */
 const char *pp_engine_fail_msg(pp_engine *e);
+/* A job's per-item deadline in ns (its own or the engine's; 0: none). */
+uint64_t pp_engine_job_timeout(const pp_engine *e, const pp_job *j);
 /* The workers' CPU limit per task, in seconds (0: none). */
 uint32_t pp_engine_cpu_limit(const pp_engine *e);
 /* Observed mean time of one item, in ns (0 before any). */

@@ -3,6 +3,7 @@
  * methods); lua/procpool/map.lua drives the chunk methods. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -13,8 +14,10 @@
 #include <lauxlib.h>
 
 #include "codec.h"
+#include "codec_ctx.h"
 #include "engine.h"
 #include "error.h"
+#include "fncache.h"
 #include "future.h"
 #include "pp.h"
 #include "proc.h"
@@ -29,7 +32,12 @@ typedef struct pp_exec {
   int nworkers;
   uint64_t polled; /* ended-job count at the last poll() */
   int capture;     /* output = "capture": tasks capture unless told */
+  pp_fncache fns;  /* the encoded functions its jobs share */
+  size_t untold;   /* bytes of jobs not yet told to the collector */
 } pp_exec;
+
+/* user value of the Executor: the write buffer that submit reuses */
+enum { EXEC_UV_SCRATCH = 1, EXEC_UV_N = EXEC_UV_SCRATCH };
 
 /* A registry-held object whose finalizer runs first when the state
  * closes: it tells executors that the state is closing, so they stop
@@ -174,8 +182,8 @@ static int l_executor_new(lua_State *L) {
   int capture = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "capture") == 0;
   lua_pop(L, 1);
 
-  pp_exec *x = lua_newuserdatauv(L, sizeof *x, 0);
-  x->e = NULL;
+  pp_exec *x = lua_newuserdatauv(L, sizeof *x, EXEC_UV_N);
+  memset(x, 0, sizeof *x);
   x->nworkers = cfg.nworkers;
   x->polled = 0;
   x->capture = capture;
@@ -259,33 +267,87 @@ static void check_fn(lua_State *L, int idx) {
     luaL_typeerror(L, idx, "function or \"module.name\" string");
 }
 
+/* The C memory a job holds while its Future lives is unseen by Lua's
+ * collector (the Future is 64 bytes): it is told as allocation debt, so
+ * that garbage futures are collected at the pace of what they hold and
+ * RSS stays flat over many tasks. */
+#define GC_TELL_AT 8192
+static void tell_collector(lua_State *L, pp_exec *x, const pp_job *j) {
+  x->untold += sizeof *j + (j->n ? j->n : 1) * sizeof(pp_item) + j->ilen;
+  if (j->x) x->untold += sizeof *j->x + (j->x->payload ? j->x->payload->n : 0);
+  if (x->untold < GC_TELL_AT) return;
+  size_t kib = x->untold >> 10;
+  x->untold &= 1023;
+  lua_gc(L, LUA_GCSTEP, kib > INT_MAX ? INT_MAX : (int)kib);
+}
+
 /* Queue the job and push its Future (the job's reference moves into it). */
 static void submit_job(lua_State *L, pp_exec *x, pp_job *j) {
   pp_future_push(L, x->e, j);
+  tell_collector(L, x, j);
   const char *msg = NULL;
   int rc = pp_engine_submit(x->e, j, &msg);
   if (rc == PP_EBROKEN) pp_error_raise(L, "BrokenProcessPool", "%s", msg);
   if (rc) pp_error_raise(L, "InvalidStateError", "%s", msg);
 }
 
+static void scratch_init(void *o) { pp_wbuf_init(o, PP_MEMFD_MIN); }
+
+/* submit's buffer, kept in the executor (a box's layout: the buffer, then
+ * its in-use flag), so a task costs no buffer of its own; its metatable
+ * (and __gc) is codec.c's */
+static const pp_scratch_kind scratch_kind = {
+    EXEC_UV_SCRATCH, sizeof(pp_wbuf) + sizeof(int), sizeof(pp_wbuf), "procpool.Buffer", NULL,
+    scratch_init};
+
+static void job_fail(lua_State *L, pp_job *j) {
+  pp_job_unref(j);
+  luaL_error(L, "procpool: not enough memory");
+}
+
 static pp_job *new_job(lua_State *L, uint32_t n, pp_wbuf *b, double timeout, int capture) {
-  pp_job *j = pp_job_new(n);
+  pp_job *j = pp_job_new(n, 0);
   if (!j) luaL_error(L, "procpool: not enough memory");
-  j->payload = pp_blob_from_wbuf(b, 1);
-  if (!j->payload) {
-    pp_job_unref(j);
-    luaL_error(L, "procpool: not enough memory");
+  pp_blob *payload = pp_blob_from_wbuf(b, 1);
+  if (!payload) job_fail(L, j);
+  if (pp_job_set_payload(j, payload) != 0) {
+    pp_blob_unref(payload);
+    job_fail(L, j);
   }
-  j->timeout_ns = timeout > 0 ? (uint64_t)(timeout * 1e9) : 0;
-  j->capture = capture;
+  if (pp_job_set_timeout(j, timeout > 0 ? (uint64_t)(timeout * 1e9) : 0) != 0) job_fail(L, j);
+  j->capture = (uint8_t)capture;
   return j;
 }
 
-/* Submit fn(...) (fn at index `fi`, its arguments after it). */
+/* The job of one task whose payload is in b, its function part ending at
+ * fnend: on the heap, one allocation holding the argument bytes at their
+ * size, and the function bytes shared with earlier jobs that sent the
+ * same; a memfd payload is kept whole. b is left empty for reuse. */
+static pp_job *task_job(lua_State *L, pp_exec *x, pp_wbuf *b, size_t fnend, double timeout,
+                        int capture) {
+  if (b->fd >= 0) return new_job(L, 1, b, timeout, capture);
+  pp_job *j = pp_job_new(1, b->n - fnend);
+  if (!j) luaL_error(L, "procpool: not enough memory");
+  memcpy(pp_job_inline(j), b->p + fnend, b->n - fnend);
+  j->fn = pp_fncache_get(&x->fns, b->p, fnend);
+  pp_wbuf_reset(b);
+  if (!j->fn) job_fail(L, j);
+  if (pp_job_set_timeout(j, timeout > 0 ? (uint64_t)(timeout * 1e9) : 0) != 0) job_fail(L, j);
+  j->capture = (uint8_t)capture;
+  return j;
+}
+
+/* Submit fn(...) (fn at index `fi`, its arguments after it; the
+ * executor at 1). */
 static int submit_task(lua_State *L, pp_exec *x, double timeout, int capture, int fi) {
   check_fn(L, fi);
   int nargs = lua_gettop(L) - fi;
-  pp_wbuf *b = push_box(L);
+  /* (an encoding that raised leaves the buffer marked busy: the next
+   * submit replaces it) */
+  int *busy;
+  pp_wbuf *b = pp_codec_scratch(L, 1, &scratch_kind, &busy);
+  *busy = 1;
+  b->n = 0;
   put_u32_placeholder(L, b);
   pp_encode(L, fi, 1, b, 0, "=fn", 0);
   patch_len(b, 0);
@@ -293,7 +355,8 @@ static int submit_task(lua_State *L, pp_exec *x, double timeout, int capture, in
   put_u32_placeholder(L, b);
   pp_encode(L, fi + 1, nargs, b, 0, "args", 0);
   patch_len(b, at);
-  pp_job *j = new_job(L, 1, b, timeout, capture);
+  pp_job *j = task_job(L, x, b, at, timeout, capture);
+  *busy = 0;
   submit_job(L, x, j);
   return 1;
 }
@@ -503,6 +566,7 @@ static int l_gc(lua_State *L) {
   pp_engine *e = x->e;
   x->e = NULL;
   if (!pp_engine_mine(e)) return 0; /* a worker's copy of its parent's */
+  pp_fncache_clear(&x->fns);
   if (state_closing(L)->closing) {
     /* the state is closing: stop the workers now and wait for them */
     if (pp_engine_state(e) != PP_E_DEAD) pp_engine_kill(e, SIGKILL);

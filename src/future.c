@@ -28,8 +28,29 @@ pp_fut *pp_future_check(lua_State *L, int idx) {
   return f;
 }
 
+/* the registry keys of the tables of attached values, one per kind */
+static const char fuv_keys[PP_FUV_N];
+
+int pp_future_getuv(lua_State *L, int idx, int k) {
+  idx = lua_absindex(L, idx);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &fuv_keys[k - 1]);
+  lua_pushvalue(L, idx);
+  int t = lua_rawget(L, -2);
+  lua_remove(L, -2);
+  return t;
+}
+
+void pp_future_setuv(lua_State *L, int idx, int k) {
+  idx = lua_absindex(L, idx);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &fuv_keys[k - 1]);
+  lua_pushvalue(L, idx);
+  lua_rotate(L, -3, -1); /* table, future, value */
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+}
+
 void pp_future_push(lua_State *L, pp_engine *e, pp_job *job) {
-  pp_fut *f = lua_newuserdatauv(L, sizeof *f, PP_FUV_N);
+  pp_fut *f = lua_newuserdatauv(L, sizeof *f, 0);
   f->job = NULL;
   f->e = NULL;
   luaL_setmetatable(L, PP_FUTURE_MT);
@@ -116,13 +137,13 @@ static int tb_handler(lua_State *L) {
 /* Call every callback of the future at `idx` once, then forget them. */
 static void run_callbacks(lua_State *L, int idx) {
   idx = lua_absindex(L, idx);
-  if (lua_getiuservalue(L, idx, PP_FUV_CALLBACKS) != LUA_TTABLE) {
+  if (pp_future_getuv(L, idx, PP_FUV_CALLBACKS) != LUA_TTABLE) {
     lua_pop(L, 1);
     return;
   }
   int cbs = lua_gettop(L);
   lua_pushnil(L);
-  lua_setiuservalue(L, idx, PP_FUV_CALLBACKS);
+  pp_future_setuv(L, idx, PP_FUV_CALLBACKS);
   lua_Integer n = (lua_Integer)lua_rawlen(L, cbs);
   for (lua_Integer i = 1; i <= n; i++) {
     lua_pushcfunction(L, tb_handler);
@@ -184,7 +205,7 @@ static void drain_engine(lua_State *L, pp_engine *e) {
   /* the reports of these jobs came before their ends: they go first */
   pp_progress_deliver(L, e);
   while (j) {
-    pp_job *next = j->cnext;
+    pp_job *next = j->qnext; /* the callback list */
     if (pp_progress_forget(L, j)) pp_future_count_engine(L, e, -1);
     unregister(L, e, j);
     if (!lua_isnil(L, -1)) run_callbacks(L, -1);
@@ -243,11 +264,11 @@ static int fut_add_done_callback(lua_State *L) {
   pp_fut *f = pp_future_check(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
   lua_settop(L, 2);
-  if (lua_getiuservalue(L, 1, PP_FUV_CALLBACKS) != LUA_TTABLE) {
+  if (pp_future_getuv(L, 1, PP_FUV_CALLBACKS) != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_newtable(L);
     lua_pushvalue(L, -1);
-    lua_setiuservalue(L, 1, PP_FUV_CALLBACKS);
+    pp_future_setuv(L, 1, PP_FUV_CALLBACKS);
   }
   lua_pushvalue(L, 2);
   lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
@@ -378,7 +399,7 @@ static void push_item_error(lua_State *L, pp_fut *f, int status, const pp_death 
     pp_error_push(L, "DeadlineExceeded", "the task ran past its deadline and was stopped");
     lua_pushinteger(L, d ? d->pid : 0);
     lua_setfield(L, -2, "pid");
-    lua_pushnumber(L, (lua_Number)f->job->timeout_ns / 1e9);
+    lua_pushnumber(L, (lua_Number)pp_engine_job_timeout(f->e, f->job) / 1e9);
     lua_setfield(L, -2, "timeout");
     break;
   }
@@ -500,7 +521,7 @@ static int fut_outcome(lua_State *L) {
   if (!pp_job_ended(pp_engine_job_state(f->e, f->job)))
     pp_error_raise(L, "InvalidStateError", "the future is not done");
   lua_settop(L, 1);
-  if (lua_getiuservalue(L, 1, PP_FUV_OUTCOME) != LUA_TTABLE) {
+  if (pp_future_getuv(L, 1, PP_FUV_OUTCOME) != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_newtable(L);
     int t = lua_gettop(L);
@@ -523,7 +544,7 @@ static int fut_outcome(lua_State *L) {
     lua_pushboolean(L, ok);
     lua_setfield(L, t, "ok");
     lua_pushvalue(L, t);
-    lua_setiuservalue(L, 1, PP_FUV_OUTCOME);
+    pp_future_setuv(L, 1, PP_FUV_OUTCOME);
   }
   int t = lua_gettop(L);
   lua_getfield(L, t, "ok");
@@ -696,6 +717,14 @@ void pp_future_open(lua_State *L) {
                                      {"_failed", fut_failed},
                                      {NULL, NULL}};
   static const luaL_Reg fns[] = {{"drain", l_drain}, {NULL, NULL}};
+  for (int k = 0; k < PP_FUV_N; k++) {
+    lua_createtable(L, 0, 0);
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "k"); /* a value may refer to its future: an ephemeron */
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &fuv_keys[k]);
+  }
   luaL_newmetatable(L, PP_FUTURE_MT);
   lua_pushcfunction(L, fut_gc);
   lua_setfield(L, -2, "__gc");

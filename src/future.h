@@ -8,7 +8,7 @@
 
 #define PP_FUTURE_MT "procpool.Future"
 
-/* user values of a Future */
+/* values attached to a Future, read and set with pp_future_getuv/setuv */
 enum { PP_FUV_OUTCOME = 1, PP_FUV_CALLBACKS, PP_FUV_POLLFD, PP_FUV_N = PP_FUV_POLLFD };
 
 typedef struct pp_fut {
@@ -20,6 +20,12 @@ typedef struct pp_fut {
 void pp_future_push(lua_State *L, pp_engine *e, pp_job *job);
 /* The Future at `idx`; raises if it is released or another process's. */
 pp_fut *pp_future_check(lua_State *L, int idx);
+/* Push value k (PP_FUV_*) of the Future at idx (nil if unset) and return
+ * its type; pop a value and make it value k. They are kept beside the
+ * Future, in a weak-keyed table per kind, not in user values: a pending
+ * Future is then a 64-byte userdata (with three user values, 112). */
+int pp_future_getuv(lua_State *L, int idx, int k);
+void pp_future_setuv(lua_State *L, int idx, int k);
 /* Run the progress and done callbacks due (of every watched job). */
 void pp_drain(lua_State *L);
 /* Count one more (delta 1) or one less (-1) watched job of engine `e`:

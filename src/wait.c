@@ -57,14 +57,14 @@ static void signal_waiter(pp_waiter *w) {
 /* pollfd(): an fd readable once the future is done */
 int pp_future_pollfd(lua_State *L) {
   pp_fut *f = pp_future_check(L, 1);
-  if (lua_getiuservalue(L, 1, PP_FUV_POLLFD) == LUA_TUSERDATA) {
+  if (pp_future_getuv(L, 1, PP_FUV_POLLFD) == LUA_TUSERDATA) {
     waitbox *b = lua_touserdata(L, -1);
     lua_pushinteger(L, b->w->fd);
     return 1;
   }
   lua_pop(L, 1);
   waitbox *b = new_waitbox(L);
-  lua_setiuservalue(L, 1, PP_FUV_POLLFD);
+  pp_future_setuv(L, 1, PP_FUV_POLLFD);
   if (!pp_engine_wait_add(f->e, f->job, b->w)) signal_waiter(b->w); /* done already */
   lua_pushinteger(L, b->w->fd);
   return 1;

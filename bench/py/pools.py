@@ -3,8 +3,10 @@
 Usage: python3 bench/py/pools.py WORKLOAD...  -> one JSON object on stdout.
 Workloads mirror bench/*.lua exactly; see bench/README.md.
 """
+import gc
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -118,6 +120,29 @@ def cpu_speedup(n=8, work=2000000):
 # last result of sleeps of heterogeneous durations, median of 3 runs after
 # a warm-up.
 
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def pending_bytes(n=100000):
+    """RSS per pending no-op Future behind a worker blocked on a pipe."""
+    r, w = os.pipe()
+    ex = ProcessPoolExecutor(1, mp_context=CTX)
+    ex.submit(noop).result()
+    ex.submit(os.read, r, 1)
+    gc.collect()
+    r0 = rss()
+    fs = [ex.submit(noop) for _ in range(n)]
+    gc.collect()
+    per = (rss() - r0) / n
+    ex.shutdown(wait=False, cancel_futures=True)
+    os.write(w, b"x")
+    ex.shutdown(wait=True)
+    del fs
+    return per
+
+
 def median(fn, reps=3, setup=None):
     ts = []
     for k in range(reps + 1):
@@ -214,7 +239,7 @@ def makespan_adv_imap():
 
 WORKLOADS = {k: v for k, v in globals().items() if callable(v) and k not in (
     "best", "noop", "echo", "spin", "ProcessPoolExecutor", "median", "heavy_tail",
-    "submit_all", "ex_burst", "pool_burst")}
+    "submit_all", "ex_burst", "pool_burst", "rss")}
 
 if __name__ == "__main__":
     out = {}

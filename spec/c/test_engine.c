@@ -158,13 +158,14 @@ static void *zygote(void *arg) {
 
 /* One task whose function and argument lists are empty. */
 static pp_job *tiny_job(void) {
-  pp_job *j = pp_job_new(1);
-  unsigned char payload[2 * (PP_LEN_PREFIX + 1)];
-  pp_wire_put_len(payload, 1);
-  payload[PP_LEN_PREFIX] = 0; /* fn: an empty list */
-  pp_wire_put_len(payload + PP_LEN_PREFIX + 1, 1);
-  payload[2 * PP_LEN_PREFIX + 1] = 0; /* args: an empty list */
-  j->payload = pp_blob_new(payload, sizeof payload);
+  pp_job *j = pp_job_new(1, PP_LEN_PREFIX + 1);
+  unsigned char fn[PP_LEN_PREFIX + 1];
+  pp_wire_put_len(fn, 1);
+  fn[PP_LEN_PREFIX] = 0; /* fn: an empty list */
+  j->fn = pp_blob_new(fn, sizeof fn);
+  unsigned char *args = (unsigned char *)pp_job_inline(j);
+  pp_wire_put_len(args, 1);
+  args[PP_LEN_PREFIX] = 0; /* args: an empty list */
   return j;
 }
 
