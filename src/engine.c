@@ -184,6 +184,22 @@ int pp_job_set_timeout(pp_job *j, uint64_t ns) {
   return 0;
 }
 
+int pp_job_set_capture(pp_job *j, int capture) {
+  if (!capture) return 0;
+  if (!job_ext(j)) return ENOMEM;
+  j->x->capture = 1;
+  return 0;
+}
+
+int pp_job_set_reports(pp_job *j, int mode) {
+  if (mode == PP_REPORTS_KEEP && !j->x) return 0;
+  if (!job_ext(j)) return ENOMEM;
+  j->x->reports = (uint8_t)mode;
+  return 0;
+}
+
+static int job_reports(const pp_job *j) { return j->x ? j->x->reports : PP_REPORTS_KEEP; }
+
 uint64_t pp_engine_job_timeout(const pp_engine *e, const pp_job *j) {
   return j->x && j->x->timeout_ns ? j->x->timeout_ns : e->cfg.timeout_ns;
 }
@@ -535,7 +551,7 @@ static int w_task(pp_engine *e, pp_worker *w, pp_job *j, uint32_t first, uint32_
   }
   pp_task_hdr th = {seq0, count, pp_engine_job_timeout(e, j) ? PP_TASK_TIMED : 0};
   size_t tail = 0; /* a capture frame ends with max_output */
-  if (j->capture) {
+  if (j->x && j->x->capture) {
     th.flags |= PP_TASK_CAPTURE;
     tail = PP_TASK_CAPTURE_TAIL;
   }
@@ -968,7 +984,7 @@ static int w_report(pp_engine *e, int slot, const pp_frame *f) {
   if (!d || seq < d->seq0 + d->acked) return 0;
   pp_job *j = d->job;
   uint32_t i = d->first + (uint32_t)(seq - d->seq0);
-  if (j->reports == PP_REPORTS_DROP || j->items[i].status != PP_IT_PENDING) return 0;
+  if (job_reports(j) == PP_REPORTS_DROP || j->items[i].status != PP_IT_PENDING) return 0;
   pp_job_ext *x = job_ext(j); /* reports are rare: kept beside the job */
   pp_blob *b = x ? pp_blob_new(f->body, f->len) : NULL;
   if (!b) return 0;
@@ -976,7 +992,7 @@ static int w_report(pp_engine *e, int slot, const pp_frame *f) {
   x->report = b;
   x->report_item = i;
   x->nreports++;
-  if (j->reports != PP_REPORTS_QUEUE) return 0;
+  if (x->reports != PP_REPORTS_QUEUE) return 0;
   pp_report_note *n = malloc(sizeof *n);
   if (!n) return 0;
   *n = (pp_report_note){j, i, x->nreports, pp_blob_ref(b), NULL};
@@ -1574,7 +1590,7 @@ int pp_engine_want_reports(pp_engine *e, pp_job *j) {
   pthread_mutex_lock(&e->mu);
   int r = 0;
   if (j->state != PP_JOB_DONE && j->state != PP_JOB_CANCELLED) {
-    j->reports = PP_REPORTS_QUEUE;
+    if (job_ext(j)) j->x->reports = PP_REPORTS_QUEUE; /* (else: no memory for reports) */
     j->has_cb = 1;
     r = 1;
   }

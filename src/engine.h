@@ -90,6 +90,8 @@ typedef struct pp_job_ext {
   pp_blob *report; /* the latest report's frame body (values at PP_REPORT_HDR) */
   uint32_t report_item;
   uint64_t nreports; /* reports kept so far, numbering them */
+  uint8_t reports;   /* PP_REPORTS_* (a job without its ext: KEEP) */
+  uint8_t capture;   /* its items' stdout and stderr come back with them */
 } pp_job_ext;
 
 /* A job: one allocation holding its items and, for a single task, its
@@ -100,8 +102,6 @@ typedef struct pp_job {
   uint8_t in_queue;
   uint8_t has_cb;      /* the Lua side wants it on the callback list when done */
   uint8_t watch_items; /* wake waiters as each item ends, not only the last */
-  uint8_t capture;     /* its items' stdout and stderr come back with them */
-  uint8_t reports;     /* PP_REPORTS_* */
   uint32_t n;
   uint32_t ndone;
   uint32_t nfailed;
@@ -200,6 +200,10 @@ static inline char *pp_job_inline(pp_job *j) { return (char *)(j->items + (j->n 
  * its own (ns): 0, or ENOMEM (nothing taken). Before it is submitted. */
 int pp_job_set_payload(pp_job *j, pp_blob *payload);
 int pp_job_set_timeout(pp_job *j, uint64_t ns);
+/* Before submit: capture the items' output; what to do with their
+ * reports (PP_REPORTS_*). 0 or ENOMEM. */
+int pp_job_set_capture(pp_job *j, int capture);
+int pp_job_set_reports(pp_job *j, int mode);
 void pp_job_unref(pp_job *j);
 
 /* Queue a job (the engine takes a reference). 0, or PP_ESHUTDOWN /

@@ -315,7 +315,7 @@ static pp_job *new_job(lua_State *L, uint32_t n, pp_wbuf *b, double timeout, int
     job_fail(L, j);
   }
   if (pp_job_set_timeout(j, timeout > 0 ? (uint64_t)(timeout * 1e9) : 0) != 0) job_fail(L, j);
-  j->capture = (uint8_t)capture;
+  if (pp_job_set_capture(j, capture) != 0) job_fail(L, j);
   return j;
 }
 
@@ -333,7 +333,7 @@ static pp_job *task_job(lua_State *L, pp_exec *x, pp_wbuf *b, size_t fnend, doub
   pp_wbuf_reset(b);
   if (!j->fn) job_fail(L, j);
   if (pp_job_set_timeout(j, timeout > 0 ? (uint64_t)(timeout * 1e9) : 0) != 0) job_fail(L, j);
-  j->capture = (uint8_t)capture;
+  if (pp_job_set_capture(j, capture) != 0) job_fail(L, j);
   return j;
 }
 
@@ -437,7 +437,7 @@ static int l_submit_chunk(lua_State *L) {
     patch_len(b, at);
   }
   pp_job *j = new_job(L, n, b, timeout, capture);
-  j->reports = reports;
+  if (pp_job_set_reports(j, reports) != 0) job_fail(L, j);
   submit_job(L, x, j);
   return 1;
 }
