@@ -58,6 +58,7 @@ build = {
         "src/procpool.c",
         "src/progress_cb.c",
         "src/reslimit.c",
+        "src/quiet_thread.c",
         "src/report.c",
         "src/sys.c",
         "src/wait.c",

@@ -8,6 +8,7 @@
  * bytes belong to: a worker killed mid-item leaves its output readable. */
 #define _GNU_SOURCE
 #include "capture.h"
+#include "quiet_thread.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -104,24 +105,12 @@ pp_capture *pp_capture_new(uint64_t max_output, int *memfd) {
   c->bytes[0] = (char *)m + PP_OUTAREA_HDR;
   c->bytes[1] = c->bytes[0] + max_output;
   pthread_mutex_init(&c->mu, NULL);
-  pthread_attr_t ta;
-  pthread_attr_init(&ta);
-  pthread_attr_setstacksize(&ta, 128u << 10);
-  pthread_t th;
-  /* the thread takes no signals: deadlines and kills are for the task */
-  sigset_t all, old;
-  sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, &old);
-  int rc = pthread_create(&th, &ta, drain_main, c);
-  pthread_sigmask(SIG_SETMASK, &old, NULL);
-  pthread_attr_destroy(&ta);
-  if (rc != 0) {
+  if (pp_quiet_thread(drain_main, c, 128u << 10) != 0) {
     close(fd);
     pthread_mutex_destroy(&c->mu);
     close_all(c);
     return NULL;
   }
-  pthread_detach(th);
   *memfd = fd;
   return c;
 }

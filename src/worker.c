@@ -22,6 +22,7 @@
 #include "error.h"
 #include "reslimit.h"
 #include "pp.h"
+#include "quiet_thread.h"
 #include "proc.h"
 #include "report.h"
 #include "wire.h"
@@ -276,22 +277,10 @@ static int start_flusher(wstate *ws) {
   int rc = pthread_cond_init(&ws->cv, &ca);
   pthread_condattr_destroy(&ca);
   if (rc != 0) return 0;
-  pthread_attr_t ta;
-  pthread_attr_init(&ta);
-  pthread_attr_setstacksize(&ta, 256u << 10);
-  pthread_t th;
-  /* the thread takes no signals: deadlines and kills are for the task */
-  sigset_t all, old;
-  sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, &old);
-  rc = pthread_create(&th, &ta, flusher_main, ws);
-  pthread_sigmask(SIG_SETMASK, &old, NULL);
-  pthread_attr_destroy(&ta);
-  if (rc != 0) {
+  if (pp_quiet_thread(flusher_main, ws, 256u << 10) != 0) {
     pthread_cond_destroy(&ws->cv);
     return 0;
   }
-  pthread_detach(th);
   ws->flusher = 1;
   return 1;
 }
