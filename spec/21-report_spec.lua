@@ -244,6 +244,19 @@ describe("reports", function()
     end))
   end)
 
+  it("gives a map chunk's listener every report, also when all came before the caller looked",
+    function()
+      -- a chunk heard from its submit, whose reports all came before the
+      -- caller looked: every item's report is delivered, not only the latest
+      local got = {}
+      local fut = ex:_submit_chunk(task, { 1, 2, 3 }, 1, 3, false, nil, nil,
+        function(_, k, r) got[#got + 1] = k .. ":" .. r end)
+      assert.is_true(H.eventually(function() return fut:done() end, T))
+      require("procpool.core").drain()
+      table.sort(got)
+      assert.are.equal("1:-1 2:-2 3:-3", table.concat(got, " "))
+    end)
+
   it("refuses an on_report that is not a function", function()
     assert.has_error(function() ex:map(task, { 1 }, { on_report = 1 }) end,
       "bad on_report option to 'map' (a function expected)")
@@ -330,7 +343,7 @@ describe("reports", function()
     local fut = ex:_submit_chunk(task, { 1, 2 }, 1, 2, false, nil, nil, false)
     fut:result(T)
     assert.are.equal(0, select("#", fut:progress()))
-    local kept = ex:_submit_chunk(task, { 1, 2 }, 1, 2, false, nil, nil, true)
+    local kept = ex:_submit_chunk(task, { 1, 2 }, 1, 2, false, nil, nil, function() end)
     kept:result(T)
     assert.are.equal(-2, kept:progress())
   end)

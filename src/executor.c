@@ -19,6 +19,7 @@
 #include "error.h"
 #include "fncache.h"
 #include "future.h"
+#include "progress_cb.h"
 #include "pp.h"
 #include "proc.h"
 #include "wait.h"
@@ -281,15 +282,20 @@ static void tell_collector(lua_State *L, pp_exec *x, const pp_job *j) {
   lua_gc(L, LUA_GCSTEP, kib > INT_MAX ? INT_MAX : (int)kib);
 }
 
-/* Queue the job and push its Future (the job's reference moves into it). */
-static void submit_job(lua_State *L, pp_exec *x, pp_job *j) {
+/* Queue the job and push its Future (the job's reference moves into it);
+ * `listener` (a stack index, 0: none) hears its items' reports. */
+static void submit_job_heard(lua_State *L, pp_exec *x, pp_job *j, int listener) {
   pp_future_push(L, x->e, j);
+  if (listener) pp_future_listen_items(L, -1, listener);
   tell_collector(L, x, j);
   const char *msg = NULL;
   int rc = pp_engine_submit(x->e, j, &msg);
+  if (rc && listener && pp_progress_forget(L, j)) pp_future_count_engine(L, x->e, -1);
   if (rc == PP_EBROKEN) pp_error_raise(L, "BrokenProcessPool", "%s", msg);
   if (rc) pp_error_raise(L, "InvalidStateError", "%s", msg);
 }
+
+static void submit_job(lua_State *L, pp_exec *x, pp_job *j) { submit_job_heard(L, x, j, 0); }
 
 static void scratch_init(void *o) { pp_wbuf_init(o, PP_MEMFD_MIN); }
 
@@ -373,13 +379,14 @@ static int l_submit_as(lua_State *L) {
   return submit_task(L, x, luaL_optnumber(L, 2, 0), lua_toboolean(L, 3), 4);
 }
 
-/* _submit_chunk(fn, items, i, j, star, timeout|nil, base|nil, reports,
- * capture|nil) -> Future for fn(items[i]) .. fn(items[j]); with `star`,
- * each item is a table of arguments (unpacked 1..(t.n or #t)). An item
- * that cannot be serialized is named by its input position, base + 1 for
- * items[i] (base defaults to i - 1). The items' reports are dropped
- * unless `reports` (then they are queued from the start, for
- * _on_item_report). `capture` nil: as the executor's. */
+/* _submit_chunk(fn, items, i, j, star, timeout|nil, base|nil,
+ * listener|nil, capture|nil) -> Future for fn(items[i]) .. fn(items[j]);
+ * with `star`, each item is a table of arguments (unpacked 1..(t.n or
+ * #t)). An item that cannot be serialized is named by its input
+ * position, base + 1 for items[i] (base defaults to i - 1). The items'
+ * reports are dropped unless a `listener` is given: then it is called as
+ * listener(f, k, ...) with every report of item k of the chunk, heard
+ * from before the chunk is submitted. `capture` nil: as the executor's. */
 static int l_submit_chunk(lua_State *L) {
   pp_exec *x = checkexec(L, 1);
   check_fn(L, 2);
@@ -388,7 +395,8 @@ static int l_submit_chunk(lua_State *L) {
   int star = lua_toboolean(L, 6);
   double timeout = luaL_optnumber(L, 7, 0);
   lua_Integer pos0 = luaL_optinteger(L, 8, lo - 1) + 1; /* input position of items[lo] */
-  int reports = lua_toboolean(L, 9) ? PP_REPORTS_QUEUE : PP_REPORTS_DROP;
+  int heard = lua_isfunction(L, 9);
+  int reports = heard ? PP_REPORTS_QUEUE : PP_REPORTS_DROP;
   int capture = lua_isnoneornil(L, 10) ? x->capture : lua_toboolean(L, 10);
   if (hi - lo + 1 < 0 || hi - lo + 1 > (lua_Integer)UINT32_MAX / 2)
     luaL_argerror(L, 5, "bad range");
@@ -438,7 +446,7 @@ static int l_submit_chunk(lua_State *L) {
   }
   pp_job *j = new_job(L, n, b, timeout, capture);
   if (pp_job_set_reports(j, reports) != 0) job_fail(L, j);
-  submit_job(L, x, j);
+  submit_job_heard(L, x, j, heard ? 9 : 0);
   return 1;
 }
 

@@ -289,21 +289,25 @@ static int fut_add_done_callback(lua_State *L) {
 
 /* [future, cb]: cb listens to the task's reports; the latest one so far
  * comes at once (once the job counts as watched) */
-static int add_listener(lua_State *L, int indexed) {
+static int add_listener(lua_State *L) {
   pp_fut *f = pp_future_check(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
   pp_report_note latest;
-  if (pp_progress_listen(L, 1, f->e, f->job, 2, indexed, &latest))
-    pp_future_count_engine(L, f->e, 1);
-  pp_progress_catch_up(L, 1, 2, &latest, indexed);
+  if (pp_progress_listen(L, 1, f->e, f->job, 2, 0, &latest)) pp_future_count_engine(L, f->e, 1);
+  pp_progress_catch_up(L, 1, 2, &latest, 0);
   return 0;
 }
 
-/* add_progress_callback(cb): cb(f, ...) with each report of the task */
-static int fut_add_progress_callback(lua_State *L) { return add_listener(L, 0); }
+void pp_future_listen_items(lua_State *L, int fut, int cb) {
+  fut = lua_absindex(L, fut);
+  cb = lua_absindex(L, cb);
+  pp_fut *f = pp_future_check(L, fut);
+  pp_report_note latest;
+  if (pp_progress_listen(L, fut, f->e, f->job, cb, 1, &latest)) pp_future_count_engine(L, f->e, 1);
+}
 
-/* _on_item_report(cb): cb(f, i, ...) with each report of item i */
-static int fut_on_item_report(lua_State *L) { return add_listener(L, 1); }
+/* add_progress_callback(cb): cb(f, ...) with each report of the task */
+static int fut_add_progress_callback(lua_State *L) { return add_listener(L); }
 
 /* progress() -> the values of the task's latest report (none before one) */
 static int fut_progress(lua_State *L) {
@@ -701,7 +705,6 @@ void pp_future_open(lua_State *L) {
                                      {"add_done_callback", fut_add_done_callback},
                                      {"add_progress_callback", fut_add_progress_callback},
                                      {"progress", fut_progress},
-                                     {"_on_item_report", fut_on_item_report},
                                      {"traceback", fut_traceback},
                                      {"pollfd", pp_future_pollfd},
                                      {"events", pp_pollable_events},

@@ -26,6 +26,10 @@ pp_fut *pp_future_check(lua_State *L, int idx);
  * Future is then a 64-byte userdata (with three user values, 112). */
 int pp_future_getuv(lua_State *L, int idx, int k);
 void pp_future_setuv(lua_State *L, int idx, int k);
+/* cb (at index cb) listens to the reports of the items of the Future at
+ * fut, called as cb(f, i, ...): every one of them, from before the job
+ * is submitted (map chunks). */
+void pp_future_listen_items(lua_State *L, int fut, int cb);
 /* Run the progress and done callbacks due (of every watched job). */
 void pp_drain(lua_State *L);
 /* Count one more (delta 1) or one less (-1) watched job of engine `e`:

@@ -169,7 +169,10 @@ int pp_progress_listen(lua_State *L, int fut, pp_engine *e, pp_job *j, int cb, i
    * the newest this callback is given at once */
   int live = pp_engine_want_reports(e, j);
   pp_report_note n = {j, 0, 0, NULL, NULL};
-  n.num = pp_engine_latest_report(e, j, &n.blob, &n.item);
+  /* an indexed listener (a map chunk's, whose reports are queued from its
+   * submit) is given every queued report, none at once: each item's
+   * matters, not only the latest */
+  if (!indexed) n.num = pp_engine_latest_report(e, j, &n.blob, &n.item);
   *latest = n;
   if (live) {
     listeners(L);

@@ -130,10 +130,7 @@ local function new(ex, fn, o, it)
   -- Returns the executor's refusal (it takes no more work), if any.
   local function submit(items, lo, hi, base, tag)
     local ok, fut = pcall(ex._submit_chunk, ex, fn, items, lo, hi, star, task_timeout, base,
-      listen ~= nil, capture)
-    if ok and listen then
-      fut:_on_item_report(function(_, k, ...) listen(base + k, ...) end)
-    end
+      listen and function(_, k, ...) listen(base + k, ...) end, capture)
     if ok then
       push({ fut = fut, n = hi - lo + 1, pos = 0, base = base, tag = tag })
     elseif not is_error(fut, "SerializationError") then

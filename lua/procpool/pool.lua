@@ -317,12 +317,12 @@ local function map_async(self, fn, iterable, opts, star, fname)
   local futs = {}
   for lo = 1, n, math.max(cs, 1) do
     local ok, f = pcall(self._ex._submit_chunk, self._ex, fn, list, lo, math.min(lo + cs - 1, n),
-      star, opts.timeout, nil, listen ~= nil, capture)
+      star, opts.timeout, nil, listen and function(_, k, ...) listen(lo + k - 1, ...) end,
+      capture)
     if not ok then -- an item that cannot be sent: the call fails, nothing stays queued
       for _, g in ipairs(futs) do g:cancel() end
       error(f, 3)
     end
-    if listen then f:_on_item_report(function(_, k, ...) listen(lo + k - 1, ...) end) end
     futs[#futs + 1] = f
   end
   local r = new_result("map", futs, n, opts.callback, opts.error_callback,
