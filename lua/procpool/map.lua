@@ -91,6 +91,17 @@ local await, is_error = core.await, core.is_error
 local raise, check_opts, deadline_of, is_int, check_fn, items_of =
   check.raise, check.check_opts, check.deadline_of, check.is_int, check.check_fn, check.items_of
 
+--- The options every map call takes about its items (`progress`,
+-- `output`, `on_output`, `on_report`), added to a call's own option set
+-- `t` (modified and returned): one list for Executor:map and all of Pool's
+-- maps.
+function M.with_item_opts(t)
+  t.progress, t.output, t.on_output, t.on_report = true, true, true, true
+  return t
+end
+
+local ITERATE_OPTS = M.with_item_opts { timeout = true, chunksize = true, buffersize = true }
+
 -- The pipeline over `ex` for `fn` with options `o` (see the header); with
 -- `it`, the iteration's own part, it returns the generic-for iterator of
 -- `iterate` instead: `it.source` (the input table) or `it.next` (an
@@ -415,8 +426,7 @@ function M.iterate(ex, fn, iterable, opts, star, fname, mode, task_timeout)
   check_fn(fn, 1, fname)
   local nexti, len = items_of(iterable, 2, fname)
   local source = type(iterable) == "table" and iterable -- chunks are ranges of it
-  opts = check_opts(opts, { timeout = true, chunksize = true, buffersize = true,
-    progress = true, output = true, on_output = true, on_report = true }, fname)
+  opts = check_opts(opts, ITERATE_OPTS, fname)
   local capture = output.capture_of(opts.output, fname, 3)
   output.check_on_output(opts.on_output, 3)
   local pstep, pfinish, preport = progress.reporter(opts.progress, len, fname)

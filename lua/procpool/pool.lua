@@ -294,11 +294,16 @@ local function list_of(iterable, fname)
   return list, n
 end
 
+local MAP_ASYNC_OPTS = map.with_item_opts {
+  chunksize = true, callback = true, error_callback = true, timeout = true,
+}
+local MAP_OPTS = map.with_item_opts { chunksize = true }
+local IMAP_OPTS = map.with_item_opts { chunksize = true, timeout = true }
+
 local function map_async(self, fn, iterable, opts, star, fname)
   running(self)
   check_fn(fn, 1, fname)
-  opts = check_opts(opts, { chunksize = true, callback = true, error_callback = true,
-    timeout = true, progress = true, output = true, on_output = true, on_report = true }, fname)
+  opts = check_opts(opts, MAP_ASYNC_OPTS, fname)
   local capture = output.capture_of(opts.output, fname, 3)
   if capture == nil then capture = self._ex:_capture() end
   output.check_on_output(opts.on_output, 3)
@@ -331,18 +336,16 @@ local function map_async(self, fn, iterable, opts, star, fname)
   return r
 end
 
--- the chunksize argument of map/starmap: a number, or { chunksize,
--- progress, output, on_output }
+-- the chunksize argument of map/starmap: a number, or a table of
+-- chunksize and the item options (map.with_item_opts)
 local function map_opts(arg, fname)
-  if type(arg) == "table" then
-    return check_opts(arg, { chunksize = true, progress = true, output = true, on_output = true,
-      on_report = true }, fname)
-  end
+  if type(arg) == "table" then return check_opts(arg, MAP_OPTS, fname) end
   return { chunksize = arg }
 end
 
 --- A list of fn's first return values, in order, with field n. The third
--- argument is a chunksize or a table { chunksize, progress }.
+-- argument is a chunksize or a table { chunksize, progress, output,
+-- on_output, on_report }.
 function Pool:map(fn, list, chunksize)
   return map_async(self, fn, list, map_opts(chunksize, "map"), false, "map"):get()
 end
@@ -363,14 +366,13 @@ function Pool:starmap_async(fn, list, opts)
   return map_async(self, fn, list, opts, true, "starmap_async")
 end
 
--- chunksize, or an options table { chunksize, progress, timeout }
--- (timeout: each task's deadline, as in the async calls)
+-- chunksize, or an options table of chunksize, timeout (each task's
+-- deadline, as in the async calls) and the item options
 local function imap(self, fn, iterable, opts, fname, mode)
   running(self)
   local shown, timeout, out, on_output, on_report
   if type(opts) == "table" then
-    opts = check_opts(opts, { chunksize = true, progress = true, timeout = true, output = true,
-      on_output = true, on_report = true }, fname)
+    opts = check_opts(opts, IMAP_OPTS, fname)
     shown, timeout, out, on_output, on_report = opts.progress, opts.timeout, opts.output,
       opts.on_output, opts.on_report
     check_timeout(timeout, fname)
