@@ -169,12 +169,19 @@ static void flush(wstate *ws) {
   unclaim(ws);
 }
 
+/* Begin a frame other than a RESULT batch, with room for `body` bytes
+ * (`out` claimed). An open batch is closed first: its length runs to
+ * the end of the buffer, so nothing may follow it while it is open. */
+static size_t begin_frame(wstate *ws, int type, int flags, size_t body) {
+  batch_close(ws, ws->batch_end);
+  if (pp_wbuf_reserve(&ws->out.buf, PP_FRAME_HDR + body) != 0) wexit(ws, 70);
+  return pp_frame_begin(&ws->out.buf, type, flags);
+}
+
 /* Append a REPORT frame of item `seq` with the value list `v`, after the
  * results before it (`out` claimed). */
 static void put_report(wstate *ws, uint64_t seq, const pp_wbuf *v) {
-  batch_close(ws, ws->batch_end);
-  if (pp_wbuf_reserve(&ws->out.buf, PP_FRAME_HDR + PP_REPORT_HDR + v->n) != 0) wexit(ws, 70);
-  size_t h = pp_frame_begin(&ws->out.buf, PP_FR_REPORT, 0);
+  size_t h = begin_frame(ws, PP_FR_REPORT, 0, PP_REPORT_HDR + v->n);
   pp_report_hdr_put((unsigned char *)ws->out.buf.p + ws->out.buf.n, seq);
   memcpy(ws->out.buf.p + ws->out.buf.n + PP_REPORT_HDR, v->p, v->n);
   ws->out.buf.n += PP_REPORT_HDR + v->n;
@@ -409,6 +416,15 @@ static int with_output(wstate *ws, int status) {
   return status | PP_RES_OUTPUT;
 }
 
+/* Send a frame with an empty body (READY, RETIRE) after what is queued,
+ * holding `out` (the flusher may be sending). */
+static void send_empty(wstate *ws, int type) {
+  claim(ws);
+  pp_frame_end(&ws->out.buf, begin_frame(ws, type, 0, 0));
+  flush_locked(ws, pp_now_ns());
+  unclaim(ws);
+}
+
 /* A capture TASK frame: capture from now on, making the capture area
  * first and passing it to the parent (OUTBUF) before any captured item
  * runs, so that the output of an item whose worker dies is not lost.
@@ -422,8 +438,7 @@ static void capture_start(wstate *ws, uint64_t max_output) {
       return;
     }
     claim(ws);
-    reserve(ws, PP_FRAME_HDR);
-    size_t h = pp_frame_begin(&ws->out.buf, PP_FR_OUTBUF, PP_FF_FD);
+    size_t h = begin_frame(ws, PP_FR_OUTBUF, PP_FF_FD, 0);
     pp_frame_end(&ws->out.buf, h);
     if (pp_out_addfd(&ws->out, h, memfd) != 0) wexit(ws, 70);
     flush_locked(ws, pp_now_ns());
@@ -799,9 +814,7 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
     }
     lua_settop(L, ws.fncache);
   }
-  reserve(&ws, PP_FRAME_HDR);
-  pp_frame_end(&ws.out.buf, pp_frame_begin(&ws.out.buf, PP_FR_READY, 0));
-  flush(&ws);
+  send_empty(&ws, PP_FR_READY);
   for (;;) {
     pp_frame f;
     int rc = pp_in_next(&ws.in, &f);
@@ -826,9 +839,7 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
     if (f.type != PP_FR_TASK) wexit(&ws, 71);
     run_task(&ws, f.body, f.len, f.fd);
     if (ws.retiring) {
-      reserve(&ws, PP_FRAME_HDR);
-      pp_frame_end(&ws.out.buf, pp_frame_begin(&ws.out.buf, PP_FR_RETIRE, 0));
-      flush(&ws);
+      send_empty(&ws, PP_FR_RETIRE);
       wexit(&ws, 0);
     }
   }
