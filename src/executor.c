@@ -311,6 +311,13 @@ static void job_fail(lua_State *L, pp_job *j) {
   luaL_error(L, "procpool: not enough memory");
 }
 
+/* The job's own deadline (seconds, 0: the executor's) and capture. */
+static pp_job *job_options(lua_State *L, pp_job *j, double timeout, int capture) {
+  if (pp_job_set_timeout(j, timeout > 0 ? (uint64_t)(timeout * 1e9) : 0) != 0) job_fail(L, j);
+  if (pp_job_set_capture(j, capture) != 0) job_fail(L, j);
+  return j;
+}
+
 static pp_job *new_job(lua_State *L, uint32_t n, pp_wbuf *b, double timeout, int capture) {
   pp_job *j = pp_job_new(n, 0);
   if (!j) luaL_error(L, "procpool: not enough memory");
@@ -320,9 +327,7 @@ static pp_job *new_job(lua_State *L, uint32_t n, pp_wbuf *b, double timeout, int
     pp_blob_unref(payload);
     job_fail(L, j);
   }
-  if (pp_job_set_timeout(j, timeout > 0 ? (uint64_t)(timeout * 1e9) : 0) != 0) job_fail(L, j);
-  if (pp_job_set_capture(j, capture) != 0) job_fail(L, j);
-  return j;
+  return job_options(L, j, timeout, capture);
 }
 
 /* The job of one task whose payload is in b, its function part ending at
@@ -338,9 +343,7 @@ static pp_job *task_job(lua_State *L, pp_exec *x, pp_wbuf *b, size_t fnend, doub
   j->fn = pp_fncache_get(&x->fns, b->p, fnend);
   pp_wbuf_reset(b);
   if (!j->fn) job_fail(L, j);
-  if (pp_job_set_timeout(j, timeout > 0 ? (uint64_t)(timeout * 1e9) : 0) != 0) job_fail(L, j);
-  if (pp_job_set_capture(j, capture) != 0) job_fail(L, j);
-  return j;
+  return job_options(L, j, timeout, capture);
 }
 
 /* Submit fn(...) (fn at index `fi`, its arguments after it; the
@@ -396,7 +399,6 @@ static int l_submit_chunk(lua_State *L) {
   double timeout = luaL_optnumber(L, 7, 0);
   lua_Integer pos0 = luaL_optinteger(L, 8, lo - 1) + 1; /* input position of items[lo] */
   int heard = lua_isfunction(L, 9);
-  int reports = heard ? PP_REPORTS_QUEUE : PP_REPORTS_DROP;
   int capture = lua_isnoneornil(L, 10) ? x->capture : lua_toboolean(L, 10);
   if (hi - lo + 1 < 0 || hi - lo + 1 > (lua_Integer)UINT32_MAX / 2)
     luaL_argerror(L, 5, "bad range");
@@ -445,7 +447,9 @@ static int l_submit_chunk(lua_State *L) {
     patch_len(b, at);
   }
   pp_job *j = new_job(L, n, b, timeout, capture);
-  if (pp_job_set_reports(j, reports) != 0) job_fail(L, j);
+  /* reports nobody hears are dropped in the engine; a listener asks for
+   * them (pp_future_listen_items) */
+  if (!heard && pp_job_set_reports(j, PP_REPORTS_DROP) != 0) job_fail(L, j);
   submit_job_heard(L, x, j, heard ? 9 : 0);
   return 1;
 }
