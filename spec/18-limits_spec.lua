@@ -89,17 +89,19 @@ describe("limits.memory", function()
 
   it("fails the item of a map, and Pool's error_callback gets the MemoryError", function()
     local pool <close> = procpool.Pool { processes = 2, limits = { memory = "32M" } }
-    local ok, err = pcall(pool.map, pool, function(x)
-      if x == 3 then return greedy() end
-      return x
-    end, H.range(6))
+    local ok, err = pcall(function()
+      return pool:map_async(function(x)
+        if x == 3 then return greedy() end
+        return x
+      end, H.range(6)):get(T)
+    end)
     assert.is_false(ok)
     assert.is_true(procpool.is_error(err, "MemoryError"), tostring(err))
     local got
     local r = pool:apply_async(greedy, nil, { error_callback = function(e) got = e end })
     assert.is_false(select(1, pcall(r.get, r, T)))
     assert.is_true(procpool.is_error(got, "MemoryError"))
-    local r3 = pool:map(function(x) return x end, { 1, 2, 3 })
+    local r3 = pool:map_async(function(x) return x end, { 1, 2, 3 }):get(T)
     assert.are.same({ 1, 2, 3 }, { r3[1], r3[2], r3[3] })
   end)
 

@@ -118,7 +118,7 @@ for _, context in ipairs({ "fork", "spawn" }) do
       local opts = { on_output = function(i, out, err)
         seen[i] = { out, err }
         order[#order + 1] = "output " .. i
-      end, chunksize = 3 }
+      end, chunksize = 3, timeout = T }
       for i, v in ex:map(function(x) print("item " .. x) io.stderr:write("e" .. x) return x end,
         { 1, 2, 3, 4, 5, 6, 7 }, opts) do
         assert.are.equal(i, v)
@@ -133,7 +133,8 @@ for _, context in ipairs({ "fork", "spawn" }) do
 
     it("writes a map item's output to io.stdout by default, in item order", function()
       local got = with_stdout(function()
-        for _ in ex:map(function(x) print("line " .. x) return x end, { 1, 2, 3, 4 }) do end
+        for _ in ex:map(function(x) print("line " .. x) return x end, { 1, 2, 3, 4 },
+          { timeout = T }) do end
       end)
       assert.are.equal("line 1\nline 2\nline 3\nline 4\n", got)
     end)
@@ -142,7 +143,8 @@ for _, context in ipairs({ "fork", "spawn" }) do
       local seen = {}
       local ok = pcall(function()
         for _ in ex:map(function(x) print("x" .. x) if x == 2 then error("bad") end return x end,
-          { 1, 2, 3 }, { on_output = function(i, out) seen[i] = out end, chunksize = 1 }) do end
+          { 1, 2, 3 }, { on_output = function(i, out) seen[i] = out end, chunksize = 1,
+            timeout = T }) do end
       end)
       assert.is_false(ok)
       assert.are.equal("x1\n", seen[1])
@@ -162,7 +164,7 @@ describe("output", function()
     local f = ex:submit(function() return 1 end)
     assert.are.equal(1, f:result(T))
     assert.is_nil(f:output(T))
-    for i, v in ex:map(function(x) return x end, { 1, 2 }, { on_output = error }) do
+    for i, v in ex:map(function(x) return x end, { 1, 2 }, { on_output = error, timeout = T }) do
       assert.are.equal(i, v)
     end
   end)
@@ -181,7 +183,7 @@ describe("output", function()
     local ex <close> = procpool.ProcessPoolExecutor { max_workers = 2 }
     local seen = {}
     for _ in ex:map(function(x) io.write(x) return x end, { "a", "b" },
-      { output = "capture", on_output = function(i, out) seen[i] = out end }) do end
+      { output = "capture", on_output = function(i, out) seen[i] = out end, timeout = T }) do end
     assert.are.same({ "a", "b" }, seen)
   end)
 
@@ -254,7 +256,8 @@ describe("output", function()
     it("map writes each item's output grouped, in order, as get() delivers", function()
       local r
       local got = with_stdout(function()
-        r = pool:map(function(x) print("p" .. x) return x * 2 end, { 1, 2, 3, 4, 5 }, 2)
+        r = pool:map_async(function(x) print("p" .. x) return x * 2 end, { 1, 2, 3, 4, 5 },
+          { chunksize = 2 }):get(T)
       end)
       assert.are.same({ 2, 4, 6, 8, 10, n = 5 }, r)
       assert.are.equal("p1\np2\np3\np4\np5\n", got)
@@ -276,7 +279,7 @@ describe("output", function()
     it("imap_unordered hands on each item's output with its index", function()
       local seen = {}
       for i, v in pool:imap_unordered(function(x) io.write("u" .. x) return x end, { 1, 2, 3 },
-        { on_output = function(i, out) seen[i] = out end }) do
+        { on_output = function(i, out) seen[i] = out end, timeout = T }) do
         assert.are.equal(i, v)
         assert.are.equal("u" .. i, seen[i])
       end
@@ -284,8 +287,8 @@ describe("output", function()
 
     it("map with output = \"inherit\" does not capture", function()
       local seen = 0
-      local r = pool:map(function(x) return x end, { 1, 2 },
-        { output = "inherit", on_output = function() seen = seen + 1 end })
+      local r = pool:map_async(function(x) return x end, { 1, 2 },
+        { output = "inherit", on_output = function() seen = seen + 1 end }):get(T)
       assert.are.same({ 1, 2, n = 2 }, r)
       assert.are.equal(0, seen)
     end)

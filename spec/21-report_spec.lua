@@ -228,19 +228,21 @@ describe("reports", function()
     end
     local want = "1:-1 2:-2 3:-3 4:-4"
     assert.are.equal(want, collect(function(cb)
-      assert.are.equal(4, pool:map(task, H.range(4), { chunksize = 3, on_report = cb }).n)
+      assert.are.equal(4, pool:map_async(task, H.range(4), { chunksize = 3, on_report = cb })
+        :get(T).n)
     end))
     assert.are.equal(want, collect(function(cb)
-      pool:starmap(task, { { 1 }, { 2 }, { 3 }, { 4 } }, { on_report = cb })
+      pool:starmap_async(task, { { 1 }, { 2 }, { 3 }, { 4 } }, { on_report = cb }):get(T)
     end))
     assert.are.equal(want, collect(function(cb)
       pool:map_async(task, H.range(4), { on_report = cb }):get(T)
     end))
     assert.are.equal(want, collect(function(cb)
-      for _ in pool:imap(task, H.range(4), { on_report = cb }) do end
+      for _ in pool:imap(task, H.range(4), { on_report = cb, timeout = T }) do end
     end))
     assert.are.equal(want, collect(function(cb)
-      for _ in pool:imap_unordered(task, H.range(4), { chunksize = 2, on_report = cb }) do end
+      for _ in pool:imap_unordered(task, H.range(4), { chunksize = 2, on_report = cb, timeout = T })
+      do end
     end))
   end)
 
@@ -326,7 +328,7 @@ describe("reports", function()
         require("procpool.core").sleep(0.3)
         return x
       end
-      for _ in ex:map(half, { 1 }, { progress = true }) do end
+      for _ in ex:map(half, { 1 }, { progress = true, timeout = 10 }) do end
       ex:shutdown()
     ]]))
     f:close()
