@@ -294,7 +294,7 @@ static int add_listener(lua_State *L) {
   luaL_checktype(L, 2, LUA_TFUNCTION);
   pp_report_note latest;
   if (pp_progress_listen(L, 1, f->e, f->job, 2, 0, &latest)) pp_future_count_engine(L, f->e, 1);
-  pp_progress_catch_up(L, 1, 2, &latest, 0);
+  pp_progress_catch_up(L, 1, 2, &latest);
   return 0;
 }
 

@@ -205,9 +205,9 @@ int pp_progress_listen(lua_State *L, int fut, pp_engine *e, pp_job *j, int cb, i
   return added;
 }
 
-void pp_progress_catch_up(lua_State *L, int fut, int cb, pp_report_note *latest, int indexed) {
+void pp_progress_catch_up(lua_State *L, int fut, int cb, pp_report_note *latest) {
   if (!latest->num) return;
-  call_one(L, lua_absindex(L, cb), lua_absindex(L, fut), latest, indexed);
+  call_one(L, lua_absindex(L, cb), lua_absindex(L, fut), latest, 0);
   pp_blob_unref(latest->blob);
   latest->blob = NULL;
 }

@@ -23,8 +23,9 @@ int pp_progress_forget(lua_State *L, pp_job *j);
  * watched, then calls pp_progress_catch_up. */
 int pp_progress_listen(lua_State *L, int fut, pp_engine *e, pp_job *j, int cb, int indexed,
                        pp_report_note *latest);
-/* Call the new listener at `cb` with *latest, if there is one, and drop it. */
-void pp_progress_catch_up(lua_State *L, int fut, int cb, pp_report_note *latest, int indexed);
+/* Call the new listener at `cb` (not an indexed one: those are given every
+ * queued report instead) with *latest, if there is one, and drop it. */
+void pp_progress_catch_up(lua_State *L, int fut, int cb, pp_report_note *latest);
 /* Push the values of the job's latest report; returns how many (0: none
  * yet). Raises if they cannot be decoded here. */
 int pp_progress_latest(lua_State *L, pp_engine *e, pp_job *j);
