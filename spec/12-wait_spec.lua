@@ -236,3 +236,62 @@ describe("waiting", function()
     end)
   end)
 end)
+
+-- lua.c turns Ctrl-C into the error "interrupted!" through a hook that runs
+-- at the next Lua instruction; a wait that slept again after the signal
+-- would keep the user waiting until its timeout.
+describe("Ctrl-C during a wait", function()
+  local H = require "spec.helper"
+  local waits = {
+    ["f:result(T)"] = "f:result(60)",
+    ["procpool.wait"] = "procpool.wait({ f }, { timeout = 60 })",
+    ["ex:poll(T)"] = "ex:poll(0) ex:poll(60)", -- (the first takes the quick task's end)
+  }
+  for name, call in pairs(waits) do
+    it("ends " .. name .. " with lua's 'interrupted!' at once", function()
+      local dir = os.tmpname()
+      os.remove(dir)
+      assert(os.execute("mkdir " .. dir))
+      local script, ready, wpid = dir .. "/wait.lua", dir .. "/ready", dir .. "/worker"
+      local f = assert(io.open(script, "w"))
+      f:write(string.format([[
+local procpool = require "procpool"
+local ex = procpool.ProcessPoolExecutor { max_workers = 1 }
+ex:submit(function() end):result(30) -- the pool is up
+local f = ex:submit(function()
+  local w = io.open(%q, "w")
+  w:write(io.open("/proc/self/stat"):read("l"):match("^%%d+"))
+  w:close()
+  require("procpool.core").sleep(30)
+end)
+while not io.open(%q) do require("procpool.core").sleep(0.01) end
+io.open(%q, "w"):close()
+%s
+print("the wait ended without the interrupt")
+]], wpid, wpid, ready, call))
+      f:close()
+      local lua = os.getenv("PROCPOOL_LUA") or "lua5.4"
+      local t0 = core.monotonic()
+      local p = io.popen(string.format("timeout 60 sh -c '%s %s 2>%s/err & p=$!; "
+        .. "for i in $(seq 300); do [ -e %s ] && break; sleep 0.05; done; sleep 0.2; "
+        .. "kill -INT $p; wait $p; echo status $?'", lua, script, dir, ready))
+      local out = p:read("a")
+      p:close()
+      local elapsed = core.monotonic() - t0
+      local ef = io.open(dir .. "/err")
+      local err = ef and ef:read("a") or ""
+      if ef then ef:close() end
+      local pf = io.open(wpid)
+      local worker = pf and tonumber(pf:read("a"))
+      if pf then pf:close() end
+      os.execute("rm -rf " .. dir)
+      assert.matches("interrupted!", err)
+      assert.is_number(worker)
+      -- the executor closed as the interpreter exited: its worker is gone
+      assert.is_true(H.eventually(function() return H.proc_state(worker) == nil end, 10))
+      assert.matches("status 1\n", out)
+      assert.is_nil(out:find("without the interrupt", 1, true))
+      assert.is_true(elapsed < 10, "it took " .. elapsed .. " s")
+    end)
+  end
+end)

@@ -537,7 +537,8 @@ static int l_poll(lua_State *L) {
                  .engs = &x->e,
                  .nengs = 1,
                  .deadline = pp_wait_now() + (timeout > 0 ? timeout : 0),
-                 .slice_ms = -1},
+                 .slice_ms = -1,
+                 .on_signal = 1},
                 x,
                 0};
   pp_wait_loop(L, &p.w);
