@@ -256,7 +256,7 @@ describe("ProcessPoolExecutor", function()
     assert.is_true(H.eventually(function() return ex:stats().workers == 2 end, T))
     local st = ex:stats()
     assert.are.same({ workers = 2, pending = 0, running = 0, completed = 0, failed = 0,
-      cancelled = 0, worker_restarts = 0 }, st)
+      cancelled = 0, worker_restarts = 0, taken_back = 0 }, st)
     ex:submit("spec.tasks.add", 1, 1):result(T)
     pcall(function() ex:submit("spec.tasks.fail", "x"):result(T) end)
     st = ex:stats()

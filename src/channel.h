@@ -21,6 +21,9 @@
  * RETIRE (worker -> parent): the worker exits after the results sent so
  * far (a memory error left it unfit); empty body. Not a loss: its
  * unstarted items go to other workers.
+ * RESUME (parent -> worker): the parent took back the items the worker
+ * had not started, up to a seq (wire.h; see pp_page): the worker drops
+ * them and goes on with the frames after this one.
  */
 #define PP_FRAME_HDR 8
 
@@ -32,6 +35,7 @@ enum {
   PP_FR_REPORT = 5,
   PP_FR_OUTBUF = 6,
   PP_FR_RETIRE = 7,
+  PP_FR_RESUME = 8,
 };
 enum { PP_FF_FD = 0x01 };
 enum {
@@ -74,11 +78,24 @@ typedef struct pp_zmsg {
 #define PP_MEMFD_MIN (256u << 10)
 
 /* Shared page per worker: what it is running, so a death or a deadline is
- * charged to the right item. Written by the worker, read by the parent. */
+ * charged to the right item, and the claim that lets the parent take back
+ * what a worker has not started (an item queued behind a long one, while
+ * another worker is idle).
+ *
+ * `started` is the seq of the item last started. The worker claims each
+ * item before running it by a compare-and-swap from the value it last
+ * wrote to the item's seq. The parent takes back every item after the
+ * one running by a compare-and-swap that sets PP_STARTED_REVOKED on the
+ * same value: exactly one of the two succeeds, so an item is either run
+ * by this worker or requeued by the parent, never both, never neither.
+ * A worker whose claim fails drops what it was sent up to the RESUME
+ * frame that follows (the parent sends it with the revocation), then
+ * clears the flag. */
 typedef struct pp_page {
   uint64_t started;    /* seq of the item last started (0: none yet) */
   uint64_t started_ns; /* CLOCK_MONOTONIC of that start, when timed */
 } pp_page;
+#define PP_STARTED_REVOKED (UINT64_C(1) << 63)
 
 /* sendmsg/recvmsg with fds (SCM_RIGHTS), EINTR retried, no SIGPIPE.
  * pp_send_fds attaches nfds fds (0..4) to the bytes p[0..n). pp_recv_fds

@@ -98,6 +98,11 @@ typedef struct pp_worker {
   pp_outarea *outarea; /* its capture area (OUTBUF), mapped, or NULL */
   size_t outsize;
   int unsent; /* given tasks by the dispatch under way */
+  /* taking back what it has not started (steal): the item seen running
+   * and since when; `stalled` once taken back from, until its last item
+   * is in (it gets no new work meanwhile) */
+  uint64_t seen_seq, seen_ns;
+  int stalled;
 } pp_worker;
 
 struct pp_engine {
@@ -128,6 +133,7 @@ struct pp_engine {
   pp_stats st;
   uint64_t ewma_ns;
   int startup_deaths; /* workers in a row that died before being ready */
+  uint64_t steal_at;  /* when to look again for work to take back (0: no need) */
 };
 
 enum { EV_WAKE = 1, EV_ZYGOTE, EV_WORKER, EV_STDERR };
@@ -459,6 +465,13 @@ static void w_signal(pp_worker *w, int sig) {
   if (!sent) kill(w->pid, sig);
 }
 
+/* The seq of the item the worker last started (pp_page), without the
+ * flag of a revocation it has not seen yet. */
+static uint64_t w_started(const pp_worker *w) {
+  if (!w->page) return 0;
+  return __atomic_load_n(&w->page->started, __ATOMIC_ACQUIRE) & ~PP_STARTED_REVOKED;
+}
+
 static void w_flush(pp_engine *e, int slot) {
   pp_worker *w = &e->w[slot];
   if (w->fd < 0) return;
@@ -619,7 +632,7 @@ static int pick_worker(const pp_engine *e, uint32_t win, int idle_only, int chun
   int best = -1;
   for (int s = 0; s < e->cfg.nworkers; s++) {
     const pp_worker *w = &e->w[s];
-    if (w->state != W_READY || w->doomed || w->retire || w->inflight >= win) continue;
+    if (w->state != W_READY || w->doomed || w->retire || w->stalled || w->inflight >= win) continue;
     if (chunk && w->chunks >= CHUNKS_AHEAD) continue;
     if (idle_only && w->inflight) continue;
     if (best < 0 || w->inflight < e->w[best].inflight) best = s;
@@ -693,6 +706,144 @@ static int dispatch(pp_engine *e, int idle_only) {
       w_flush(e, s);
     }
   return timed;
+}
+
+/* Taking back work queued behind a long item. A worker holds a few
+ * items ahead (window(), CHUNKS_AHEAD); when the one it runs turns out
+ * long, those would wait for it while another worker idles. So when the
+ * queue is empty and a worker is idle, a worker that has started nothing
+ * new for STEAL_NS gives back every item it has not started (the claim
+ * of pp_page decides, item by item, who has it): they go back to the
+ * front of the queue, in order, and it gets no new work until what it
+ * kept is in. */
+#define STEAL_NS 2000000u
+
+/* Requeue worker w's items after seq `kept`, whose claim the parent has
+ * revoked. */
+static int w_take_back(pp_engine *e, pp_worker *w, uint64_t kept) {
+  pp_disp *keep_last = NULL, *d = w->dhead;
+  while (d && d->seq0 + d->count <= kept + 1) {
+    keep_last = d;
+    d = d->next;
+  }
+  pp_disp *part = NULL; /* the dispatch running `kept`, whose rest goes back */
+  if (d && d->seq0 <= kept) {
+    part = d;
+    keep_last = d;
+    d = d->next;
+  }
+  if (keep_last)
+    keep_last->next = NULL;
+  else
+    w->dhead = NULL;
+  w->dtail = keep_last;
+  /* latest first: each requeue goes to the front of the queue */
+  pp_disp *rev = NULL;
+  while (d) {
+    pp_disp *next = d->next;
+    d->next = rev;
+    rev = d;
+    d = next;
+  }
+  int err = 0;
+  uint32_t n = 0;
+  while (rev) {
+    pp_disp *next = rev->next;
+    if (!err) err = job_requeue(e, rev->job, rev->first, rev->first + rev->count);
+    n += rev->count;
+    if (rev->count > 1) w->chunks--;
+    pp_job_unref(rev->job);
+    free(rev);
+    rev = next;
+  }
+  if (part) {
+    uint32_t keep = (uint32_t)(kept + 1 - part->seq0);
+    if (!err) err = job_requeue(e, part->job, part->first + keep, part->first + part->count);
+    n += part->count - keep;
+    if (part->count > 1 && keep <= 1) w->chunks--;
+    part->count = keep;
+    if (part->acked == keep) { /* what it kept is in already: the dispatch is done */
+      pp_disp **pd = &w->dhead;
+      pp_disp *prev = NULL;
+      while (*pd != part) {
+        prev = *pd;
+        pd = &prev->next;
+      }
+      *pd = NULL; /* (part is the last one kept) */
+      w->dtail = prev;
+      if (keep > 1) w->chunks--;
+      pp_job_unref(part->job);
+      free(part);
+    }
+  }
+  w->inflight -= n;
+  w->assigned -= n;
+  return err;
+}
+
+/* Append a RESUME frame: the items up to seq `last` were taken back. */
+static int w_resume(pp_worker *w, uint64_t last) {
+  pp_wbuf *b = &w->out.buf;
+  if (pp_wbuf_reserve(b, PP_FRAME_HDR + PP_RESUME_BODY) != 0) return ENOMEM;
+  size_t h = pp_frame_begin(b, PP_FR_RESUME, 0);
+  pp_resume_put((unsigned char *)b->p + b->n, last);
+  b->n += PP_RESUME_BODY;
+  pp_frame_end(b, h);
+  return 0;
+}
+
+/* Take back what a stuck worker has not started, if a worker is idle
+ * and nothing is queued; else, or if it is not stuck long enough yet,
+ * set e->steal_at to when to look again. */
+static void steal(pp_engine *e) {
+  e->steal_at = 0;
+  if (e->qhead || (e->state != PP_E_RUNNING && e->state != PP_E_DRAINING)) return;
+  int idle = 0;
+  for (int s = 0; s < e->cfg.nworkers && !idle; s++) {
+    const pp_worker *w = &e->w[s];
+    idle = w->state == W_READY && !w->doomed && !w->retire && !w->stalled && !w->inflight;
+  }
+  if (!idle) return;
+  uint64_t now = pp_now_ns();
+  int victim = -1;
+  uint64_t most = 0, running = 0;
+  for (int s = 0; s < e->cfg.nworkers; s++) {
+    pp_worker *w = &e->w[s];
+    if (w->state != W_READY || w->doomed || w->retire || w->stalled || !w->page || !w->dhead)
+      continue;
+    uint64_t seq = __atomic_load_n(&w->page->started, __ATOMIC_ACQUIRE);
+    uint64_t last = w->next_seq - 1;
+    if ((seq & PP_STARTED_REVOKED) || last <= seq) continue; /* nothing it has not started */
+    if (seq != w->seen_seq || !w->seen_ns) {
+      w->seen_seq = seq;
+      w->seen_ns = now;
+    }
+    if (now - w->seen_ns < STEAL_NS) {
+      uint64_t due = w->seen_ns + STEAL_NS;
+      if (!e->steal_at || due < e->steal_at) e->steal_at = due;
+      continue;
+    }
+    if (last - seq > most) {
+      most = last - seq;
+      victim = s;
+      running = seq;
+    }
+  }
+  if (victim < 0) return;
+  pp_worker *w = &e->w[victim];
+  uint64_t seen = running;
+  if (!__atomic_compare_exchange_n(&w->page->started, &seen, running | PP_STARTED_REVOKED, 0,
+                                   __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+    return; /* it started its next item meanwhile: not stuck after all */
+  }
+  if (w_take_back(e, w, running) != 0 || w_resume(w, w->next_seq - 1) != 0) {
+    engine_break(e, "out of memory while taking back queued work");
+    return;
+  }
+  w->stalled = w->dhead != NULL; /* (until what it kept is in) */
+  e->st.taken_back += most;
+  w_flush(e, victim);
+  dispatch(e, 0);
 }
 
 /* Forward what a worker wrote to stderr to ours, and keep its tail. The
@@ -816,7 +967,7 @@ static void w_clear(pp_engine *e, int slot) {
 /* The zygote reaped worker `slot`: settle everything it held. */
 static void w_died(pp_engine *e, int slot, int status) {
   pp_worker *w = &e->w[slot];
-  uint64_t started = w->page ? __atomic_load_n(&w->page->started, __ATOMIC_ACQUIRE) : 0;
+  uint64_t started = w_started(w);
   int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
   int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   int lost_one = 0;
@@ -963,7 +1114,10 @@ static int w_results(pp_engine *e, int slot, const pp_frame *f) {
     }
     if (d->acked == d->count) {
       w->dhead = d->next;
-      if (!w->dhead) w->dtail = NULL;
+      if (!w->dhead) {
+        w->dtail = NULL;
+        w->stalled = 0;
+      }
       if (d->count > 1) w->chunks--;
       pp_job_unref(j);
       free(d);
@@ -1251,7 +1405,7 @@ static int deadlines(pp_engine *e) {
       continue;
     }
     if (w->doomed || !w->dhead || !w->page) continue;
-    uint64_t started = __atomic_load_n(&w->page->started, __ATOMIC_ACQUIRE);
+    uint64_t started = w_started(w);
     /* the item running is the first unacknowledged one at or after it */
     for (pp_disp *d = w->dhead; d; d = d->next) {
       uint64_t timeout_ns = pp_engine_job_timeout(e, d->job);
@@ -1300,6 +1454,11 @@ static void *io_main(void *arg) {
   progress(e);
   while (e->state != PP_E_DEAD) {
     int tmo = deadlines(e);
+    if (e->steal_at) { /* (in ms, rounded up, as deadlines) */
+      uint64_t now = pp_now_ns();
+      int ms = e->steal_at > now ? (int)((e->steal_at - now) / 1000000u) + 1 : 0;
+      if (tmo < 0 || ms < tmo) tmo = ms;
+    }
     pthread_mutex_unlock(&e->mu);
     pp_forkgate_leave(); /* a fork may happen while it waits */
     int n = epoll_wait(e->epfd, ev, 64, tmo);
@@ -1324,6 +1483,7 @@ static void *io_main(void *arg) {
     }
     dispatch(e, 0);
     progress(e);
+    steal(e);
   }
   int detached = e->th_detached;
   e->th_running = 0;

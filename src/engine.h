@@ -177,6 +177,7 @@ typedef struct pp_engine_cfg {
 typedef struct pp_stats {
   int workers;
   uint64_t pending, running, completed, failed, cancelled, worker_restarts;
+  uint64_t taken_back; /* items a worker had not started, requeued (see steal) */
 } pp_stats;
 
 typedef struct pp_engine pp_engine;

@@ -492,7 +492,7 @@ static int l_stats(lua_State *L) {
   pp_exec *x = checkexec(L, 1);
   pp_stats s;
   pp_engine_stats(x->e, &s);
-  lua_createtable(L, 0, 7);
+  lua_createtable(L, 0, 8);
   lua_pushinteger(L, s.workers);
   lua_setfield(L, -2, "workers");
 #define F(name)                                                                                    \
@@ -504,6 +504,7 @@ static int l_stats(lua_State *L) {
   F(failed);
   F(cancelled);
   F(worker_restarts);
+  F(taken_back);
 #undef F
   return 1;
 }

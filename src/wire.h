@@ -1,4 +1,4 @@
-/* wire.h: the bodies of the frames (TASK, RESULT, REPORT) and the job payload:
+/* wire.h: the bodies of the frames (TASK, RESULT, REPORT, RESUME) and the job payload:
  * their layout, named, and the one writer and reader of each field. The
  * framing itself (header, fds) is channel.h's. Everything is
  * little-endian.
@@ -17,6 +17,7 @@
  * The capture area (OUTBUF's memfd): pp_outarea, then the bytes.
  * REPORT (worker -> parent): u64 seq (the item running), then the
  *   encoded values of procpool.report (a value list)
+ * RESUME (parent -> worker): u64 seq, the last item taken back
  */
 #ifndef PP_WIRE_H
 #define PP_WIRE_H
@@ -103,6 +104,11 @@ static inline void pp_result_fd_item_put(unsigned char *q, int status, uint64_t 
   pp_put64(q + 1, len);
 }
 static inline uint64_t pp_result_fd_item_len(const unsigned char *q) { return pp_get64(q + 1); }
+
+/* A RESUME frame's body: u64 seq, the last item taken back. */
+#define PP_RESUME_BODY 8
+static inline void pp_resume_put(unsigned char *q, uint64_t last) { pp_put64(q, last); }
+static inline uint64_t pp_resume_get(const unsigned char *q) { return pp_get64(q); }
 
 /* A capture TASK frame ends with u64 max_output: the size of the
  * worker's capture area, made at its first such frame. */

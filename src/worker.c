@@ -93,6 +93,12 @@ typedef struct wstate {
   int fncache; /* stack index of the function cache */
   pp_limiter lim;
   int retiring; /* a memory error: exit after the results */
+  /* the item claim (pp_page): `claimed` is what this worker last wrote
+   * to page->started; `revoked` once a claim failed: the parent took
+   * back the items not started, and the frames up to its RESUME are
+   * dropped (`dropped_to`: the last seq dropped) */
+  uint64_t claimed, dropped_to;
+  int revoked;
   /* captured output (capture.c): made at the first capture TASK frame;
    * `capturing` while fds 1 and 2 go to it (switched per frame) */
   pp_capture *cap;
@@ -123,6 +129,25 @@ static void claim(wstate *ws) {
 }
 
 static void unclaim(wstate *ws) { __atomic_store_n(&ws->owner, OWN_NONE, __ATOMIC_RELEASE); }
+
+/* Claim item `seq` before running it (pp_page): 1 if it is ours to run;
+ * 0 if the parent took it back (with every later item it had sent). */
+static int start_item(wstate *ws, uint64_t seq) {
+  uint64_t was = ws->claimed;
+  if (__atomic_compare_exchange_n(&ws->page->started, &was, seq, 0, __ATOMIC_ACQ_REL,
+                                  __ATOMIC_ACQUIRE)) {
+    ws->claimed = seq;
+    return 1;
+  }
+  ws->revoked = 1; /* `was` is claimed | PP_STARTED_REVOKED */
+  return 0;
+}
+
+/* Items seq0 .. seq0+count-1 (count > 0) are dropped: the parent took
+ * them back. */
+static void dropped(wstate *ws, uint64_t seq0, uint32_t count) {
+  if (seq0 + count - 1 > ws->dropped_to) ws->dropped_to = seq0 + count - 1;
+}
 
 __attribute__((noreturn)) static void wexit(wstate *ws, int code) {
   (void)ws;
@@ -514,8 +539,11 @@ static int item_loop(lua_State *L) {
     uint64_t seq = b->seq0 + b->k;
     pp_limiter_item(&ws->lim, ws->last_t); /* (and forget refusals before it) */
     if (b->timed) __atomic_store_n(&ws->page->started_ns, ws->last_t, __ATOMIC_RELEASE);
+    if (!start_item(ws, seq)) {
+      dropped(ws, seq, b->count - b->k);
+      return 0;
+    }
     if (ws->capturing) pp_capture_begin(ws->cap, seq);
-    __atomic_store_n(&ws->page->started, seq, __ATOMIC_RELEASE);
     ws->rep.seq = seq;
     if (__atomic_load_n(&ws->bstate, __ATOMIC_RELAXED) == BATCH_OPEN) watch_batch(ws);
     lua_settop(L, 2);
@@ -713,12 +741,16 @@ static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
       lua_setfield(L, LUA_REGISTRYINDEX, "procpool.traceback");
     }
     for (; b.k < count; b.k++) { /* every item: the function is the same for all */
+      if (!start_item(ws, seq0 + b.k)) {
+        dropped(ws, seq0 + b.k, count - b.k);
+        break;
+      }
       if (ws->capturing) pp_capture_begin(ws->cap, seq0 + b.k);
       encode_error(ws, fnidx);
       put_result(ws, seq0 + b.k, with_output(ws, PP_RES_ERROR), pp_now_ns(), 0);
     }
   }
-  while (b.k < count && !ws->retiring) {
+  while (b.k < count && !ws->retiring && !ws->revoked) {
     lua_settop(L, fnidx);
     lua_pushcfunction(L, item_loop);
     lua_pushlightuserdata(L, &b);
@@ -836,7 +868,22 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
       if (r < 0 && errno != EINTR && errno != EAGAIN) wexit(&ws, 0);
       continue;
     }
+    if (f.type == PP_FR_RESUME) { /* the items taken back end here */
+      if (!ws.revoked || f.len < PP_RESUME_BODY || pp_resume_get(f.body) < ws.dropped_to)
+        wexit(&ws, 71);
+      __atomic_store_n(&page->started, ws.claimed, __ATOMIC_RELEASE);
+      ws.revoked = 0;
+      continue;
+    }
     if (f.type != PP_FR_TASK) wexit(&ws, 71);
+    if (ws.revoked) { /* sent before the parent took it back */
+      pp_task_hdr th;
+      if (f.len < PP_TASK_HDR) wexit(&ws, 71);
+      pp_task_hdr_get(f.body, &th);
+      if (th.count) dropped(&ws, th.seq0, th.count);
+      if (f.fd >= 0) close(f.fd);
+      continue;
+    }
     run_task(&ws, f.body, f.len, f.fd);
     if (ws.retiring) {
       send_empty(&ws, PP_FR_RETIRE);
