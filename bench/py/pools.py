@@ -68,6 +68,13 @@ def executor_map(n=200000):
         return n / best(lambda: list(ex.map(noop, items)), reps=1)
 
 
+def executor_map_chunked(n=200000, chunksize=1000):
+    items = list(range(n))
+    with ProcessPoolExecutor(W, mp_context=CTX) as ex:
+        ex.submit(noop).result()
+        return n / best(lambda: list(ex.map(noop, items, chunksize=chunksize)))
+
+
 def pool_map(n=200000):
     items = list(range(n))
     with CTX.Pool(W) as p:
