@@ -68,6 +68,13 @@ def executor_map(n=200000):
         return n / best(lambda: list(ex.map(noop, items)), reps=1)
 
 
+def executor_map_chunked(n=200000, chunksize=1000):
+    items = list(range(n))
+    with ProcessPoolExecutor(W, mp_context=CTX) as ex:
+        ex.submit(noop).result()
+        return n / best(lambda: list(ex.map(noop, items, chunksize=chunksize)))
+
+
 def pool_map(n=200000):
     items = list(range(n))
     with CTX.Pool(W) as p:
@@ -168,6 +175,7 @@ def heavy_tail(n=200, seed=3):
 
 
 ADVERSARIAL = [0.5] + [0.002] * 200
+ORDER = [0.5, 0.001, 0.001, 0.001]
 N_BURST = 2000
 
 
@@ -237,9 +245,26 @@ def makespan_adv_imap():
                       setup=pool_burst(p))
 
 
+def sleep_and_return(d):
+    time.sleep(d)
+    return d
+
+
+def makespan_slow_last(reps=3):
+    """Runs (of reps) in which imap_unordered(f, [0.5, 1 ms x 3], 1) right
+    after a burst yields the slow item last."""
+    with CTX.Pool(W) as p:
+        p.map(noop, range(10))
+        k = 0
+        for _ in range(reps):
+            pool_burst(p)()
+            k += list(p.imap_unordered(sleep_and_return, ORDER, 1))[-1] == ORDER[0]
+        return k
+
+
 WORKLOADS = {k: v for k, v in globals().items() if callable(v) and k not in (
     "best", "noop", "echo", "spin", "ProcessPoolExecutor", "median", "heavy_tail",
-    "submit_all", "ex_burst", "pool_burst", "rss")}
+    "submit_all", "ex_burst", "pool_burst", "rss", "sleep_and_return")}
 
 if __name__ == "__main__":
     out = {}
