@@ -263,8 +263,8 @@ describe("the maps' items handed out from a chunk", function()
       it("fails a result it cannot decode at its position: map stops, imap goes on", function()
         local items = {}
         for i = 1, 30 do items[i] = i end
-        local got, ok, e = {}, nil, nil
-        ok, e = pcall(function()
+        local got = {}
+        local ok, e = pcall(function()
           for i, v in ex:map(undecodable, items, { chunksize = 10, timeout = T }) do got[i] = v end
         end)
         assert.is_false(ok)

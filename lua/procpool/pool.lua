@@ -21,6 +21,8 @@ local check_fn, items_of, context_of, initializer_of = check.check_fn, check.ite
 local finish, iterate = futures.finish, map.iterate
 local join, abandon = executor.join, executor.abandon
 local await = core.await
+-- (locals, not globals: apply_async and get use them once per task)
+local setmetatable, select, unpack, pack = setmetatable, select, table.unpack, table.pack
 
 ---------------------------------------------------------------------
 -- AsyncResult
@@ -54,12 +56,20 @@ end
 -- costs a table and a weak-table entry per task.
 local function keep_apply(r, ok, ...)
   r._ok = ok
-  if not ok or select("#", ...) == 1 then
-    r._value = ...
-  else
-    r._vals = table.pack(...)
-  end
+  if ok and select("#", ...) ~= 1 then r._vals = pack(...) else r._value = ... end
   return ok, ...
+end
+
+-- get()'s first look at the outcome: kept, then the values returned or
+-- the error raised (keep_apply and finish in one call)
+local function settle(r, ok, ...)
+  r._ok = ok
+  if not ok then
+    r._value = ...
+    error((...), 0)
+  end
+  if select("#", ...) ~= 1 then r._vals = pack(...) else r._value = ... end
+  return ...
 end
 
 -- true, values... | false, error
@@ -67,7 +77,7 @@ local function apply_outcome(r)
   local ok = r._ok
   if ok == nil then return keep_apply(r, r._fut:_item(1, true)) end
   local vals = r._vals
-  if vals then return true, table.unpack(vals, 1, vals.n) end
+  if vals then return true, unpack(vals, 1, vals.n) end
   return ok, r._value
 end
 
@@ -104,15 +114,6 @@ end
 local function new_result(futs, n, callback, error_callback, emit)
   local r = setmetatable({ _futs = futs, _n = n, _emit = emit }, AsyncResult)
   if callback or error_callback then watch(r, futs, callback, error_callback) end
-  return r
-end
-
--- An apply's result: no list of one future, and room for its outcome
--- from the start (the nil fields size the table), as this is the
--- per-call cost of apply_async.
-local function new_apply(f, callback, error_callback, emit)
-  local r = setmetatable({ _fut = f, _emit = emit, _ok = nil, _value = nil }, AsyncResult)
-  if callback or error_callback then watch(r, { f }, callback, error_callback) end
   return r
 end
 
@@ -167,6 +168,7 @@ function AsyncResult:get(timeout)
       raise("TimeoutError", string.format("the result was not ready within %g seconds", timeout))
     end
     if self._emit then emit_upto(self, 1) end
+    if self._ok == nil then return settle(self, fut:_item(1, true)) end
     return finish(apply_outcome(self))
   end
   if self._ok == nil then
@@ -303,7 +305,8 @@ function Pool:apply_async(fn, args, opts)
   -- the executor's own state (broken, shut down) is checked by its submit,
   -- under the engine's lock it takes anyway: one lock per call, not three
   if self._state ~= "RUN" then raise("InvalidStateError", "Pool not running") end
-  check_fn(fn, 1, "apply_async")
+  local tf = type(fn)
+  if tf ~= "function" and tf ~= "string" then check_fn(fn, 1, "apply_async") end
   if args ~= nil and type(args) ~= "table" then
     error("bad argument #2 to 'apply_async' (table of arguments expected, got " .. type(args) .. ")", 2)
   end
@@ -317,11 +320,16 @@ function Pool:apply_async(fn, args, opts)
   end
   local f
   if args then
-    f = self._ex:_submit(timeout, fn, table.unpack(args, 1, args.n or #args))
+    f = self._ex:_submit(timeout, fn, unpack(args, 1, args.n or #args))
   else
     f = self._ex:_submit(timeout, fn)
   end
-  return new_apply(f, callback, error_callback, self._capture and output.emitter(nil) or nil)
+  -- the result: no list of one future, and room for its outcome from the
+  -- start (the nil fields size the table)
+  local r = setmetatable({ _fut = f, _emit = self._capture and output.emitter(nil) or nil,
+    _ok = nil, _value = nil }, AsyncResult)
+  if callback or error_callback then watch(r, { f }, callback, error_callback) end
+  return r
 end
 
 --- fn(table.unpack(args)), blocking; its values.
