@@ -60,9 +60,10 @@ static int hand_out(lua_State *L, cursor *c, int ci) {
   return 1;
 }
 
-/* `slow` returned false: it armed the cursor again */
+/* `slow` returned false alone: it armed the cursor again (what it
+ * returned is on an empty stack) */
 static int rearmed(lua_State *L) {
-  if (lua_type(L, -2) != LUA_TBOOLEAN || lua_toboolean(L, -2)) return 0;
+  if (lua_gettop(L) != 1 || lua_type(L, 1) != LUA_TBOOLEAN || lua_toboolean(L, 1)) return 0;
   lua_settop(L, 0);
   return 1;
 }
@@ -72,7 +73,7 @@ static int next_k(lua_State *L, int status, lua_KContext ctx);
 /* The iterator's step: an item from the cursor, or else the pipeline's
  * own step (the upvalue `slow`), called with the chunk position the
  * cursor reached (nil if it was not armed). `slow` returns what the
- * iterator returns (i, v, or nothing at the end), or false once it has
+ * iterator returns (i, v, or nil at the end), or false alone once it has
  * armed the cursor again. */
 static int step(lua_State *L) {
   for (;;) {
@@ -87,15 +88,15 @@ static int step(lua_State *L) {
       lua_pushinteger(L, pos);
     else
       lua_pushnil(L);
-    lua_callk(L, 1, 2, 0, next_k); /* it may yield, in a wait */
-    if (!rearmed(L)) return 2;
+    lua_callk(L, 1, LUA_MULTRET, 0, next_k); /* it may yield, in a wait */
+    if (!rearmed(L)) return lua_gettop(L);
   }
 }
 
 static int next_k(lua_State *L, int status, lua_KContext ctx) {
   (void)status;
   (void)ctx;
-  return rearmed(L) ? step(L) : 2;
+  return rearmed(L) ? step(L) : lua_gettop(L);
 }
 
 /* the generic-for iterator (its arguments, if any, are not used) */
