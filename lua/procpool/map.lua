@@ -368,6 +368,7 @@ local function new(ex, fn, o, it)
 
   -- with captured output every item goes through take, which hands it on
   if emit then take_decoded = function() end end
+  local take_item = take -- the iterators' take; take_next with the cursor
 
   -- take, and the cursor armed over the chunk's items after it that it can
   -- hand out (not its last): a done chunk's, from its future, decoded as
@@ -375,7 +376,6 @@ local function new(ex, fn, o, it)
   -- or the rest of the run that take decoded. Returns false, without
   -- taking the item, when the cursor hands it out itself.
   local function take_next(c)
-    if not cursor then return take(c) end
     local pos, to = c.pos, c.n - 1
     if pos < to and c.fut and not c.general and (not c.upto or pos >= c.upto)
       and cursor:arm(c.fut, pos, to, c.base) then
@@ -412,7 +412,7 @@ local function new(ex, fn, o, it)
       chunks[head] = nil
       head = head + 1
     end
-    return take_next(c)
+    return take_item(c)
   end
 
   local function unordered()
@@ -443,7 +443,7 @@ local function new(ex, fn, o, it)
       current = c
     end
     if c.pos + 1 == c.n then remove(c) end -- its last item: the chunk leaves the list
-    return take_next(c)
+    return take_item(c)
   end
 
   local iter = mode == "unordered" and unordered or ordered
@@ -465,6 +465,7 @@ local function new(ex, fn, o, it)
   end
   local nexti
   cursor, nexti = core.map_cursor(resume)
+  take_item = take_next
   return nexti, nil, nil, closer
 end
 
