@@ -320,14 +320,20 @@ function Pool:apply_async(fn, args, opts)
   end
   local f
   if args then
-    f = self._ex:_submit(timeout, fn, unpack(args, 1, args.n or #args))
+    local n = args.n or #args
+    if n == 1 then -- the usual one argument, without a call to unpack
+      f = self._ex:_submit(timeout, fn, args[1])
+    else
+      f = self._ex:_submit(timeout, fn, unpack(args, 1, n))
+    end
   else
     f = self._ex:_submit(timeout, fn)
   end
-  -- the result: no list of one future, and room for its outcome from the
-  -- start (the nil fields size the table)
-  local r = setmetatable({ _fut = f, _emit = self._capture and output.emitter(nil) or nil,
-    _ok = nil, _value = nil }, AsyncResult)
+  -- the result: no list of one future, and one field (get adds the
+  -- outcome's: the time spent here between submits decides how well the
+  -- engine batches them)
+  local r = setmetatable({ _fut = f }, AsyncResult)
+  if self._capture then r._emit = output.emitter(nil) end
   if callback or error_callback then watch(r, { f }, callback, error_callback) end
   return r
 end
