@@ -81,7 +81,7 @@
 -- chunk's results from its future, or handing out the rest of a run
 -- decoded here, and calls back into the pipeline (`resume`) for the rest
 -- (the next chunk, waits, failures, each chunk's last item). On
--- imap_unordered of 200 000 no-ops (chunksize 1000) that is about 2.3x
+-- imap_unordered of 200 000 no-ops (chunksize 1000) that is 1.7-2.5x
 -- the items per second of the Lua iterators alone.
 -- With progress or captured output, which do something per item, the
 -- Lua iterators run alone, taking an item already decoded on a fast path
