@@ -45,6 +45,7 @@ build = {
         "src/capture.c",
         "src/channel.c",
         "src/codec.c",
+        "src/cursor.c",
         "src/decode.c",
         "src/encode.c",
         "src/engine.c",

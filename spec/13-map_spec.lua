@@ -187,3 +187,132 @@ describe("Executor:map", function()
     assert.matches("starmap item 1 is not a table", e)
   end)
 end)
+
+-- The iterators hand out the items of a chunk from C (src/cursor.c): a
+-- done chunk's results decoded one by one from its future, or the rest of
+-- a run decoded in Lua. Item 1 holds the first chunk back, so the chunks
+-- after it are done when iteration reaches them.
+describe("the maps' items handed out from a chunk", function()
+  local function task(x)
+    if x == 1 then require("procpool.core").sleep(0.2) end
+    local k = x % 6
+    if k == 0 then return { x } end -- a table: for the general decoder
+    if k == 1 then return nil end
+    if k == 2 then return "s" .. x end
+    if k == 3 then return x + 0.5 end
+    if k == 4 then return x % 2 == 0, "a second value" end
+    return x
+  end
+  local function want(x)
+    local k = x % 6
+    if k == 0 then return { x } end
+    if k == 1 then return nil end
+    if k == 2 then return "s" .. x end
+    if k == 3 then return x + 0.5 end
+    if k == 4 then return x % 2 == 0 end
+    return x
+  end
+  -- a value the worker can send but the parent cannot rebuild
+  local function undecodable(x)
+    if x == 1 then require("procpool.core").sleep(0.2) end
+    if x ~= 15 then return x end
+    package.loaded["only_in_worker"] = { make = function() return {} end }
+    return setmetatable({}, { __serialize = function() return "only_in_worker.make" end })
+  end
+
+  for _, context in ipairs { "fork", "spawn" } do
+    describe("(" .. context .. ")", function()
+      local ex, pool
+      before_each(function()
+        ex = procpool.ProcessPoolExecutor { max_workers = 2, context = context }
+        pool = procpool.Pool { processes = 2, context = context }
+      end)
+      after_each(function()
+        ex:shutdown { cancel_futures = true }
+        pool:terminate()
+        pool:join()
+        collectgarbage()
+        collectgarbage()
+      end)
+
+      it("hands out every kind of result in order (map, imap) or once each (imap_unordered)", function()
+        local items = {}
+        for i = 1, 60 do items[i] = i end
+        for _, iter in ipairs {
+          function() return ex:map(task, items, { chunksize = 10, timeout = T }) end,
+          function() return pool:imap(task, items, { chunksize = 10, timeout = T }) end,
+        } do
+          local n = 0
+          for i, v in iter() do
+            n = n + 1
+            assert.are.equal(n, i)
+            assert.are.same(want(i), v)
+          end
+          assert.are.equal(60, n)
+        end
+        local seen, n = {}, 0
+        for i, v in pool:imap_unordered(task, items, { chunksize = 10, timeout = T }) do
+          assert.is_nil(seen[i])
+          seen[i] = true
+          n = n + 1
+          assert.are.same(want(i), v)
+        end
+        assert.are.equal(60, n)
+      end)
+
+      it("fails a result it cannot decode at its position: map stops, imap goes on", function()
+        local items = {}
+        for i = 1, 30 do items[i] = i end
+        local got = {}
+        local ok, e = pcall(function()
+          for i, v in ex:map(undecodable, items, { chunksize = 10, timeout = T }) do got[i] = v end
+        end)
+        assert.is_false(ok)
+        assert.is_true(procpool.is_error(e, "SerializationError"))
+        assert.are.equal(14, #got)
+        local iter = pool:imap(undecodable, items, { chunksize = 10, timeout = T })
+        got = {}
+        for _ = 1, 31 do
+          local okk, i, v = pcall(iter)
+          if not okk then
+            got[#got + 1] = procpool.is_error(i, "SerializationError") and "failed" or tostring(i)
+          elseif i then
+            assert.are.equal(i, v)
+            got[#got + 1] = i
+          end
+        end
+        local expect = {}
+        for i = 1, 30 do expect[i] = i == 15 and "failed" or i end
+        assert.are.same(expect, got)
+      end)
+
+      it("delivers an item's reports before the item", function()
+        local function reporting(x)
+          if x == 1 then require("procpool.core").sleep(0.2) end
+          require("procpool").report(x * 10)
+          return x
+        end
+        local items = {}
+        for i = 1, 40 do items[i] = i end
+        local heard = {}
+        local n = 0
+        for i in ex:map(reporting, items, { chunksize = 10, timeout = T,
+          on_report = function(k, r) heard[k] = r end }) do
+          n = n + 1
+          assert.are.equal(i * 10, heard[i])
+        end
+        assert.are.equal(40, n)
+      end)
+
+      it("hands out nothing more once the loop is closed, in a chunk's middle", function()
+        local items = {}
+        for i = 1, 40 do items[i] = i end
+        local iter, s, c, closer = ex:map(task, items, { chunksize = 20, timeout = T })
+        for _ = 1, 25 do assert.is_not_nil(iter(s, c)) end
+        getmetatable(closer).__close(closer)
+        assert.is_nil(iter(s, c))
+        assert.is_nil(iter())
+      end)
+    end)
+  end
+end)

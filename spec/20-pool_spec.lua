@@ -76,6 +76,32 @@ describe("Pool", function()
       r2:wait(T)
       assert.are.equal("KeyError", err)
     end)
+
+    it("apply_async: values decoded once: every get and the callback see the same", function()
+      local seen
+      local r = pool:apply_async(function() return { 1 }, nil, "c" end, nil,
+        { callback = function(...) seen = table.pack(...) end })
+      local a, b, c = r:get(T)
+      assert.are.same({ 1 }, a)
+      assert.is_nil(b)
+      assert.are.equal("c", c)
+      assert.are.equal(3, select("#", r:get(T)))
+      assert.are.equal(a, (r:get(T))) -- the same table, not a second decode
+      assert.are.equal(3, seen.n)
+      assert.are.equal(a, seen[1])
+      assert.are.equal(0, select("#", pool:apply_async(function() end):get(T)))
+      local one = pool:apply_async(function() return {} end)
+      assert.is_true(one:wait(T))
+      assert.is_true(one:successful())
+      assert.are.equal(one:get(T), one:get(T))
+      local rf = pool:apply_async("spec.tasks.fail", { "x" })
+      for _ = 1, 2 do
+        local ok, e = pcall(rf.get, rf, T)
+        assert.is_false(ok)
+        assert.are.equal("x", e)
+      end
+      assert.is_false(rf:successful())
+    end)
   end)
 
   describe("map", function()

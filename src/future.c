@@ -560,16 +560,18 @@ static int fut_outcome(lua_State *L) {
   return n + 1;
 }
 
-/* _item(i) -> true, first value | false, error, traceback (not cached) */
+/* _item(i[, all]) -> true, first value (all: every value) | false,
+ * error, traceback (not cached) */
 static int fut_item(lua_State *L) {
   pp_fut *f = pp_future_check(L, 1);
   lua_Integer i = luaL_checkinteger(L, 2);
+  int all = lua_toboolean(L, 3);
   if (i < 1 || i > (lua_Integer)f->job->n) luaL_argerror(L, 2, "no such item");
   if (!pp_future_item_ready(f, (uint32_t)(i - 1)))
     pp_error_raise(L, "InvalidStateError", "the item is not done");
   lua_settop(L, 2);
   lua_pushboolean(L, 1);
-  dstate d = {f, (uint32_t)(i - 1), 0, 1, 1, 0, NULL};
+  dstate d = {f, (uint32_t)(i - 1), 0, 1, !all, 0, NULL};
   int r = decode_protected(L, &d);
   if (r < 0 || lua_tointeger(L, -1) < 0) { /* false, error, traceback */
     if (r >= 0) lua_pop(L, 1);
@@ -577,8 +579,8 @@ static int fut_item(lua_State *L) {
     lua_replace(L, 3);
     return 3;
   }
-  lua_pop(L, 1);
-  return 2;
+  lua_pop(L, 1); /* the count: true and the values stay */
+  return r;
 }
 
 /* _item_ready(i) -> whether item i has its outcome */

@@ -32,6 +32,7 @@ void pp_codec_open(lua_State *L);
 void pp_future_open(lua_State *L);
 void pp_progress_cb_open(lua_State *L);
 void pp_wait_open(lua_State *L);
+void pp_cursor_open(lua_State *L);
 void pp_engine_open(lua_State *L);
 void pp_report_open(lua_State *L);
 

@@ -26,6 +26,7 @@ int luaopen_procpool_core(lua_State *L) {
   pp_future_open(L);
   pp_progress_cb_open(L);
   pp_wait_open(L);
+  pp_cursor_open(L);
   pp_engine_open(L);
   pp_report_open(L);
   return 1;

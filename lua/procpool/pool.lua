@@ -21,6 +21,8 @@ local check_fn, items_of, context_of, initializer_of = check.check_fn, check.ite
 local finish, iterate = futures.finish, map.iterate
 local join, abandon = executor.join, executor.abandon
 local await = core.await
+-- (locals, not globals: apply_async and get use them once per task)
+local setmetatable, select, unpack, pack = setmetatable, select, table.unpack, table.pack
 
 ---------------------------------------------------------------------
 -- AsyncResult
@@ -29,14 +31,15 @@ local AsyncResult = {}
 AsyncResult.__index = AsyncResult
 AsyncResult.__name = "procpool.AsyncResult"
 
--- kind "apply": one future, get() returns its values.
--- kind "map": chunk futures, get() returns the list (field n).
+-- An apply's result has its one future in _fut, and get() returns its
+-- values; a map's has its chunk futures in _futs, and get() returns the
+-- list (field n).
 -- Hand on the captured output of the items of futs[1..k] not handed on
 -- yet (r._emit: the output's emitter; nil without capture).
 local function emit_upto(r, k)
   local emit = r._emit
   if not emit then return end
-  local base, futs = r._emit_base or 0, r._futs
+  local base, futs = r._emit_base or 0, r._futs or { r._fut }
   for i = (r._emitted or 0) + 1, k do
     local f = futs[i]
     local n = f:_nitems()
@@ -47,35 +50,76 @@ local function emit_upto(r, k)
   r._emit_base = base
 end
 
-local function new_result(kind, futs, n, callback, error_callback, emit)
-  local r = setmetatable({ _kind = kind, _futs = futs, _n = n, _emit = emit }, AsyncResult)
-  if callback or error_callback then
-    local left = #futs
-    local function on_done()
-      left = left - 1
-      if left > 0 then return end
-      emit_upto(r, #futs)
-      local ok, a = r:_outcome()
-      if ok then
-        if callback then
-          if kind == "apply" then callback(finish(r._futs[1]:_outcome())) else callback(a) end
-        end
-      elseif error_callback then
-        error_callback(a)
-      end
-    end
-    if left == 0 then -- an empty map is done at once
-      left = 1
-      on_done()
+-- An apply's outcome, decoded once and kept in the result itself: _ok,
+-- _value (its one value, or the error), _vals (a pack, for any other
+-- number of values). The future's own cache (_outcome) is not used: it
+-- costs a table and a weak-table entry per task.
+local function keep_apply(r, ok, ...)
+  r._ok = ok
+  if ok and select("#", ...) ~= 1 then r._vals = pack(...) else r._value = ... end
+  return ok, ...
+end
+
+-- get()'s first look at the outcome: kept, then the values returned or
+-- the error raised (keep_apply and finish in one call)
+local function settle(r, ok, ...)
+  r._ok = ok
+  if not ok then
+    r._value = ...
+    error((...), 0)
+  end
+  if select("#", ...) ~= 1 then r._vals = pack(...) else r._value = ... end
+  return ...
+end
+
+-- true, values... | false, error
+local function apply_outcome(r)
+  local ok = r._ok
+  if ok == nil then return keep_apply(r, r._fut:_item(1, true)) end
+  local vals = r._vals
+  if vals then return true, unpack(vals, 1, vals.n) end
+  return ok, r._value
+end
+
+local function deliver(callback, error_callback, ok, ...)
+  if ok then
+    if callback then callback(...) end
+  elseif error_callback then
+    error_callback((...))
+  end
+end
+
+-- Run callback / error_callback once every one of futs is done.
+local function watch(r, futs, callback, error_callback)
+  local left = #futs
+  local function on_done()
+    left = left - 1
+    if left > 0 then return end
+    emit_upto(r, #futs)
+    if r._fut then
+      deliver(callback, error_callback, apply_outcome(r))
     else
-      for _, f in ipairs(futs) do f:add_done_callback(on_done) end
+      deliver(callback, error_callback, r:_outcome())
     end
   end
+  if left == 0 then -- an empty map is done at once
+    left = 1
+    on_done()
+  else
+    for _, f in ipairs(futs) do f:add_done_callback(on_done) end
+  end
+end
+
+-- A map's result over its chunk futures (n items).
+local function new_result(futs, n, callback, error_callback, emit)
+  local r = setmetatable({ _futs = futs, _n = n, _emit = emit }, AsyncResult)
+  if callback or error_callback then watch(r, futs, callback, error_callback) end
   return r
 end
 
 --- True once the result is available.
 function AsyncResult:ready()
+  if self._fut then return self._fut:done() end
   for _, f in ipairs(self._futs) do
     if not f:done() then return false end
   end
@@ -85,28 +129,31 @@ end
 --- Wait up to `timeout` seconds; returns ready().
 function AsyncResult:wait(timeout)
   local d = deadline_of(timeout, "wait")
-  if #self._futs > 0 then await(self._futs, d, "all") end
+  if self._fut then
+    await(self._fut, d)
+  elseif #self._futs > 0 then
+    await(self._futs, d, "all")
+  end
   return self:ready()
 end
 
--- true, value | false, error (computed once, cached)
+-- true, value | false, error (computed once, cached); an apply's value
+-- is its first
 function AsyncResult:_outcome()
+  if self._fut then
+    local ok, v = apply_outcome(self)
+    return ok, v
+  end
   if self._ok ~= nil then return self._ok, self._value end
-  if self._kind == "apply" then
-    local f = self._futs[1]
-    local ok, err = f:_outcome()
-    self._ok, self._value = ok, not ok and err or nil
-  else
-    local out, base = { n = self._n }, 1
-    self._ok, self._value = true, out
-    for _, f in ipairs(self._futs) do
-      local idx, err = f:_collect(out, base)
-      if idx then
-        self._ok, self._value = false, err
-        break
-      end
-      base = base + f:_nitems()
+  local out, base = { n = self._n }, 1
+  self._ok, self._value = true, out
+  for _, f in ipairs(self._futs) do
+    local idx, err = f:_collect(out, base)
+    if idx then
+      self._ok, self._value = false, err
+      break
     end
+    base = base + f:_nitems()
   end
   return self._ok, self._value
 end
@@ -114,16 +161,17 @@ end
 --- The result: the values (apply_async) or the list (map_async). Raises
 -- the first task error, or TimeoutError when not ready in time.
 function AsyncResult:get(timeout)
-  local d = deadline_of(timeout, "get")
-  if self._kind == "apply" then -- one future: its own wait and values
-    local f = self._futs[1]
-    if not await(f, d) then
+  local d = timeout ~= nil and deadline_of(timeout, "get") or nil
+  local fut = self._fut
+  if fut then -- apply: one future, its own wait and values
+    if not await(fut, d) then
       raise("TimeoutError", string.format("the result was not ready within %g seconds", timeout))
     end
     if self._emit then emit_upto(self, 1) end
-    return finish(f:_outcome())
+    if self._ok == nil then return settle(self, fut:_item(1, true)) end
+    return finish(apply_outcome(self))
   end
-  if self._kind == "map" and self._ok == nil then
+  if self._ok == nil then
     -- collect each chunk as it completes: decoding overlaps the work
     -- still running (and every chunk finishes before an error is raised)
     local out, err = self._partial, self._err
@@ -162,11 +210,11 @@ function AsyncResult:get(timeout)
 end
 
 local function apply_future(self, fname)
-  if self._kind ~= "apply" then
+  if not self._fut then
     raise("InvalidStateError", fname .. " is for apply_async results (a map's items report " ..
       "to its on_report option)")
   end
-  return self._futs[1]
+  return self._fut
 end
 
 --- apply_async: `cb(r, ...)` with each report of the task
@@ -226,7 +274,8 @@ function M.Pool(opts)
     context = ctx.context, executable = ctx.executable, limits = limits,
     output = out, max_output = max_output,
   })
-  return setmetatable({ _ex = ex, _state = "RUN", _processes = n }, Pool)
+  return setmetatable({ _ex = ex, _state = "RUN", _processes = n, _capture = out == "capture" },
+    Pool)
 end
 
 local function running(self)
@@ -253,8 +302,11 @@ local APPLY_OPTS = { callback = true, error_callback = true, timeout = true }
 --   `timeout` (the task's deadline: past it the worker is stopped and the
 --   call fails with DeadlineExceeded).
 function Pool:apply_async(fn, args, opts)
-  running(self)
-  check_fn(fn, 1, "apply_async")
+  -- the executor's own state (broken, shut down) is checked by its submit,
+  -- under the engine's lock it takes anyway: one lock per call, not three
+  if self._state ~= "RUN" then raise("InvalidStateError", "Pool not running") end
+  local tf = type(fn)
+  if tf ~= "function" and tf ~= "string" then check_fn(fn, 1, "apply_async") end
   if args ~= nil and type(args) ~= "table" then
     error("bad argument #2 to 'apply_async' (table of arguments expected, got " .. type(args) .. ")", 2)
   end
@@ -268,12 +320,22 @@ function Pool:apply_async(fn, args, opts)
   end
   local f
   if args then
-    f = self._ex:_submit(timeout, fn, table.unpack(args, 1, args.n or #args))
+    local n = args.n or #args
+    if n == 1 then -- the usual one argument, without a call to unpack
+      f = self._ex:_submit(timeout, fn, args[1])
+    else
+      f = self._ex:_submit(timeout, fn, unpack(args, 1, n))
+    end
   else
     f = self._ex:_submit(timeout, fn)
   end
-  return new_result("apply", { f }, 1, callback, error_callback,
-    self._ex:_capture() and output.emitter(nil) or nil)
+  -- the result: no list of one future, and one field (get adds the
+  -- outcome's: the time spent here between submits decides how well the
+  -- engine batches them)
+  local r = setmetatable({ _fut = f }, AsyncResult)
+  if self._capture then r._emit = output.emitter(nil) end
+  if callback or error_callback then watch(r, { f }, callback, error_callback) end
+  return r
 end
 
 --- fn(table.unpack(args)), blocking; its values.
@@ -330,7 +392,7 @@ local function map_async(self, fn, iterable, opts, star, fname)
     end
     futs[#futs + 1] = f
   end
-  local r = new_result("map", futs, n, opts.callback, opts.error_callback,
+  local r = new_result(futs, n, opts.callback, opts.error_callback,
     capture and output.emitter(opts.on_output) or nil)
   r._pstep, r._pfinish = pstep, pfinish
   return r
