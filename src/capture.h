@@ -6,13 +6,18 @@
 #include <stdint.h>
 
 #include "buf.h"
+#include "wire.h"
 
 typedef struct pp_capture pp_capture;
 
-/* Make the pipes, the capture area (a memfd of max_output bytes per
- * stream, its fd in *memfd, the caller's to send and close) and the drain
- * thread. NULL when any of them cannot be had. */
-pp_capture *pp_capture_new(uint64_t max_output, int *memfd);
+/* The fds the parent is given (each in an OUTBUF frame, wire.h's part
+ * numbers): the capture area, the streams' files, the pipes' read ends. */
+#define PP_CAPTURE_FDS PP_OUT_PARTS
+/* Make the pipes, the capture area (max_output bytes kept per stream),
+ * and the drain thread; fds gets the PP_CAPTURE_FDS fds for the parent,
+ * in part order, the caller's to send and close. NULL when any of them
+ * cannot be had. */
+pp_capture *pp_capture_new(uint64_t max_output, int fds[PP_CAPTURE_FDS]);
 /* Point fds 1 and 2 at the pipes (the real ones are kept aside), or back.
  * Both flush stdio first, so nothing buffered goes to the wrong place. */
 void pp_capture_on(pp_capture *c);
