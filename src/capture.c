@@ -1,5 +1,5 @@
 /* capture.c: a worker's captured output: fds 1 and 2 into pipes, drained
- * into the capture area that the parent maps (child side, no Lua).
+ * into files that the parent holds too (child side, no Lua).
  *
  * A drain thread moves what the task (or what it started) writes from
  * the pipes into one memfd per stream, so writers never wait on a full
@@ -8,9 +8,12 @@
  * call, so a worker SIGKILLed at any point leaves every byte either in
  * the file (its size says how many) or still in the pipe, never in
  * between. The parent holds both (OUTBUF parts) and reads them once the
- * worker is dead; the area's header says which item they belong to.
- * Past `cap` bytes a stream's file still grows, as a hole: its size
- * counts what was dropped, without holding it. */
+ * worker is dead; the area says which item they belong to and where in
+ * the files its bytes start (items follow each other in a file, which
+ * is emptied now and then: freeing and faulting pages per item costs
+ * more than the item's output). Past `cap` bytes an item's part still
+ * grows, as a hole: the size counts what was dropped, without holding
+ * it. */
 #define _GNU_SOURCE
 #include "capture.h"
 #include "quiet_thread.h"
@@ -28,24 +31,30 @@
 
 #include "wire.h"
 
+/* A stream's file is emptied at an item's end once it holds this much. */
+#define REWIND_AT (64u << 10)
+
 struct pp_capture {
   pthread_mutex_t mu; /* the streams' files: the drain thread or the item's end */
   int rd[2];          /* read ends, stdout and stderr (non-blocking) */
   int wr[2];          /* write ends, on fds 1 and 2 while capturing */
   int saved[2];       /* the real fds 1 and 2 (-1: they were closed) */
-  int file[2];        /* the streams' memfds: the item's bytes, kept and dropped */
+  int file[2];        /* the streams' memfds: the items' bytes, kept and dropped */
   uint64_t len[2];    /* their sizes (mu held) */
+  uint64_t base[2];   /* where the item's bytes start in them (mu held) */
+  char *bytes[2];     /* the files mapped: their first REWIND_AT + cap bytes */
+  size_t maplen;
   int on;
   pp_outarea *area;
 };
 
 /* Move what pipe k holds into its file (mu held). */
 static void drain(pp_capture *c, int k) {
-  uint64_t cap = c->area->cap;
+  uint64_t end = c->base[k] + c->area->cap; /* where the item's kept bytes end */
   for (;;) {
     uint64_t n = c->len[k];
     loff_t at = (loff_t)n;
-    size_t want = n < cap ? (size_t)(cap - n) : (size_t)1 << 20;
+    size_t want = n < end ? (size_t)(end - n) : (size_t)1 << 20;
     ssize_t r = splice(c->rd[k], NULL, c->file[k], &at, want, SPLICE_F_NONBLOCK);
     if (r < 0 && errno == EINTR) continue;
     if (r < 0 && errno != EAGAIN) {
@@ -59,10 +68,12 @@ static void drain(pp_capture *c, int k) {
     }
     if (r <= 0) return;
     c->len[k] = n + (uint64_t)r;
-    /* what lies past cap only counts: free it at once */
-    if (n >= cap)
-      fallocate(c->file[k], FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)cap,
-                (off_t)(c->len[k] - cap));
+    /* what lies past the kept bytes only counts: free it at once */
+    if (n >= end)
+      fallocate(c->file[k], FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)end,
+                (off_t)(c->len[k] - end));
+    /* less than asked: the pipe was empty (a call more would only say so) */
+    if ((size_t)r < want) return;
   }
 }
 
@@ -84,6 +95,7 @@ static void close_all(pp_capture *c) {
     if (c->rd[k] >= 0) close(c->rd[k]);
     if (c->wr[k] >= 0) close(c->wr[k]);
     if (c->file[k] >= 0) close(c->file[k]);
+    if (c->bytes[k]) munmap(c->bytes[k], c->maplen);
   }
   if (c->area) munmap(c->area, PP_OUTAREA_HDR);
   free(c);
@@ -106,6 +118,15 @@ pp_capture *pp_capture_new(uint64_t max_output, int fds[PP_CAPTURE_FDS]) {
     c->rd[k] = p[0];
     c->wr[k] = p[1];
     fcntl(p[0], F_SETFL, O_NONBLOCK | fcntl(p[0], F_GETFL));
+    /* an item's kept bytes start below REWIND_AT; only bytes below the
+     * file's size are ever read here */
+    c->maplen = REWIND_AT + (size_t)max_output;
+    void *b = mmap(NULL, c->maplen, PROT_READ, MAP_SHARED, c->file[k], 0);
+    if (b == MAP_FAILED) {
+      close_all(c);
+      return NULL;
+    }
+    c->bytes[k] = b;
   }
   int fd = memfd_create("procpool-output", MFD_CLOEXEC);
   void *m = MAP_FAILED;
@@ -164,17 +185,6 @@ void pp_capture_begin(pp_capture *c, uint64_t seq) {
   __atomic_store_n(&c->area->seq, seq, __ATOMIC_RELEASE);
 }
 
-/* Copy the first n bytes of file fd to p. 0 or an errno. */
-static int read_file(int fd, char *p, size_t n) {
-  for (size_t got = 0; got < n;) {
-    ssize_t r = pread(fd, p + got, n - got, (off_t)got);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return r < 0 ? errno : EIO;
-    got += (size_t)r;
-  }
-  return 0;
-}
-
 int pp_capture_take(pp_capture *c, pp_wbuf *res) {
   fflush(stdout);
   fflush(stderr);
@@ -189,9 +199,10 @@ int pp_capture_take(pp_capture *c, pp_wbuf *res) {
   char note[2][PP_OUTPUT_DROPPED_MAX];
   size_t notelen[2], total = PP_OUTPUT_TRAILER;
   for (int k = 0; k < 2; k++) {
-    kept[k] = c->len[k] < cap ? c->len[k] : cap;
+    uint64_t n = c->len[k] - c->base[k];
+    kept[k] = n < cap ? n : cap;
     lost[k] = __atomic_load_n(&c->area->lost[k], __ATOMIC_ACQUIRE);
-    uint64_t drop = c->len[k] - kept[k] + lost[k];
+    uint64_t drop = n - kept[k] + lost[k];
     int m =
         drop ? snprintf(note[k], sizeof note[k], PP_OUTPUT_DROPPED, (unsigned long long)drop) : 0;
     notelen[k] = m > 0 ? (size_t)m : 0;
@@ -199,7 +210,7 @@ int pp_capture_take(pp_capture *c, pp_wbuf *res) {
   }
   int rc = pp_wbuf_reserve(res, total);
   for (int k = 0; rc == 0 && k < 2; k++) {
-    rc = read_file(c->file[k], res->p + res->n, (size_t)kept[k]);
+    rc = pp_wbuf_put_at(res, res->n, c->bytes[k] + c->base[k], (size_t)kept[k]);
     if (rc == 0) rc = pp_wbuf_put_at(res, res->n + (size_t)kept[k], note[k], notelen[k]);
     res->n += (size_t)kept[k] + notelen[k];
   }
@@ -209,10 +220,16 @@ int pp_capture_take(pp_capture *c, pp_wbuf *res) {
     rc = pp_wbuf_put_at(res, res->n, t, sizeof t);
     res->n += sizeof t;
   }
-  /* the next item starts empty; a quiet stream costs nothing here */
+  /* the next item's bytes start here (the file is emptied first, when
+   * it is large: a parent that sees it empty before the new base reads
+   * nothing, rightly) */
   for (int k = 0; k < 2; k++) {
-    if (c->len[k] && ftruncate(c->file[k], 0) != 0 && rc == 0) rc = errno;
-    c->len[k] = 0;
+    if (c->len[k] >= REWIND_AT) {
+      if (ftruncate(c->file[k], 0) != 0 && rc == 0) rc = errno;
+      c->len[k] = 0;
+    }
+    c->base[k] = c->len[k];
+    __atomic_store_n(&c->area->base[k], c->base[k], __ATOMIC_RELEASE);
     if (lost[k]) __atomic_sub_fetch(&c->area->lost[k], lost[k], __ATOMIC_RELEASE);
   }
   pthread_mutex_unlock(&c->mu);

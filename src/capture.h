@@ -1,5 +1,5 @@
 /* capture.h: a worker's captured output: fds 1 and 2 into pipes, drained
- * into the capture area that the parent maps (child side, no Lua). */
+ * into files that the parent holds too (child side, no Lua). */
 #ifndef PP_CAPTURE_H
 #define PP_CAPTURE_H
 
@@ -22,12 +22,13 @@ pp_capture *pp_capture_new(uint64_t max_output, int fds[PP_CAPTURE_FDS]);
  * Both flush stdio first, so nothing buffered goes to the wrong place. */
 void pp_capture_on(pp_capture *c);
 void pp_capture_off(pp_capture *c);
-/* Item `seq` starts: the area's bytes are now its output. */
+/* Item `seq` starts: the bytes written from now on are its output (the
+ * area says so, for the parent). */
 void pp_capture_begin(pp_capture *c, uint64_t seq);
 /* The item ended: flush stdio, take in what the pipes hold, and append
  * its stdout, stderr (each with a note of the bytes dropped past the
- * limit) and their lengths to `res` (wire.h's output trailer); the area
- * starts empty again. 0, or an errno when `res` cannot grow. */
+ * limit) and their lengths to `res` (wire.h's output trailer); the next
+ * item starts empty. 0, or an errno when `res` cannot grow. */
 int pp_capture_take(pp_capture *c, pp_wbuf *res);
 
 #endif

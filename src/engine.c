@@ -759,7 +759,9 @@ static char *area_stream(const pp_worker *w, int k, size_t *len) {
   const pp_outarea *a = w->outarea;
   int file = w->outfd[k], pipe = w->outfd[2 + k];
   struct stat st;
-  uint64_t size = file >= 0 && fstat(file, &st) == 0 && st.st_size > 0 ? (uint64_t)st.st_size : 0;
+  uint64_t base = __atomic_load_n(&a->base[k], __ATOMIC_ACQUIRE), size = 0;
+  if (file >= 0 && fstat(file, &st) == 0 && (uint64_t)st.st_size > base)
+    size = (uint64_t)st.st_size - base;
   uint64_t n = size < a->cap ? size : a->cap;
   /* only the bytes there now: a process the task started may hold the
    * write end and write on, or never close it (so never wait for EOF) */
@@ -770,7 +772,7 @@ static char *area_stream(const pp_worker *w, int k, size_t *len) {
   if (!s) return NULL;
   uint64_t got = 0;
   while (got < n) {
-    ssize_t r = pread(file, s + got, (size_t)(n - got), (off_t)got);
+    ssize_t r = pread(file, s + got, (size_t)(n - got), (off_t)(base + got));
     if (r < 0 && errno == EINTR) continue;
     if (r <= 0) break;
     got += (uint64_t)r;

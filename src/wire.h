@@ -138,17 +138,18 @@ static inline int pp_output_split(const char *p, size_t len, size_t *reslen, siz
 }
 
 /* A worker's capture, as the parent holds it (OUTBUF parts): the area,
- * then per stream (stdout, stderr) a memfd whose first min(size, cap)
- * bytes are the output of item `seq` so far (its size past cap: bytes
- * dropped), and the read end of the pipe the drain thread empties into
- * it (what it had not moved yet). The area is written by the worker
+ * then per stream (stdout, stderr) a memfd whose bytes from base[k] to
+ * its size are the output of item `seq` so far (kept up to cap bytes;
+ * the rest, a hole, counts bytes dropped; a size below base: none yet),
+ * and the read end of the pipe the drain thread empties into it (what
+ * it had not moved yet). The area is written by the worker
  * (atomically), read by the parent once the worker is dead; `lost`
  * counts bytes dropped because a file could not grow. Native byte order:
  * it never leaves the machine. */
 enum { PP_OUT_AREA = 0, PP_OUT_FILE = 1, PP_OUT_PIPE = 3, PP_OUT_PARTS = 5 };
 typedef struct pp_outarea {
   uint64_t seq, cap;
-  uint64_t lost[2];
+  uint64_t base[2], lost[2];
 } pp_outarea;
 #define PP_OUTAREA_HDR 64
 #define PP_OUTBUF_BODY 1
