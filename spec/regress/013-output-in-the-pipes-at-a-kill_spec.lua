@@ -94,6 +94,29 @@ for _, context in ipairs({ "fork", "spawn" }) do
         end)
     end
 
+    it("gives each item its own bytes, past the limit and across items, and a death after them", function()
+      ex = procpool.ProcessPoolExecutor { max_workers = 1, context = context, output = "capture",
+        max_output = "20K" }
+      -- 9 KiB to 27 KiB per item (some past the limit), on one worker
+      for i = 1, 12 do
+        local n = 1500 * (1 + i % 3) -- lines of 6 bytes
+        local f = ex:submit(function(k, m)
+          io.write(string.rep(string.char(96 + k), 6 * m))
+          io.stderr:write("item " .. k .. "\n")
+          return k
+        end, i, n)
+        assert.are.equal(i, f:result(T))
+        local out, err = f:output(T)
+        local kept = math.min(6 * n, 20 * 1024)
+        local note = 6 * n > kept and ("\n[procpool: " .. (6 * n - kept) .. " bytes of output dropped]\n") or ""
+        assert.are.equal(string.rep(string.char(96 + i), kept) .. note, out, "item " .. i)
+        assert.are.equal("item " .. i .. "\n", err)
+      end
+      local e = lost(ex:submit(dying_task("dying out\n", "dying err\n", "sh out\n", "sh err\n", false)))
+      assert.are.equal("dying out\nsh out\n", e.stdout)
+      assert.are.equal("dying err\nsh err\n", e.stderr)
+    end)
+
     it("does not wait for a process the task started that still holds the pipes", function()
       ex = procpool.ProcessPoolExecutor { max_workers = 1, context = context, output = "capture" }
       local core = require "procpool.core"
