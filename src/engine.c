@@ -13,6 +13,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -130,6 +131,7 @@ struct pp_engine {
   pp_stats st;
   uint64_t ewma_ns;
   int startup_deaths; /* workers in a row that died before being ready */
+  rlim_t capture_fds; /* fds below this may be kept for captures (w_outbuf) */
 };
 
 enum { EV_WAKE = 1, EV_ZYGOTE, EV_WORKER, EV_STDERR };
@@ -800,6 +802,8 @@ static void w_death_output(const pp_worker *w, uint64_t seq, pp_death *d) {
   d->outlen = d->errlen = 0;
   d->has_output = 0;
   if (!a || __atomic_load_n(&a->seq, __ATOMIC_ACQUIRE) != seq) return;
+  for (int k = 0; k < 4; k++)
+    if (w->outfd[k] < 0) return; /* all the parts, or nothing right */
   d->out = area_stream(w, 0, &d->outlen);
   d->err = area_stream(w, 1, &d->errlen);
   d->has_output = d->out && d->err;
@@ -807,18 +811,23 @@ static void w_death_output(const pp_worker *w, uint64_t seq, pp_death *d) {
 
 /* One part of a worker's capture (an OUTBUF frame): map the area, keep
  * a file or a pipe (the frame's fd is then taken: f->fd = -1). Each
- * once. */
-static void w_outbuf(pp_worker *w, pp_frame *f) {
+ * once, and only while this process has room: a capture holds four fds
+ * here, and more than half of the fd table spent on them would leave
+ * too few for the application and for the fds frames bring (a worker
+ * whose fd cannot be received is killed). Without them its deaths come
+ * without output. */
+static void w_outbuf(pp_engine *e, pp_worker *w, pp_frame *f) {
   if (f->len != PP_OUTBUF_BODY || f->fd < 0) return;
   int part = pp_outbuf_get(f->body);
   struct stat st;
   if (part == PP_OUT_AREA) {
-    if (w->outarea || fstat(f->fd, &st) != 0 || st.st_size < PP_OUTAREA_HDR) return;
+    if (w->outarea || (rlim_t)f->fd + PP_OUT_PARTS >= e->capture_fds) return;
+    if (fstat(f->fd, &st) != 0 || st.st_size < PP_OUTAREA_HDR) return;
     void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, f->fd, 0);
     if (m == MAP_FAILED) return;
     w->outarea = m;
     w->outsize = (size_t)st.st_size;
-  } else if (part < PP_OUT_PARTS && w->outfd[part - PP_OUT_FILE] < 0) {
+  } else if (w->outarea && part < PP_OUT_PARTS && w->outfd[part - PP_OUT_FILE] < 0) {
     /* a pipe is non-blocking already (the drain thread's is the same
      * open file); this says so here */
     if (part >= PP_OUT_PIPE) fcntl(f->fd, F_SETFL, O_NONBLOCK | fcntl(f->fd, F_GETFL));
@@ -1067,7 +1076,7 @@ static void w_readable(pp_engine *e, int slot) {
       if (f.type == PP_FR_RESULT) {
         bad = w_results(e, slot, &f) != 0;
       } else if (f.type == PP_FR_OUTBUF) {
-        w_outbuf(w, &f);
+        w_outbuf(e, w, &f);
       } else if (f.type == PP_FR_REPORT) {
         bad = w_report(e, slot, &f) != 0;
       } else if (f.type == PP_FR_READY) {
@@ -1420,6 +1429,10 @@ pp_engine *pp_engine_new(const pp_engine_cfg *cfg, pid_t zpid, int zfd, int *err
     pp_out_init(&e->w[s].out);
     pp_in_init(&e->w[s].in);
   }
+  struct rlimit nofile;
+  e->capture_fds = getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY
+                       ? nofile.rlim_cur / 2
+                       : 1u << 20;
   e->epfd = epoll_create1(EPOLL_CLOEXEC);
   e->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   e->notifyfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);

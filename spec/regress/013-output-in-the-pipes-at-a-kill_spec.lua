@@ -131,6 +131,31 @@ for _, context in ipairs({ "fork", "spawn" }) do
       assert.are.equal("", e.stderr)
     end)
 
+    it("kills no worker when the captures' fds would fill this process's fd table", function()
+      -- 30 captures would hold 120 fds here: past half of 128, the rest
+      -- are not kept (their deaths come without output), and no frame's
+      -- fd is refused for want of room (its worker would be killed, and
+      -- the pool stalled)
+      if not os.execute("command -v prlimit >/dev/null") then return pending("no prlimit") end
+      local ok, out, err = H.run_lua([[
+        local procpool = require "procpool"
+        local ex = procpool.ProcessPoolExecutor { max_workers = 30, context = "]] .. context .. [[",
+          output = "capture" }
+        local fs, good = {}, 0
+        for i = 1, 60 do
+          fs[i] = ex:submit(function(x) require("procpool.core").sleep(0.1) print(x) return x end, i)
+        end
+        for i = 1, 60 do
+          local done, v = pcall(fs[i].result, fs[i], 30)
+          if done and v == i and fs[i]:output(1) == i .. "\n" then good = good + 1 end
+        end
+        ex:shutdown()
+        print(good)
+      ]], 60, "prlimit --nofile=128:128")
+      assert.is_true(ok, err)
+      assert.are.equal("60\n", out)
+    end)
+
     it("leaves no fd open in the parent after killed workers and a shutdown", function()
       local before = H.settled_fd_count(T)
       ex = procpool.ProcessPoolExecutor { max_workers = 2, context = context, output = "capture" }
