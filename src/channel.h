@@ -16,8 +16,10 @@
  * INITFAIL (worker -> parent): the initializer's error, as text.
  * READY (worker -> parent): initialized; empty body.
  * REPORT (worker -> parent): procpool.report's values (wire.h).
- * OUTBUF (worker -> parent, FD): the worker's capture area (wire.h's
- * pp_outarea), sent once, before its first captured item; empty body.
+ * OUTBUF (worker -> parent, FD): one part of the worker's capture (the
+ * body's u8 says which, wire.h): its area, a stream's file, a pipe's
+ * read end; all sent once, before its first captured item, and read by
+ * the parent only once the worker is dead.
  * RETIRE (worker -> parent): the worker exits after the results sent so
  * far (a memory error left it unfit); empty body. Not a loss: its
  * unstarted items go to other workers.

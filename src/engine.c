@@ -11,7 +11,9 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -95,6 +97,7 @@ typedef struct pp_worker {
   uint64_t kill_at;    /* escalate to SIGKILL at (ns), 0: none */
   int expected_exit;   /* retired/closing: not a loss */
   int ready;           /* initialized (a READY frame came) */
+  int outfd[4];        /* its capture's files and pipes (OUTBUF), or -1 */
   pp_outarea *outarea; /* its capture area (OUTBUF), mapped, or NULL */
   size_t outsize;
   int unsent; /* given tasks by the dispatch under way */
@@ -134,6 +137,7 @@ struct pp_engine {
   uint64_t ewma_ns;
   int startup_deaths; /* workers in a row that died before being ready */
   uint64_t steal_at;  /* when to look again for work to take back (0: no need) */
+  rlim_t capture_fds; /* fds below this may be kept for captures (w_outbuf) */
 };
 
 enum { EV_WAKE = 1, EV_ZYGOTE, EV_WORKER, EV_STDERR };
@@ -900,18 +904,44 @@ static char *w_tail(pp_worker *w) {
   return t;
 }
 
-/* Copy stream k of a dead worker's capture area, with the note of what
- * was dropped; NULL without memory. */
-static char *area_stream(const pp_outarea *a, int k, size_t *len) {
-  uint64_t n = __atomic_load_n(k ? &a->errlen : &a->outlen, __ATOMIC_ACQUIRE);
-  uint64_t drop = __atomic_load_n(k ? &a->errdrop : &a->outdrop, __ATOMIC_ACQUIRE);
-  if (n > a->cap) n = a->cap;
-  char *s = malloc((size_t)n + PP_OUTPUT_DROPPED_MAX + 1);
+/* Stream k of a dead worker's capture, as its drain thread would have
+ * left it: what its file holds, then what its pipe still does (both
+ * kept up to the area's cap, the rest only counted), and a note of what
+ * was dropped. NULL without memory. */
+static char *area_stream(const pp_worker *w, int k, size_t *len) {
+  const pp_outarea *a = w->outarea;
+  int file = w->outfd[k], pipe = w->outfd[2 + k];
+  struct stat st;
+  uint64_t base = __atomic_load_n(&a->base[k], __ATOMIC_ACQUIRE), size = 0;
+  if (file >= 0 && fstat(file, &st) == 0 && (uint64_t)st.st_size > base)
+    size = (uint64_t)st.st_size - base;
+  uint64_t n = size < a->cap ? size : a->cap;
+  /* only the bytes there now: a process the task started may hold the
+   * write end and write on, or never close it (so never wait for EOF) */
+  int held = 0;
+  if (pipe < 0 || ioctl(pipe, FIONREAD, &held) != 0 || held < 0) held = 0;
+  uint64_t room = a->cap - n, more = (uint64_t)held < room ? (uint64_t)held : room;
+  char *s = malloc((size_t)(n + more) + PP_OUTPUT_DROPPED_MAX + 1);
   if (!s) return NULL;
-  memcpy(s, (const char *)a + PP_OUTAREA_HDR + (k ? a->cap : 0), (size_t)n);
-  int m = drop ? snprintf(s + n, PP_OUTPUT_DROPPED_MAX, PP_OUTPUT_DROPPED, (unsigned long long)drop)
-               : 0;
-  *len = (size_t)n + (m > 0 ? (size_t)m : 0);
+  uint64_t got = 0;
+  while (got < n) {
+    ssize_t r = pread(file, s + got, (size_t)(n - got), (off_t)(base + got));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) break;
+    got += (uint64_t)r;
+  }
+  for (uint64_t end = got + more; got < end;) {
+    ssize_t r = read(pipe, s + got, (size_t)(end - got));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) break; /* non-blocking: nothing more */
+    got += (uint64_t)r;
+  }
+  uint64_t drop =
+      size - n + ((uint64_t)held - more) + __atomic_load_n(&a->lost[k], __ATOMIC_ACQUIRE);
+  int m =
+      drop ? snprintf(s + got, PP_OUTPUT_DROPPED_MAX, PP_OUTPUT_DROPPED, (unsigned long long)drop)
+           : 0;
+  *len = (size_t)got + (m > 0 ? (size_t)m : 0);
   return s;
 }
 
@@ -923,20 +953,38 @@ static void w_death_output(const pp_worker *w, uint64_t seq, pp_death *d) {
   d->outlen = d->errlen = 0;
   d->has_output = 0;
   if (!a || __atomic_load_n(&a->seq, __ATOMIC_ACQUIRE) != seq) return;
-  if (a->cap > (w->outsize - PP_OUTAREA_HDR) / 2) return; /* not the area it sent */
-  d->out = area_stream(a, 0, &d->outlen);
-  d->err = area_stream(a, 1, &d->errlen);
+  for (int k = 0; k < 4; k++)
+    if (w->outfd[k] < 0) return; /* all the parts, or nothing right */
+  d->out = area_stream(w, 0, &d->outlen);
+  d->err = area_stream(w, 1, &d->errlen);
   d->has_output = d->out && d->err;
 }
 
-/* Map a worker's capture area (an OUTBUF frame's memfd), once. */
-static void w_outbuf(pp_worker *w, int fd) {
+/* One part of a worker's capture (an OUTBUF frame): map the area, keep
+ * a file or a pipe (the frame's fd is then taken: f->fd = -1). Each
+ * once, and only while this process has room: a capture holds four fds
+ * here, and more than half of the fd table spent on them would leave
+ * too few for the application and for the fds frames bring (a worker
+ * whose fd cannot be received is killed). Without them its deaths come
+ * without output. */
+static void w_outbuf(pp_engine *e, pp_worker *w, pp_frame *f) {
+  if (f->len != PP_OUTBUF_BODY || f->fd < 0) return;
+  int part = pp_outbuf_get(f->body);
   struct stat st;
-  if (w->outarea || fd < 0 || fstat(fd, &st) != 0 || st.st_size < PP_OUTAREA_HDR) return;
-  void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
-  if (m == MAP_FAILED) return;
-  w->outarea = m;
-  w->outsize = (size_t)st.st_size;
+  if (part == PP_OUT_AREA) {
+    if (w->outarea || (rlim_t)f->fd + PP_OUT_PARTS >= e->capture_fds) return;
+    if (fstat(f->fd, &st) != 0 || st.st_size < PP_OUTAREA_HDR) return;
+    void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, f->fd, 0);
+    if (m == MAP_FAILED) return;
+    w->outarea = m;
+    w->outsize = (size_t)st.st_size;
+  } else if (w->outarea && part < PP_OUT_PARTS && w->outfd[part - PP_OUT_FILE] < 0) {
+    /* a pipe is non-blocking already (the drain thread's is the same
+     * open file); this says so here */
+    if (part >= PP_OUT_PIPE) fcntl(f->fd, F_SETFL, O_NONBLOCK | fcntl(f->fd, F_GETFL));
+    w->outfd[part - PP_OUT_FILE] = f->fd;
+    f->fd = -1;
+  }
 }
 
 /* Release a worker slot's resources (its process is gone). */
@@ -953,11 +1001,14 @@ static void w_clear(pp_engine *e, int slot) {
   }
   if (w->page) munmap(w->page, 4096);
   if (w->outarea) munmap(w->outarea, w->outsize);
+  for (int k = 0; k < 4; k++)
+    if (w->outfd[k] >= 0) close(w->outfd[k]);
   pp_out_free(&w->out);
   pp_in_free(&w->in);
   uint32_t gen = w->gen;
   memset(w, 0, sizeof *w);
   w->fd = w->pidfd = w->errfd = -1;
+  for (int k = 0; k < 4; k++) w->outfd[k] = -1;
   w->gen = gen + 1;
   w->state = W_EMPTY;
   pp_out_init(&w->out);
@@ -1179,7 +1230,7 @@ static void w_readable(pp_engine *e, int slot) {
       if (f.type == PP_FR_RESULT) {
         bad = w_results(e, slot, &f) != 0;
       } else if (f.type == PP_FR_OUTBUF) {
-        w_outbuf(w, f.fd);
+        w_outbuf(e, w, &f);
       } else if (f.type == PP_FR_REPORT) {
         bad = w_report(e, slot, &f) != 0;
       } else if (f.type == PP_FR_READY) {
@@ -1534,9 +1585,14 @@ pp_engine *pp_engine_new(const pp_engine_cfg *cfg, pid_t zpid, int zfd, int *err
   }
   for (int s = 0; s < cfg->nworkers; s++) {
     e->w[s].fd = e->w[s].pidfd = e->w[s].errfd = -1;
+    for (int k = 0; k < 4; k++) e->w[s].outfd[k] = -1;
     pp_out_init(&e->w[s].out);
     pp_in_init(&e->w[s].in);
   }
+  struct rlimit nofile;
+  e->capture_fds = getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY
+                       ? nofile.rlim_cur / 2
+                       : 1u << 20;
   e->epfd = epoll_create1(EPOLL_CLOEXEC);
   e->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   e->notifyfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);

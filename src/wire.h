@@ -14,7 +14,8 @@
  *   FD:     u8 status, u64 len (count is 1; the bytes are the memfd)
  *   a status with PP_RES_OUTPUT: the item's bytes end with its output,
  *   stdout, stderr, u32 outlen, u32 errlen (pp_output_split)
- * The capture area (OUTBUF's memfd): pp_outarea, then the bytes.
+ * OUTBUF (worker -> parent): u8 part (PP_OUT_*), the fd's role in the
+ *   capture; the area's memfd is a pp_outarea
  * REPORT (worker -> parent): u64 seq (the item running), then the
  *   encoded values of procpool.report (a value list)
  * RESUME (parent -> worker): u64 seq, the last item taken back
@@ -142,17 +143,24 @@ static inline int pp_output_split(const char *p, size_t len, size_t *reslen, siz
   return 0;
 }
 
-/* What a worker's capture area holds: the output of item `seq` so far,
- * `outlen` bytes of stdout at PP_OUTAREA_HDR and `errlen` of stderr at
- * PP_OUTAREA_HDR + cap; what did not fit is counted in *drop. Written by
- * the worker (atomically, lengths after bytes), read by the parent once
- * the worker is dead. Native byte order: it never leaves the machine. */
+/* A worker's capture, as the parent holds it (OUTBUF parts): the area,
+ * then per stream (stdout, stderr) a memfd whose bytes from base[k] to
+ * its size are the output of item `seq` so far (kept up to cap bytes;
+ * the rest, a hole, counts bytes dropped; a size below base: none yet),
+ * and the read end of the pipe the drain thread empties into it (what
+ * it had not moved yet). The area is written by the worker
+ * (atomically), read by the parent once the worker is dead; `lost`
+ * counts bytes dropped because a file could not grow. Native byte order:
+ * it never leaves the machine. */
+enum { PP_OUT_AREA = 0, PP_OUT_FILE = 1, PP_OUT_PIPE = 3, PP_OUT_PARTS = 5 };
 typedef struct pp_outarea {
   uint64_t seq, cap;
-  uint64_t outlen, errlen;
-  uint64_t outdrop, errdrop;
+  uint64_t base[2], lost[2];
 } pp_outarea;
 #define PP_OUTAREA_HDR 64
+#define PP_OUTBUF_BODY 1
+static inline void pp_outbuf_put(unsigned char *q, int part) { q[0] = (unsigned char)part; }
+static inline int pp_outbuf_get(const unsigned char *q) { return q[0]; }
 /* Appended to a stream that lost bytes (a printf format of the count). */
 #define PP_OUTPUT_DROPPED "\n[procpool: %llu bytes of output dropped]\n"
 #define PP_OUTPUT_DROPPED_MAX 64 /* its length, at most */

@@ -450,22 +450,26 @@ static void send_empty(wstate *ws, int type) {
   unclaim(ws);
 }
 
-/* A capture TASK frame: capture from now on, making the capture area
- * first and passing it to the parent (OUTBUF) before any captured item
- * runs, so that the output of an item whose worker dies is not lost.
- * Without one (no memory, no fds), items run uncaptured. */
+/* A capture TASK frame: capture from now on, making the capture first
+ * and passing its parts to the parent (OUTBUF frames) before any
+ * captured item runs, so that the output of an item whose worker dies is
+ * not lost. Without them (no memory, no fds), items run uncaptured. */
 static void capture_start(wstate *ws, uint64_t max_output) {
   if (!ws->cap && !ws->cap_failed) {
-    int memfd = -1;
-    ws->cap = pp_capture_new(max_output, &memfd);
+    int fds[PP_CAPTURE_FDS];
+    ws->cap = pp_capture_new(max_output, fds);
     if (!ws->cap) {
       ws->cap_failed = 1;
       return;
     }
     claim(ws);
-    size_t h = begin_frame(ws, PP_FR_OUTBUF, PP_FF_FD, 0);
-    pp_frame_end(&ws->out.buf, h);
-    if (pp_out_addfd(&ws->out, h, memfd) != 0) wexit(ws, 70);
+    for (int part = 0; part < PP_CAPTURE_FDS; part++) {
+      size_t h = begin_frame(ws, PP_FR_OUTBUF, PP_FF_FD, PP_OUTBUF_BODY);
+      pp_outbuf_put((unsigned char *)ws->out.buf.p + ws->out.buf.n, part);
+      ws->out.buf.n += PP_OUTBUF_BODY;
+      pp_frame_end(&ws->out.buf, h);
+      if (pp_out_addfd(&ws->out, h, fds[part]) != 0) wexit(ws, 70);
+    }
     flush_locked(ws, pp_now_ns());
     unclaim(ws);
   }
