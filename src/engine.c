@@ -1211,9 +1211,10 @@ static int w_report(pp_engine *e, int slot, const pp_frame *f) {
   return 0;
 }
 
-/* Read and handle what a worker sent. */
-static void w_readable(pp_engine *e, int slot) {
+/* Read and handle what a worker sent; returns the frames handled. */
+static int w_readable(pp_engine *e, int slot) {
   pp_worker *w = &e->w[slot];
+  int frames = 0;
   for (int rounds = 0; rounds < 64 && !w->in.eof; rounds++) {
     long r = pp_in_read(&w->in, w->fd, 0);
     if (r < 0) {
@@ -1227,6 +1228,7 @@ static void w_readable(pp_engine *e, int slot) {
     int rc;
     while ((rc = pp_in_next(&w->in, &f)) == 1) {
       int bad = 0;
+      frames++;
       if (f.type == PP_FR_RESULT) {
         bad = w_results(e, slot, &f) != 0;
       } else if (f.type == PP_FR_OUTBUF) {
@@ -1264,6 +1266,7 @@ static void w_readable(pp_engine *e, int slot) {
     if (r == 0) break;
   }
   w_epoll(e, slot);
+  return frames;
 }
 
 /* ------------------------------------------------------------------ */
@@ -1880,6 +1883,33 @@ void pp_waiter_unref(pp_waiter *w) {
 }
 
 int pp_engine_fd(const pp_engine *e) { return e->notifyfd; }
+
+/* The waiting caller reads results itself, as the I/O thread would: a
+ * result then reaches it in two hops (worker, caller), not three (worker,
+ * I/O thread, caller). The I/O thread, woken for the same bytes, finds
+ * them gone. What the I/O thread does after reading that matters at once
+ * is done here too (dispatch to a worker now idle, taking back work); it
+ * is woken only when it has more to do: a deadline to watch, a steal to
+ * look at later, a lifecycle step. */
+void pp_engine_reap(pp_engine *e) {
+  if (pthread_mutex_trylock(&e->mu) != 0) return; /* the I/O thread is at it */
+  int frames = 0;
+  for (int s = 0; s < e->cfg.nworkers; s++) {
+    pp_worker *w = &e->w[s];
+    if (w->state == W_READY && w->fd >= 0 && w->dhead && !w->in.eof) frames += w_readable(e, s);
+  }
+  if (!frames) {
+    /* nothing read */
+  } else if (e->state != PP_E_RUNNING || e->broken) {
+    wake(e); /* a lifecycle step, an INITFAIL: the I/O thread takes it from here */
+  } else {
+    uint64_t steal_was = e->steal_at;
+    int timed = dispatch(e, 0);
+    steal(e);
+    if (timed || (e->steal_at && e->steal_at != steal_was)) wake(e);
+  }
+  pthread_mutex_unlock(&e->mu);
+}
 
 uint64_t pp_engine_ack(pp_engine *e) {
   pthread_mutex_lock(&e->mu);

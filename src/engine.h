@@ -267,6 +267,9 @@ void pp_waiter_unref(pp_waiter *w);
  * Lua side; pp_engine_ack clears it and returns the number of jobs that
  * have ended so far (a count that only grows). */
 int pp_engine_fd(const pp_engine *e);
+/* From a waiting caller: read what the workers have sent, if the I/O
+ * thread is not doing so now (never blocks). */
+void pp_engine_reap(pp_engine *e);
 uint64_t pp_engine_ack(pp_engine *e);
 
 /* Begin shutdown: no new jobs; with cancel, pending jobs are cancelled.

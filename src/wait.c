@@ -303,7 +303,10 @@ static int aw_look(lua_State *L, pp_wait *w) {
   return 0;
 }
 
-static int aw_peek(lua_State *L, pp_wait *w) { return aw_check(L, (awstate *)w); }
+static int aw_peek(lua_State *L, pp_wait *w) {
+  for (int i = 0; i < w->nengs; i++) pp_engine_reap(w->engs[i]);
+  return aw_check(L, (awstate *)w);
+}
 
 static int await_k(lua_State *L, int status, lua_KContext ctx);
 
