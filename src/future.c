@@ -518,36 +518,96 @@ static int decode_protected(lua_State *L, dstate *d) {
   return lua_gettop(L) - top;
 }
 
-/* _outcome() -> true, values... | false, error, traceback. Decoded once,
- * cached in the future. */
+/* The registry key of the table that caches a done Future's one value
+ * when that value has an identity (a table, a function, a userdata), so
+ * that every result() returns the same object. The table is weak in its
+ * values too: an entry lives while something else holds the value, and
+ * a value nobody holds can be decoded again unnoticed. Keyed only by the
+ * Future (an ephemeron, like fuv_keys), it would outlive its Future by a
+ * collection cycle, as everything a finalized object reaches does: over
+ * many tasks the collector's estimate of the live heap, and RSS, grow
+ * with that lag (bench/memory.lua). */
+static const char value_cache_key;
+
+/* A value that has an identity, which decoding again would not keep. */
+static int has_identity(lua_State *L, int idx) {
+  int t = lua_type(L, idx);
+  return t == LUA_TTABLE || t == LUA_TFUNCTION || t == LUA_TUSERDATA || t == LUA_TTHREAD;
+}
+
+/* The cached value of the Future at stack index 1 on top; its type */
+static int value_cache_get(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &value_cache_key);
+  lua_pushvalue(L, 1);
+  int t = lua_rawget(L, -2);
+  lua_remove(L, -2);
+  return t;
+}
+
+/* Cache the value on top (left there) for the Future at stack index 1. */
+static void value_cache_set(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &value_cache_key);
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, -3);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+}
+
+/* The outcome of a done Future at stack index 1, decoded now: false,
+ * error, traceback (n = 2) or true and the n values, above `top`. */
+static int decode_outcome(lua_State *L, pp_fut *f, int top) {
+  lua_pushboolean(L, 1);
+  int n = 0;
+  if (f->job->n) {
+    dstate d = {f, 0, 1, 1, 0, 0, NULL};
+    n = decode_protected(L, &d);
+    if (n >= 0) { /* the values, then their count */
+      n = (int)lua_tointeger(L, -1);
+      lua_pop(L, 1);
+    }
+  }
+  if (n < 0) {
+    lua_settop(L, top + 3); /* true, error, traceback (or nil) */
+    lua_pushboolean(L, 0);
+    lua_replace(L, top + 1);
+    n = 2;
+  }
+  return n;
+}
+
+/* _outcome() -> true, values... | false, error, traceback. Values
+ * without an identity (nil, booleans, numbers, strings) are decoded at
+ * each call, from the bytes the job keeps anyway: caching them would cost
+ * more than decoding them again. A single value with one is cached
+ * (value_cache_key); a failure, or several values with such a one among
+ * them, are decoded once and cached in the future as a table. */
 static int fut_outcome(lua_State *L) {
   pp_fut *f = pp_future_check(L, 1);
   if (!pp_job_ended(pp_engine_job_state(f->e, f->job)))
     pp_error_raise(L, "InvalidStateError", "the future is not done");
   lua_settop(L, 1);
+  if (value_cache_get(L) != LUA_TNIL) {
+    lua_pushboolean(L, 1);
+    lua_insert(L, 2);
+    return 2;
+  }
+  lua_pop(L, 1);
   if (pp_future_getuv(L, 1, PP_FUV_OUTCOME) != LUA_TTABLE) {
     lua_pop(L, 1);
-    lua_newtable(L);
-    int t = lua_gettop(L);
-    int n = 0;
-    if (f->job->n) {
-      dstate d = {f, 0, 1, 1, 0, 0, NULL};
-      n = decode_protected(L, &d);
-      if (n >= 0) { /* the values, then their count */
-        n = (int)lua_tointeger(L, -1);
-        lua_pop(L, 1);
-      } else {
-        n = -1;
-      }
+    int n = decode_outcome(L, f, 1), ok = lua_toboolean(L, 2), shared = 0;
+    for (int k = 3; k < 3 + n; k++) shared += has_identity(L, k);
+    if (ok && !shared) return n + 1;
+    if (ok && n == 1) {
+      value_cache_set(L);
+      return 2;
     }
-    int ok = n >= 0;
-    if (!ok) n = 2;
-    for (int k = n; k >= 1; k--) lua_rawseti(L, t, k);
+    lua_createtable(L, n, 2);
+    lua_insert(L, 2);
+    for (int k = n; k >= 1; k--) lua_rawseti(L, 2, k);
+    lua_setfield(L, 2, "ok");
     lua_pushinteger(L, n);
-    lua_setfield(L, t, "n");
-    lua_pushboolean(L, ok);
-    lua_setfield(L, t, "ok");
-    lua_pushvalue(L, t);
+    lua_setfield(L, 2, "n");
+    lua_pushvalue(L, 2);
     pp_future_setuv(L, 1, PP_FUV_OUTCOME);
   }
   int t = lua_gettop(L);
@@ -728,6 +788,12 @@ void pp_future_open(lua_State *L) {
     lua_setmetatable(L, -2);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &fuv_keys[k]);
   }
+  lua_createtable(L, 0, 0);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "kv");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &value_cache_key);
   luaL_newmetatable(L, PP_FUTURE_MT);
   lua_pushcfunction(L, fut_gc);
   lua_setfield(L, -2, "__gc");
