@@ -518,16 +518,17 @@ static int decode_protected(lua_State *L, dstate *d) {
   return lua_gettop(L) - top;
 }
 
-/* The registry key of the table that caches a done Future's one value
+/* The registry keys of the tables that cache a done Future's one value
  * when that value has an identity (a table, a function, a userdata), so
- * that every result() returns the same object. The table is weak in its
- * values too: an entry lives while something else holds the value, and
- * a value nobody holds can be decoded again unnoticed. Keyed only by the
- * Future (an ephemeron, like fuv_keys), it would outlive its Future by a
- * collection cycle, as everything a finalized object reaches does: over
- * many tasks the collector's estimate of the live heap, and RSS, grow
- * with that lag (bench/memory.lua). */
-static const char value_cache_key;
+ * that every call returns the same object: its one result, or its error
+ * value. The tables are weak in their values too: an entry lives while
+ * something else holds the value, and a value nobody holds can be decoded
+ * again unnoticed. Keyed only by the Future (an ephemeron, like
+ * fuv_keys), a cached value would outlive its Future by a collection
+ * cycle, as everything a finalized object reaches does: over many tasks
+ * the collector's estimate of the live heap, and RSS, grow with that lag
+ * (bench/memory.lua). */
+static const char value_cache_key, error_cache_key;
 
 /* A value that has an identity, which decoding again would not keep. */
 static int has_identity(lua_State *L, int idx) {
@@ -535,22 +536,32 @@ static int has_identity(lua_State *L, int idx) {
   return t == LUA_TTABLE || t == LUA_TFUNCTION || t == LUA_TUSERDATA || t == LUA_TTHREAD;
 }
 
-/* The cached value of the Future at stack index 1 on top; its type */
-static int value_cache_get(lua_State *L) {
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &value_cache_key);
+/* The value cached under `key` for the Future at stack index 1 on top;
+ * its type */
+static int cache_get(lua_State *L, const char *key) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, key);
   lua_pushvalue(L, 1);
   int t = lua_rawget(L, -2);
   lua_remove(L, -2);
   return t;
 }
 
-/* Cache the value on top (left there) for the Future at stack index 1. */
-static void value_cache_set(lua_State *L) {
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &value_cache_key);
+/* Cache the value at stack index idx under `key` for the Future at 1. */
+static void cache_set(lua_State *L, const char *key, int idx) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, key);
   lua_pushvalue(L, 1);
-  lua_pushvalue(L, -3);
+  lua_pushvalue(L, idx);
   lua_rawset(L, -3);
   lua_pop(L, 1);
+}
+
+static void new_cache(lua_State *L, const char *key) {
+  lua_createtable(L, 0, 0);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "kv");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, key);
 }
 
 /* The outcome of a done Future at stack index 1, decoded now: false,
@@ -575,18 +586,19 @@ static int decode_outcome(lua_State *L, pp_fut *f, int top) {
   return n;
 }
 
-/* _outcome() -> true, values... | false, error, traceback. Values
- * without an identity (nil, booleans, numbers, strings) are decoded at
- * each call, from the bytes the job keeps anyway: caching them would cost
- * more than decoding them again. A single value with one is cached
- * (value_cache_key); a failure, or several values with such a one among
- * them, are decoded once and cached in the future as a table. */
+/* _outcome() -> true, values... | false, error, traceback. Decoded at
+ * each call, from the bytes the job keeps anyway: values without an
+ * identity (nil, booleans, numbers, strings) cost less to decode again
+ * than to keep. A single value with one, and an error value with one,
+ * are cached (value_cache_key, error_cache_key); several values with
+ * such a one among them are decoded once and cached in the future as a
+ * table. */
 static int fut_outcome(lua_State *L) {
   pp_fut *f = pp_future_check(L, 1);
   if (!pp_job_ended(pp_engine_job_state(f->e, f->job)))
     pp_error_raise(L, "InvalidStateError", "the future is not done");
   lua_settop(L, 1);
-  if (value_cache_get(L) != LUA_TNIL) {
+  if (cache_get(L, &value_cache_key) != LUA_TNIL) {
     lua_pushboolean(L, 1);
     lua_insert(L, 2);
     return 2;
@@ -595,10 +607,18 @@ static int fut_outcome(lua_State *L) {
   if (pp_future_getuv(L, 1, PP_FUV_OUTCOME) != LUA_TTABLE) {
     lua_pop(L, 1);
     int n = decode_outcome(L, f, 1), ok = lua_toboolean(L, 2), shared = 0;
-    for (int k = 3; k < 3 + n; k++) shared += has_identity(L, k);
-    if (ok && !shared) return n + 1;
-    if (ok && n == 1) {
-      value_cache_set(L);
+    for (int k = 3; k < 3 + (ok ? n : 1); k++) shared += has_identity(L, k);
+    if (!shared) return n + 1;
+    if (!ok) { /* the traceback is a string: only the error is kept */
+      if (cache_get(L, &error_cache_key) != LUA_TNIL)
+        lua_replace(L, 3);
+      else
+        cache_set(L, &error_cache_key, 3);
+      lua_settop(L, 4);
+      return 3;
+    }
+    if (n == 1) {
+      cache_set(L, &value_cache_key, 3);
       return 2;
     }
     lua_createtable(L, n, 2);
@@ -788,12 +808,8 @@ void pp_future_open(lua_State *L) {
     lua_setmetatable(L, -2);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &fuv_keys[k]);
   }
-  lua_createtable(L, 0, 0);
-  lua_createtable(L, 0, 1);
-  lua_pushliteral(L, "kv");
-  lua_setfield(L, -2, "__mode");
-  lua_setmetatable(L, -2);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &value_cache_key);
+  new_cache(L, &value_cache_key);
+  new_cache(L, &error_cache_key);
   luaL_newmetatable(L, PP_FUTURE_MT);
   lua_pushcfunction(L, fut_gc);
   lua_setfield(L, -2, "__gc");
