@@ -106,12 +106,12 @@ describe("Future", function()
   end)
 
   it("gives the same values at every result() and exception() call", function()
+    local cancelled = fixtures(ex).cancelled
     local plain = ex:submit("spec.tasks.echo", 1, 2.5, "s", true, nil)
     local one = ex:submit("spec.tasks.echo", { k = "v" })
     local fn = ex:submit("spec.tasks.echo", function() return 7 end)
     local several = ex:submit("spec.tasks.echo", { 1 }, "x", { 2 })
     local err = ex:submit("spec.tasks.fail", { why = "oops" })
-    local cancelled = fixtures(ex).cancelled
     for _ = 1, 2 do
       assert.are.same({ 1, 2.5, "s", true, nil, n = 5 }, table.pack(plain:result(T)))
     end
