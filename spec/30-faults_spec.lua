@@ -328,6 +328,42 @@ describe("faults", function()
       r1, r2 = tonumber(r1), tonumber(r2)
       assert.is_true(r2 - r1 < 16 * 1024, string.format("RSS grew from %d to %d KiB", r1, r2))
     end)
+
+    it("keeps the parent's RSS flat over waves of submit and result", function()
+      if os.getenv("PROCPOOL_SANITIZED") then
+        return pending("RSS is measured in the plain build (make test)")
+      end
+      -- bench/memory.lua's pattern, smaller, a task in four failing: the
+      -- collector runs at its own pace (no full collection), so garbage
+      -- futures' values that outlived their cycle would raise each next
+      -- cycle's threshold, and RSS with it (it grew by about 40-60% from
+      -- wave 10 to wave 30)
+      local ok, out, err = H.run_lua(prelude .. [[
+        local procpool = require "procpool"
+        local function rss()
+          local f = io.open("/proc/self/status")
+          local kb = tonumber(f:read("a"):match("VmRSS:%s*(%d+)"))
+          f:close()
+          return kb
+        end
+        local ex = procpool.ProcessPoolExecutor { max_workers = 2 }
+        local some_fail = function(x) if x % 4 == 0 then error(x, 0) end return x end
+        local marks = {}
+        for w = 1, 30 do
+          local wave = {}
+          for i = 1, 20000 do wave[i] = ex:submit(some_fail, i) end
+          for i = 1, 20000 do assert(select(2, pcall(wave[i].result, wave[i], 10)) == i) end
+          if w == 10 or w == 30 then marks[#marks + 1] = rss() end
+        end
+        io.write(marks[1], " ", marks[2])
+        ex:shutdown()
+      ]], 60)
+      assert.is_true(ok, err)
+      local r10, r30 = out:match("(%d+) (%d+)")
+      r10, r30 = tonumber(r10), tonumber(r30)
+      assert.is_true(r30 <= r10 * 1.2 + 4096,
+        string.format("RSS was %d KiB after 10 waves and %d KiB after 30", r10, r30))
+    end)
   end)
 
   describe("shutdown races", function()

@@ -518,36 +518,116 @@ static int decode_protected(lua_State *L, dstate *d) {
   return lua_gettop(L) - top;
 }
 
-/* _outcome() -> true, values... | false, error, traceback. Decoded once,
- * cached in the future. */
+/* The registry keys of the tables that cache a done Future's one value
+ * when that value has an identity (a table, a function, a userdata), so
+ * that every call returns the same object: its one result, or its error
+ * value. The tables are weak in their values too: an entry lives while
+ * something else holds the value, and a value nobody holds can be decoded
+ * again unnoticed. Keyed only by the Future (an ephemeron, like
+ * fuv_keys), a cached value would outlive its Future by a collection
+ * cycle, as everything a finalized object reaches does: over many tasks
+ * the collector's estimate of the live heap, and RSS, grow with that lag
+ * (bench/memory.lua). */
+static const char value_cache_key, error_cache_key;
+
+/* A value that has an identity, which decoding again would not keep. */
+static int has_identity(lua_State *L, int idx) {
+  int t = lua_type(L, idx);
+  return t == LUA_TTABLE || t == LUA_TFUNCTION || t == LUA_TUSERDATA || t == LUA_TTHREAD;
+}
+
+/* The value cached under `key` for the Future at stack index 1 on top;
+ * its type */
+static int cache_get(lua_State *L, const char *key) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, key);
+  lua_pushvalue(L, 1);
+  int t = lua_rawget(L, -2);
+  lua_remove(L, -2);
+  return t;
+}
+
+/* Cache the value at stack index idx under `key` for the Future at 1. */
+static void cache_set(lua_State *L, const char *key, int idx) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, key);
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, idx);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+}
+
+static void new_cache(lua_State *L, const char *key) {
+  lua_createtable(L, 0, 0);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "kv");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, key);
+}
+
+/* The outcome of a done Future at stack index 1, decoded now: false,
+ * error, traceback (n = 2) or true and the n values, above `top`. */
+static int decode_outcome(lua_State *L, pp_fut *f, int top) {
+  lua_pushboolean(L, 1);
+  int n = 0;
+  if (f->job->n) {
+    dstate d = {f, 0, 1, 1, 0, 0, NULL};
+    n = decode_protected(L, &d);
+    if (n >= 0) { /* the values, then their count */
+      n = (int)lua_tointeger(L, -1);
+      lua_pop(L, 1);
+    }
+  }
+  if (n < 0) {
+    lua_settop(L, top + 3); /* true, error, traceback (or nil) */
+    lua_pushboolean(L, 0);
+    lua_replace(L, top + 1);
+    n = 2;
+  }
+  return n;
+}
+
+/* _outcome() -> true, values... | false, error, traceback. Decoded at
+ * each call, from the bytes the job keeps anyway: values without an
+ * identity (nil, booleans, numbers, strings) cost less to decode again
+ * than to keep. A single value with one, and an error value with one,
+ * are cached (value_cache_key, error_cache_key); several values with
+ * such a one among them are decoded once and cached in the future as a
+ * table. */
 static int fut_outcome(lua_State *L) {
   pp_fut *f = pp_future_check(L, 1);
   if (!pp_job_ended(pp_engine_job_state(f->e, f->job)))
     pp_error_raise(L, "InvalidStateError", "the future is not done");
   lua_settop(L, 1);
+  if (cache_get(L, &value_cache_key) != LUA_TNIL) {
+    lua_pushboolean(L, 1);
+    lua_insert(L, 2);
+    return 2;
+  }
+  lua_pop(L, 1);
   if (pp_future_getuv(L, 1, PP_FUV_OUTCOME) != LUA_TTABLE) {
     lua_pop(L, 1);
-    lua_newtable(L);
-    int t = lua_gettop(L);
-    int n = 0;
-    if (f->job->n) {
-      dstate d = {f, 0, 1, 1, 0, 0, NULL};
-      n = decode_protected(L, &d);
-      if (n >= 0) { /* the values, then their count */
-        n = (int)lua_tointeger(L, -1);
-        lua_pop(L, 1);
-      } else {
-        n = -1;
-      }
+    int n = decode_outcome(L, f, 1), ok = lua_toboolean(L, 2), shared = 0;
+    for (int k = 3; k < 3 + (ok ? n : 1); k++) shared += has_identity(L, k);
+    if (!shared) return n + 1;
+    if (!ok) { /* the traceback is a string: only the error is kept */
+      if (cache_get(L, &error_cache_key) != LUA_TNIL)
+        lua_replace(L, 3);
+      else
+        cache_set(L, &error_cache_key, 3);
+      lua_settop(L, 4);
+      return 3;
     }
-    int ok = n >= 0;
-    if (!ok) n = 2;
-    for (int k = n; k >= 1; k--) lua_rawseti(L, t, k);
+    if (n == 1) {
+      cache_set(L, &value_cache_key, 3);
+      return 2;
+    }
+    lua_createtable(L, n, 2);
+    lua_insert(L, 2);
+    for (int k = n; k >= 1; k--) lua_rawseti(L, 2, k);
+    lua_setfield(L, 2, "ok");
     lua_pushinteger(L, n);
-    lua_setfield(L, t, "n");
-    lua_pushboolean(L, ok);
-    lua_setfield(L, t, "ok");
-    lua_pushvalue(L, t);
+    lua_setfield(L, 2, "n");
+    lua_pushvalue(L, 2);
     pp_future_setuv(L, 1, PP_FUV_OUTCOME);
   }
   int t = lua_gettop(L);
@@ -730,6 +810,8 @@ void pp_future_open(lua_State *L) {
     lua_setmetatable(L, -2);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &fuv_keys[k]);
   }
+  new_cache(L, &value_cache_key);
+  new_cache(L, &error_cache_key);
   luaL_newmetatable(L, PP_FUTURE_MT);
   lua_pushcfunction(L, fut_gc);
   lua_setfield(L, -2, "__gc");
