@@ -7,6 +7,15 @@ local H = require "spec.helper"
 local T = 10
 local build = os.getenv("PROCPOOL_BUILD") or "build"
 local prelude = "package.path = 'lua/?.lua;lua/?/init.lua;./?.lua;' .. package.path\n"
+-- rss(): the resident set of the script's process, in KiB
+local rss_fn = [[
+local function rss()
+  local f = io.open("/proc/self/status")
+  local kb = tonumber(f:read("a"):match("VmRSS:%s*(%d+)"))
+  f:close()
+  return kb
+end
+]]
   .. "package.cpath = '" .. build .. "/?.so;' .. package.cpath\n"
 
 -- A task that kills its own worker with `sig` (via a shell: Lua has no kill).
@@ -298,14 +307,8 @@ describe("faults", function()
         -- sanitizer quarantines and shadow memory make RSS meaningless here
         return pending("RSS is measured in the plain build (make test)")
       end
-      local ok, out, err = H.run_lua(prelude .. [[
+      local ok, out, err = H.run_lua(prelude .. rss_fn .. [[
         local procpool = require "procpool"
-        local function rss()
-          local f = io.open("/proc/self/status")
-          local kb = tonumber(f:read("a"):match("VmRSS:%s*(%d+)"))
-          f:close()
-          return kb
-        end
         local ex = procpool.ProcessPoolExecutor { max_workers = 2 }
         local function run(n)
           local i = 0
@@ -338,14 +341,8 @@ describe("faults", function()
       -- futures' values that outlived their cycle would raise each next
       -- cycle's threshold, and RSS with it (it grew by about 40-60% from
       -- wave 10 to wave 30)
-      local ok, out, err = H.run_lua(prelude .. [[
+      local ok, out, err = H.run_lua(prelude .. rss_fn .. [[
         local procpool = require "procpool"
-        local function rss()
-          local f = io.open("/proc/self/status")
-          local kb = tonumber(f:read("a"):match("VmRSS:%s*(%d+)"))
-          f:close()
-          return kb
-        end
         local ex = procpool.ProcessPoolExecutor { max_workers = 2 }
         local some_fail = function(x) if x % 4 == 0 then error(x, 0) end return x end
         local marks = {}
