@@ -101,6 +101,7 @@ typedef struct pp_worker {
   pp_outarea *outarea; /* its capture area (OUTBUF), mapped, or NULL */
   size_t outsize;
   int unsent; /* given tasks by the dispatch under way */
+  int refill; /* may be given more by the dispatch under way (see dispatch) */
   /* taking back what it has not started (steal): the item seen running
    * and since when; `stalled` once taken back from, until its last item
    * is in (it gets no new work meanwhile) */
@@ -122,9 +123,7 @@ struct pp_engine {
   int zfd, zdead;
   int epfd, wakefd, notifyfd;
   int notified;
-  uint64_t ended_total;   /* jobs ended, ever */
-  uint64_t submit_end_ns; /* when the last submit returned */
-  int wake_pending;       /* a submit woke the I/O thread to dispatch */
+  uint64_t ended_total; /* jobs ended, ever */
   pthread_t th;
   int th_running, th_detached, th_joined;
   int th_started;       /* the I/O thread is inside the fork gate */
@@ -138,6 +137,21 @@ struct pp_engine {
   int startup_deaths; /* workers in a row that died before being ready */
   uint64_t steal_at;  /* when to look again for work to take back (0: no need) */
   rlim_t capture_fds; /* fds below this may be kept for captures (w_outbuf) */
+  /* Submits in a burst do not take the lock (the I/O thread holds it
+   * while it sends and reads, and a submit waiting for it sleeps): they
+   * push their jobs on `inbox`, a stack linked by qnext, and whoever
+   * holds the lock next moves them to the queue (inbox_take). Atomic,
+   * like `accepting` (1 while submits are taken: running, not broken),
+   * `idle_hint` (1 when the last look under the lock saw a worker idle:
+   * a push then wakes the I/O thread; else results will) and
+   * `wake_pending` (a push woke it already). These are on cache lines
+   * of their own, away from the lock and what the I/O thread writes as
+   * it works: sharing a line with those made each submit wait for the
+   * line to come back from the other core, 2-4x slower at times. */
+  pp_job *inbox __attribute__((aligned(64)));
+  int accepting, idle_hint, wake_pending;
+  /* when the last submit returned (the caller's own line) */
+  uint64_t submit_end_ns __attribute__((aligned(64)));
 };
 
 enum { EV_WAKE = 1, EV_ZYGOTE, EV_WORKER, EV_STDERR };
@@ -290,6 +304,32 @@ static void q_push(pp_engine *e, pp_job *j, int front) {
       e->qhead = j;
     e->qtail = j;
   }
+}
+
+static void job_fail_pending(pp_engine *e, pp_job *j, int status);
+
+/* Move the jobs pushed by submits without the lock to the queue's end,
+ * in the order they were pushed. Under the lock; called before anything
+ * that looks at the queue or the pending count. A job that arrives once
+ * the pool can no longer run it (broken, killed, ended) fails as queued
+ * jobs then do. */
+static int inbox_take(pp_engine *e) {
+  if (!__atomic_load_n(&e->inbox, __ATOMIC_RELAXED)) return 0;
+  pp_job *j = __atomic_exchange_n(&e->inbox, NULL, __ATOMIC_ACQUIRE), *rev = NULL;
+  while (j) { /* newest first: reverse */
+    pp_job *next = j->qnext;
+    j->qnext = rev;
+    rev = j;
+    j = next;
+  }
+  while (rev) {
+    pp_job *next = rev->qnext;
+    e->st.pending += rev->n;
+    q_push(e, rev, 0);
+    if (e->broken || e->killing || e->state == PP_E_DEAD) job_fail_pending(e, rev, PP_IT_BROKEN);
+    rev = next;
+  }
+  return 1;
 }
 
 /* Put items [lo, hi) of a job back in front of its pending ranges. */
@@ -637,6 +677,7 @@ static int pick_worker(const pp_engine *e, uint32_t win, int idle_only, int chun
   for (int s = 0; s < e->cfg.nworkers; s++) {
     const pp_worker *w = &e->w[s];
     if (w->state != W_READY || w->doomed || w->retire || w->stalled || w->inflight >= win) continue;
+    if (!w->refill && w->inflight) continue;
     if (chunk && w->chunks >= CHUNKS_AHEAD) continue;
     if (idle_only && w->inflight) continue;
     if (best < 0 || w->inflight < e->w[best].inflight) best = s;
@@ -653,7 +694,9 @@ static int pick_worker(const pp_engine *e, uint32_t win, int idle_only, int chun
  * deadline). */
 static int dispatch(pp_engine *e, int idle_only) {
   int timed = 0;
+  inbox_take(e);
   uint32_t win = depth(e);
+  for (int s = 0; s < e->cfg.nworkers; s++) e->w[s].refill = e->w[s].inflight <= win / 2;
   while (e->qhead && e->state != PP_E_CLOSING && e->state != PP_E_DEAD) {
     pp_job *j = e->qhead;
     uint32_t(*ranges)[2] = job_ranges(j);
@@ -1375,6 +1418,8 @@ static void z_readable(pp_engine *e) {
 static void engine_break(pp_engine *e, const char *msg) {
   if (e->broken) return;
   e->broken = 1;
+  __atomic_store_n(&e->accepting, 0, __ATOMIC_SEQ_CST);
+  inbox_take(e);
   free(e->broken_msg);
   e->broken_msg = strdup(msg);
   /* every unfinished job fails */
@@ -1400,6 +1445,7 @@ static int all_idle(const pp_engine *e) {
 
 /* Move the lifecycle along: spawn, drain, close, end. */
 static void progress(pp_engine *e) {
+  inbox_take(e);
   if (e->state == PP_E_DRAINING && all_idle(e)) e->state = PP_E_CLOSING;
   if (e->state == PP_E_RUNNING || (e->state == PP_E_DRAINING && e->qhead)) {
     if (!e->zdead && !e->broken)
@@ -1498,6 +1544,27 @@ static int deadlines(pp_engine *e) {
   return ms > 60000 ? 60000 : (int)ms;
 }
 
+static void wake(pp_engine *e) {
+  uint64_t one = 1;
+  ssize_t r = write(e->wakefd, &one, sizeof one);
+  (void)r;
+}
+
+/* After a look under the lock: tell submits whether a worker is idle
+ * (a push must then wake the I/O thread). Then look at the inbox again:
+ * the hint's store and this load, and a push and its load of the hint,
+ * are sequentially consistent, so either the push sees the hint and
+ * wakes the I/O thread, or this sees the push and hands it out (a timed
+ * task wakes the I/O thread for its deadline). */
+static void hint_idle(pp_engine *e) {
+  int idle = e->state == PP_E_RUNNING && pick_worker(e, depth(e), 1, 0) >= 0;
+  if (__atomic_load_n(&e->idle_hint, __ATOMIC_RELAXED) != idle) /* (the line stays shared) */
+    __atomic_store_n(&e->idle_hint, idle, __ATOMIC_SEQ_CST);
+  else
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the hint, as if stored, before the load */
+  if (idle && __atomic_load_n(&e->inbox, __ATOMIC_SEQ_CST) && dispatch(e, 0)) wake(e);
+}
+
 static void *io_main(void *arg) {
   pp_engine *e = arg;
   struct epoll_event ev[64];
@@ -1525,7 +1592,8 @@ static void *io_main(void *arg) {
         uint64_t v;
         ssize_t r = read(e->wakefd, &v, sizeof v);
         (void)r;
-        e->wake_pending = 0; /* what it was woken for is dispatched below */
+        /* what it was woken for is dispatched below */
+        __atomic_store_n(&e->wake_pending, 0, __ATOMIC_RELAXED);
       } else if (kind == EV_ZYGOTE) {
         if (e->zfd >= 0) z_readable(e);
       } else if (kind == EV_STDERR && slot < e->cfg.nworkers) {
@@ -1538,6 +1606,7 @@ static void *io_main(void *arg) {
     dispatch(e, 0);
     progress(e);
     steal(e);
+    hint_idle(e);
   }
   int detached = e->th_detached;
   e->th_running = 0;
@@ -1547,23 +1616,20 @@ static void *io_main(void *arg) {
   return NULL;
 }
 
-static void wake(pp_engine *e) {
-  uint64_t one = 1;
-  ssize_t r = write(e->wakefd, &one, sizeof one);
-  (void)r;
-}
-
 /* ------------------------------------------------------------------ */
 /* the API                                                              */
 
 pp_engine *pp_engine_new(const pp_engine_cfg *cfg, pid_t zpid, int zfd, int *err) {
-  pp_engine *e = calloc(1, sizeof *e);
+  pp_engine *e = NULL; /* aligned for its cache-line fields */
+  if (posix_memalign((void **)&e, 64, sizeof *e) != 0) e = NULL;
+  if (e) memset(e, 0, sizeof *e);
   if (!e) {
     *err = ENOMEM;
     return NULL;
   }
   e->cfg = *cfg;
   e->refs = 1;
+  e->accepting = 1;
   e->forkgen = pp_fork_generation();
   e->zpid = zpid;
   e->zfd = zfd;
@@ -1671,6 +1737,7 @@ void pp_engine_unref(pp_engine *e) {
     e->w[s].dhead = NULL;
     w_clear(e, s);
   }
+  inbox_take(e);
   while (e->qhead) {
     pp_job *j = e->qhead;
     q_remove(e, j);
@@ -1701,7 +1768,30 @@ void pp_engine_unref(pp_engine *e) {
 /* Submits closer together than this are a burst. */
 #define BURST_GAP_NS 5000u
 
+/* A submit in a burst, without the lock: the job goes on the inbox (the
+ * I/O thread, or a waiting caller's reap, hands it out). 0 if submits
+ * are not taken now: the locked path then says why. */
+static int submit_unlocked(pp_engine *e, pp_job *j) {
+  if (!__atomic_load_n(&e->accepting, __ATOMIC_ACQUIRE)) return 0;
+  __atomic_add_fetch(&j->refs, 1, __ATOMIC_RELAXED);
+  pp_job *head = __atomic_load_n(&e->inbox, __ATOMIC_RELAXED);
+  do {
+    j->qnext = head;
+  } while (
+      !__atomic_compare_exchange_n(&e->inbox, &head, j, 1, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
+  if (__atomic_load_n(&e->idle_hint, __ATOMIC_SEQ_CST) &&
+      !__atomic_exchange_n(&e->wake_pending, 1, __ATOMIC_RELAXED))
+    wake(e); /* for idle workers: busy ones' results wake it */
+  __atomic_store_n(&e->submit_end_ns, pp_now_ns(), __ATOMIC_RELAXED);
+  return 1;
+}
+
 int pp_engine_submit(pp_engine *e, pp_job *j, const char **msg) {
+  /* a lone task goes to an idle worker at once, from this thread, under
+   * the lock; in a burst of submits that would cost a send and a worker
+   * wakeup per task, so they go to the I/O thread to send in batches */
+  int burst = pp_now_ns() - __atomic_load_n(&e->submit_end_ns, __ATOMIC_RELAXED) < BURST_GAP_NS;
+  if (burst && j->n && submit_unlocked(e, j)) return 0;
   pthread_mutex_lock(&e->mu);
   if (e->broken) {
     *msg = e->broken_msg;
@@ -1719,24 +1809,18 @@ int pp_engine_submit(pp_engine *e, pp_job *j, const char **msg) {
     set_state(j, PP_JOB_DONE);
     job_end(e, j);
   } else {
+    inbox_take(e); /* (those pushed before it go first) */
     q_push(e, j, 0);
-    /* a lone task goes to an idle worker at once, from this thread; in a
-     * burst of submits that would cost a send and a worker wakeup per
-     * task, so the I/O thread is woken (once) to send them in batches */
-    if (pp_now_ns() - e->submit_end_ns >= BURST_GAP_NS) {
-      if (dispatch(e, 1)) wake(e);
-    } else if (!e->wake_pending && pick_worker(e, depth(e), 1, 0) >= 0) {
-      e->wake_pending = 1; /* for idle workers: busy ones' results wake it */
-      wake(e);
-    }
+    if (dispatch(e, 1)) wake(e);
   }
-  e->submit_end_ns = pp_now_ns();
+  __atomic_store_n(&e->submit_end_ns, pp_now_ns(), __ATOMIC_RELAXED);
   pthread_mutex_unlock(&e->mu);
   return 0;
 }
 
 int pp_engine_cancel(pp_engine *e, pp_job *j) {
   pthread_mutex_lock(&e->mu);
+  inbox_take(e);
   int r = 0;
   if (j->state == PP_JOB_CANCELLED) {
     r = 1;
@@ -1893,13 +1977,14 @@ int pp_engine_fd(const pp_engine *e) { return e->notifyfd; }
  * look at later, a lifecycle step. */
 void pp_engine_reap(pp_engine *e) {
   if (pthread_mutex_trylock(&e->mu) != 0) return; /* the I/O thread is at it */
+  int took = inbox_take(e);
   int frames = 0;
   for (int s = 0; s < e->cfg.nworkers; s++) {
     pp_worker *w = &e->w[s];
     if (w->state == W_READY && w->fd >= 0 && w->dhead && !w->in.eof) frames += w_readable(e, s);
   }
-  if (!frames) {
-    /* nothing read */
+  if (!frames && !took) {
+    /* nothing read, nothing new to hand out */
   } else if (e->state != PP_E_RUNNING || e->broken) {
     wake(e); /* a lifecycle step, an INITFAIL: the I/O thread takes it from here */
   } else {
@@ -1908,6 +1993,7 @@ void pp_engine_reap(pp_engine *e) {
     steal(e);
     if (timed || (e->steal_at && e->steal_at != steal_was)) wake(e);
   }
+  hint_idle(e);
   pthread_mutex_unlock(&e->mu);
 }
 
@@ -1926,6 +2012,8 @@ uint64_t pp_engine_ack(pp_engine *e) {
 
 void pp_engine_shutdown(pp_engine *e, int cancel) {
   pthread_mutex_lock(&e->mu);
+  __atomic_store_n(&e->accepting, 0, __ATOMIC_SEQ_CST);
+  inbox_take(e);
   if (cancel) {
     pp_job *j = e->qhead;
     while (j) {
@@ -1945,7 +2033,9 @@ void pp_engine_shutdown(pp_engine *e, int cancel) {
 
 void pp_engine_kill(pp_engine *e, int sig) {
   pthread_mutex_lock(&e->mu);
+  __atomic_store_n(&e->accepting, 0, __ATOMIC_SEQ_CST);
   if (e->state != PP_E_DEAD && !e->killing) {
+    inbox_take(e);
     e->killing = sig;
     e->end_msg = sig == SIGKILL ? "the pool's workers were killed before the task finished"
                                 : "the pool's workers were terminated before the task finished";
@@ -2001,6 +2091,7 @@ void pp_engine_detach(pp_engine *e) {
 
 void pp_engine_stats(pp_engine *e, pp_stats *s) {
   pthread_mutex_lock(&e->mu);
+  inbox_take(e);
   *s = e->st;
   s->workers = 0;
   for (int k = 0; k < e->cfg.nworkers; k++) s->workers += e->w[k].state == W_READY;

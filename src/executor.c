@@ -22,6 +22,7 @@
 #include "progress_cb.h"
 #include "pp.h"
 #include "proc.h"
+#include "udata.h"
 #include "wait.h"
 #include "wire.h"
 
@@ -102,8 +103,11 @@ static void start_engine(lua_State *L, pp_exec *x, const pp_engine_cfg *cfg, pid
   renew_sentinel(L);
 }
 
+/* the registry key of the Executor metatable (udata.h) */
+static const char executor_mt_key;
+
 static pp_exec *checkexec(lua_State *L, int idx) {
-  pp_exec *x = luaL_checkudata(L, idx, PP_EXECUTOR_MT);
+  pp_exec *x = pp_udata_check(L, idx, &executor_mt_key, PP_EXECUTOR_MT);
   if (!x->e) pp_error_raise(L, "InvalidStateError", "the executor is closed");
   if (!pp_engine_mine(x->e)) pp_error_raise(L, "InvalidStateError", "%s", pp_strerror(PP_EFOREIGN));
   return x;
@@ -649,6 +653,7 @@ void pp_engine_open(lua_State *L) {
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
   luaL_newmetatable(L, PP_EXECUTOR_MT);
+  pp_udata_register(L, &executor_mt_key);
   lua_pushcfunction(L, l_gc);
   lua_setfield(L, -2, "__gc");
   luaL_newlib(L, methods);

@@ -16,13 +16,19 @@
 #include "error.h"
 #include "pp.h"
 #include "progress_cb.h"
+#include "udata.h"
 
-/* registry: futures with callbacks by job, and a count per engine */
-#define REG_CBFUTS "procpool.cbfuts"
-#define REG_CBENGINES "procpool.cbengines"
+/* registry tables (reg_table), under the addresses of these: futures
+ * with callbacks by job, and a count per engine */
+static const char reg_cbfuts, reg_cbengines;
+
+/* the registry key of the Future metatable (udata.h) */
+static const char future_mt_key;
+
+pp_fut *pp_future_test(lua_State *L, int idx) { return pp_udata_test(L, idx, &future_mt_key); }
 
 pp_fut *pp_future_check(lua_State *L, int idx) {
-  pp_fut *f = luaL_checkudata(L, idx, PP_FUTURE_MT);
+  pp_fut *f = pp_udata_check(L, idx, &future_mt_key, PP_FUTURE_MT);
   if (!f->job) pp_error_raise(L, "InvalidStateError", "a released future");
   if (!pp_engine_mine(f->e)) pp_error_raise(L, "InvalidStateError", "%s", pp_strerror(PP_EFOREIGN));
   return f;
@@ -53,14 +59,14 @@ void pp_future_push(lua_State *L, pp_engine *e, pp_job *job) {
   pp_fut *f = lua_newuserdatauv(L, sizeof *f, 0);
   f->job = NULL;
   f->e = NULL;
-  luaL_setmetatable(L, PP_FUTURE_MT);
+  pp_udata_setmt(L, &future_mt_key);
   pp_engine_ref(e);
   f->e = e;
   f->job = job;
 }
 
 static int fut_gc(lua_State *L) {
-  pp_fut *f = luaL_checkudata(L, 1, PP_FUTURE_MT);
+  pp_fut *f = pp_udata_check(L, 1, &future_mt_key, PP_FUTURE_MT);
   if (f->job && pp_engine_mine(f->e)) { /* a forked copy leaves its parent's memory alone */
     pp_job_unref(f->job);
     pp_engine_unref(f->e);
@@ -157,17 +163,17 @@ static void run_callbacks(lua_State *L, int idx) {
   lua_pop(L, 1);
 }
 
-static void reg_table(lua_State *L, const char *name) {
-  if (lua_getfield(L, LUA_REGISTRYINDEX, name) != LUA_TTABLE) {
+static void reg_table(lua_State *L, const void *key) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, key) != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_newtable(L);
     lua_pushvalue(L, -1);
-    lua_setfield(L, LUA_REGISTRYINDEX, name);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, key);
   }
 }
 
 void pp_future_count_engine(lua_State *L, pp_engine *e, int delta) {
-  reg_table(L, REG_CBENGINES);
+  reg_table(L, &reg_cbengines);
   lua_rawgetp(L, -1, e);
   lua_Integer n = lua_tointeger(L, -1) + delta;
   lua_pop(L, 1);
@@ -182,7 +188,7 @@ void pp_future_count_engine(lua_State *L, pp_engine *e, int delta) {
 /* Forget the registration of the future for `job`; leaves the future (or
  * nil) on the stack. */
 static void unregister(lua_State *L, pp_engine *e, pp_job *job) {
-  reg_table(L, REG_CBFUTS);
+  reg_table(L, &reg_cbfuts);
   lua_rawgetp(L, -1, job);
   if (!lua_isnil(L, -1)) {
     lua_pushnil(L);
@@ -194,7 +200,7 @@ static void unregister(lua_State *L, pp_engine *e, pp_job *job) {
 
 /* Run the callbacks of the watched jobs of `e` that have ended. */
 static void drain_engine(lua_State *L, pp_engine *e) {
-  reg_table(L, REG_CBENGINES);
+  reg_table(L, &reg_cbengines);
   int live = lua_rawgetp(L, -1, e) != LUA_TNIL;
   lua_pop(L, 2);
   if (!live) return;                     /* a callback's drain got to it */
@@ -217,7 +223,7 @@ static void drain_engine(lua_State *L, pp_engine *e) {
 }
 
 void pp_drain(lua_State *L) {
-  reg_table(L, REG_CBENGINES);
+  reg_table(L, &reg_cbengines);
   int t = lua_gettop(L);
   /* a snapshot (callbacks may add or remove engines): in C for the usual
    * few, in a table when there are more */
@@ -272,7 +278,7 @@ static int fut_add_done_callback(lua_State *L) {
   }
   lua_pushvalue(L, 2);
   lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
-  reg_table(L, REG_CBFUTS);
+  reg_table(L, &reg_cbfuts);
   int registered = lua_rawgetp(L, -1, f->job) != LUA_TNIL;
   lua_pop(L, 1);
   if (!registered) {
@@ -753,6 +759,97 @@ static int fut_output(lua_State *L) {
   return v.has_output ? 2 : 0;
 }
 
+/* Whether some callback or report listener may be due (pp_drain has
+ * work): a wait then runs them before it returns. */
+static int callbacks_listed(lua_State *L) {
+  reg_table(L, &reg_cbengines);
+  lua_pushnil(L);
+  int any = lua_next(L, -2);
+  lua_pop(L, any ? 3 : 1);
+  return any;
+}
+
+/* Push the one value of the Future at idx when it is cheap to know: a
+ * done task that returned one scalar, while no callback waits anywhere
+ * (a wait would run them first). 1 if pushed, else 0 (nothing pushed). */
+static int fast_value(lua_State *L, int idx) {
+  pp_fut *f = pp_future_test(L, idx);
+  if (!f || !f->job || f->job->n != 1 || !pp_engine_mine(f->e) ||
+      pp_engine_job_state(f->e, f->job) != PP_JOB_DONE || f->job->items[0].status != PP_IT_OK ||
+      callbacks_listed(L))
+    return 0;
+  size_t len;
+  const char *s = pp_item_bytes(f->job, &f->job->items[0], &len);
+  size_t k = pp_decode_first(L, s, len);
+  if (k && k == len && (unsigned char)s[0] == 1) return 1;
+  if (k) lua_pop(L, 1);
+  return 0;
+}
+
+/* Name a bad timeout (argument 2) of `method` here, where the error's
+ * position is the caller's (raised from the Lua method behind, it
+ * would be this C function's: none). 1 if the timeout is nil. */
+static int check_timeout(lua_State *L, const char *method) {
+  int t = lua_type(L, 2);
+  if (t > LUA_TNIL && (t != LUA_TNUMBER || lua_tonumber(L, 2) != lua_tonumber(L, 2)))
+    luaL_error(L, "bad timeout to '%s' (number of seconds expected, got %s)", method,
+               lua_typename(L, t));
+  return t <= LUA_TNIL && lua_gettop(L) <= 2;
+}
+
+/* What the method returned: all of the stack (it replaced the call). */
+static int method_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  (void)ctx;
+  return lua_gettop(L);
+}
+
+/* Call the Lua method (upvalue 1) with this call's arguments; with a
+ * continuation, so that its wait may yield to a coroutine's scheduler. */
+static int call_method(lua_State *L) {
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_callk(L, lua_gettop(L) - 1, LUA_MULTRET, 0, method_k);
+  return method_k(L, LUA_OK, 0);
+}
+
+/* Future:result(timeout): the Lua method, with its commonest case here
+ * (fast_value, asked without a timeout): skipping the wait's look and
+ * the decode's protected call makes a tiny task's result() 6x cheaper. */
+static int fut_result(lua_State *L) {
+  if (check_timeout(L, "result") && fast_value(L, 1)) return 1;
+  return call_method(L);
+}
+
+/* AsyncResult:get(timeout) as fut_result, for an apply's result (a
+ * table whose _fut is its Future) that hands on no captured output. */
+static int apply_get(lua_State *L) {
+  if (check_timeout(L, "get") && lua_type(L, 1) == LUA_TTABLE) {
+    int top = lua_gettop(L);
+    if (lua_getfield(L, 1, "_emit") == LUA_TNIL && lua_getfield(L, 1, "_fut") == LUA_TUSERDATA &&
+        fast_value(L, -1))
+      return 1;
+    lua_settop(L, top);
+  }
+  return call_method(L);
+}
+
+/* fast_result(method), fast_get(method): result and get, over the Lua
+ * methods given (above) */
+static int l_fast_result(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 1);
+  lua_pushcclosure(L, fut_result, 1);
+  return 1;
+}
+
+static int l_fast_get(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 1);
+  lua_pushcclosure(L, apply_get, 1);
+  return 1;
+}
+
 static int fut_traceback(lua_State *L) {
   pp_fut *f = pp_future_check(L, 1);
   if (!pp_job_ended(pp_engine_job_state(f->e, f->job)) || f->job->n == 0 ||
@@ -801,7 +898,8 @@ void pp_future_open(lua_State *L) {
                                      {"_nitems", fut_nitems},
                                      {"_failed", fut_failed},
                                      {NULL, NULL}};
-  static const luaL_Reg fns[] = {{"drain", l_drain}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {
+      {"drain", l_drain}, {"fast_result", l_fast_result}, {"fast_get", l_fast_get}, {NULL, NULL}};
   for (int k = 0; k < PP_FUV_N; k++) {
     lua_createtable(L, 0, 0);
     lua_createtable(L, 0, 1);
@@ -813,6 +911,7 @@ void pp_future_open(lua_State *L) {
   new_cache(L, &value_cache_key);
   new_cache(L, &error_cache_key);
   luaL_newmetatable(L, PP_FUTURE_MT);
+  pp_udata_register(L, &future_mt_key);
   lua_pushcfunction(L, fut_gc);
   lua_setfield(L, -2, "__gc");
   lua_pushcfunction(L, fut_tostring);

@@ -18,6 +18,8 @@ typedef struct pp_fut {
 
 /* Push a new Future for `job` of `e` (takes over one job reference). */
 void pp_future_push(lua_State *L, pp_engine *e, pp_job *job);
+/* The Future at `idx`, or NULL if it is not one. */
+pp_fut *pp_future_test(lua_State *L, int idx);
 /* The Future at `idx`; raises if it is released or another process's. */
 pp_fut *pp_future_check(lua_State *L, int idx);
 /* Push value k (PP_FUV_*) of the Future at idx (nil if unset) and return

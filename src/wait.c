@@ -188,7 +188,7 @@ static void aw_engine(lua_State *L, awstate *s, pp_engine *e) {
  * (such entries are passed over). */
 static pp_fut *aw_nth(lua_State *L, lua_Integer i) {
   lua_rawgeti(L, AW_TARGET, i);
-  pp_fut *g = luaL_testudata(L, -1, PP_FUTURE_MT);
+  pp_fut *g = pp_future_test(L, -1);
   lua_pop(L, 1);
   return g && g->job ? g : NULL;
 }
@@ -202,7 +202,7 @@ static int aw_item_done(pp_fut *f, lua_Integer i) {
 /* 1 if the condition holds; collects the engines involved */
 static int aw_check(lua_State *L, awstate *s) {
   s->w.nengs = 0;
-  pp_fut *f = luaL_testudata(L, AW_TARGET, PP_FUTURE_MT);
+  pp_fut *f = pp_future_test(L, AW_TARGET);
   if (f) {
     pp_future_check(L, AW_TARGET);
     aw_engine(L, s, f->e);
@@ -242,7 +242,7 @@ static int aw_check(lua_State *L, awstate *s) {
 
 /* A wait on single items: have the jobs report each item as it ends. */
 static void aw_watch_items(lua_State *L) {
-  pp_fut *f = luaL_testudata(L, AW_TARGET, PP_FUTURE_MT);
+  pp_fut *f = pp_future_test(L, AW_TARGET);
   if (f) {
     if (lua_isinteger(L, AW_MODE) && f->job) pp_engine_watch_items(f->e, f->job);
     return;
@@ -259,7 +259,7 @@ static void aw_watch_items(lua_State *L) {
  * since the condition was checked makes the fd readable at once, or the
  * wakeup would be lost. */
 static void aw_register(lua_State *L, pp_waiter *w, int add) {
-  pp_fut *f = luaL_testudata(L, AW_TARGET, PP_FUTURE_MT);
+  pp_fut *f = pp_future_test(L, AW_TARGET);
   if (f) {
     if (!add)
       pp_engine_wait_del(f->e, f->job, w);
