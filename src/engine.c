@@ -101,7 +101,6 @@ typedef struct pp_worker {
   pp_outarea *outarea; /* its capture area (OUTBUF), mapped, or NULL */
   size_t outsize;
   int unsent; /* given tasks by the dispatch under way */
-  int refill; /* may be given more by the dispatch under way (see dispatch) */
   /* taking back what it has not started (steal): the item seen running
    * and since when; `stalled` once taken back from, until its last item
    * is in (it gets no new work meanwhile) */
@@ -677,7 +676,6 @@ static int pick_worker(const pp_engine *e, uint32_t win, int idle_only, int chun
   for (int s = 0; s < e->cfg.nworkers; s++) {
     const pp_worker *w = &e->w[s];
     if (w->state != W_READY || w->doomed || w->retire || w->stalled || w->inflight >= win) continue;
-    if (!w->refill && w->inflight) continue;
     if (chunk && w->chunks >= CHUNKS_AHEAD) continue;
     if (idle_only && w->inflight) continue;
     if (best < 0 || w->inflight < e->w[best].inflight) best = s;
@@ -696,7 +694,6 @@ static int dispatch(pp_engine *e, int idle_only) {
   int timed = 0;
   inbox_take(e);
   uint32_t win = depth(e);
-  for (int s = 0; s < e->cfg.nworkers; s++) e->w[s].refill = e->w[s].inflight <= win / 2;
   while (e->qhead && e->state != PP_E_CLOSING && e->state != PP_E_DEAD) {
     pp_job *j = e->qhead;
     uint32_t(*ranges)[2] = job_ranges(j);
