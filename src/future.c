@@ -786,16 +786,9 @@ static int fast_value(lua_State *L, int idx) {
   return 0;
 }
 
-/* Name a bad timeout (argument 2) of `method` here, where the error's
- * position is the caller's (raised from the Lua method behind, it
- * would be this C function's: none). 1 if the timeout is nil. */
-static int check_timeout(lua_State *L, const char *method) {
-  int t = lua_type(L, 2);
-  if (t > LUA_TNIL && (t != LUA_TNUMBER || lua_tonumber(L, 2) != lua_tonumber(L, 2)))
-    luaL_error(L, "bad timeout to '%s' (number of seconds expected, got %s)", method,
-               lua_typename(L, t));
-  return t <= LUA_TNIL && lua_gettop(L) <= 2;
-}
+/* Asked without a timeout (a given one, good or bad, is the Lua
+ * method's to read) */
+static int no_timeout(lua_State *L) { return lua_gettop(L) <= 2 && lua_isnoneornil(L, 2); }
 
 /* What the method returned: all of the stack (it replaced the call). */
 static int method_k(lua_State *L, int status, lua_KContext ctx) {
@@ -817,14 +810,14 @@ static int call_method(lua_State *L) {
  * (fast_value, asked without a timeout): skipping the wait's look and
  * the decode's protected call makes a tiny task's result() 6x cheaper. */
 static int fut_result(lua_State *L) {
-  if (check_timeout(L, "result") && fast_value(L, 1)) return 1;
+  if (no_timeout(L) && fast_value(L, 1)) return 1;
   return call_method(L);
 }
 
 /* AsyncResult:get(timeout) as fut_result, for an apply's result (a
  * table whose _fut is its Future) that hands on no captured output. */
 static int apply_get(lua_State *L) {
-  if (check_timeout(L, "get") && lua_type(L, 1) == LUA_TTABLE) {
+  if (no_timeout(L) && lua_type(L, 1) == LUA_TTABLE) {
     int top = lua_gettop(L);
     if (lua_getfield(L, 1, "_emit") == LUA_TNIL && lua_getfield(L, 1, "_fut") == LUA_TUSERDATA &&
         fast_value(L, -1))

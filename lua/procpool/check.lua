@@ -22,12 +22,14 @@ function M.argerror(n, fname, msg)
 end
 
 --- The deadline (on `core.monotonic`'s clock) of a timeout in seconds;
--- nil for none. A negative timeout counts as 0.
-function M.deadline_of(timeout, fname)
+-- nil for none. A negative timeout counts as 0. A bad one is blamed on
+-- the caller of `fname` (`level`, as error's, from here: 3 by default;
+-- 4 for a method called through a C wrapper).
+function M.deadline_of(timeout, fname, level)
   if timeout == nil then return nil end
   if type(timeout) ~= "number" or timeout ~= timeout then
     error(string.format("bad timeout to '%s' (number of seconds expected, got %s)", fname,
-      type(timeout)), 3)
+      type(timeout)), level or 3)
   end
   return now() + (timeout > 0 and timeout or 0)
 end

@@ -44,9 +44,10 @@ local finish = M.finish
 
 --- All the values the task returned; raises its error unchanged,
 -- `TimeoutError` when not done in time, `CancelledError` if cancelled.
--- (core.fast_result answers the commonest case in C, before this runs)
+-- (core.fast_result answers the commonest case in C, before this runs:
+-- a bad timeout is its caller's, at level 4)
 Future.result = core.fast_result(function(self, timeout)
-  local d = deadline_of(timeout, "result")
+  local d = deadline_of(timeout, "result", 4)
   if not await(self, d) then
     raise("TimeoutError", string.format("the future did not finish within %g seconds", timeout))
   end

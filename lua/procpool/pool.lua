@@ -160,9 +160,10 @@ end
 
 --- The result: the values (apply_async) or the list (map_async). Raises
 -- the first task error, or TimeoutError when not ready in time.
--- (core.fast_get answers an apply's commonest case in C, before this runs)
+-- (core.fast_get answers an apply's commonest case in C, before this runs:
+-- a bad timeout is its caller's, at level 4)
 AsyncResult.get = core.fast_get(function(self, timeout)
-  local d = timeout ~= nil and deadline_of(timeout, "get") or nil
+  local d = timeout ~= nil and deadline_of(timeout, "get", 4) or nil
   local fut = self._fut
   if fut then -- apply: one future, its own wait and values
     if not await(fut, d) then
