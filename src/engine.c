@@ -143,14 +143,10 @@ struct pp_engine {
    * like `accepting` (1 while submits are taken: running, not broken),
    * `idle_hint` (1 when the last look under the lock saw a worker idle:
    * a push then wakes the I/O thread; else results will) and
-   * `wake_pending` (a push woke it already). These are on cache lines
-   * of their own, away from the lock and what the I/O thread writes as
-   * it works: sharing a line with those made each submit wait for the
-   * line to come back from the other core, 2-4x slower at times. */
-  pp_job *inbox __attribute__((aligned(64)));
+   * `wake_pending` (a push woke it already). */
+  pp_job *inbox;
   int accepting, idle_hint, wake_pending;
-  /* when the last submit returned (the caller's own line) */
-  uint64_t submit_end_ns __attribute__((aligned(64)));
+  uint64_t submit_end_ns; /* atomic: when the last submit returned */
 };
 
 enum { EV_WAKE = 1, EV_ZYGOTE, EV_WORKER, EV_STDERR };
@@ -1555,10 +1551,7 @@ static void wake(pp_engine *e) {
  * task wakes the I/O thread for its deadline). */
 static void hint_idle(pp_engine *e) {
   int idle = e->state == PP_E_RUNNING && pick_worker(e, depth(e), 1, 0) >= 0;
-  if (__atomic_load_n(&e->idle_hint, __ATOMIC_RELAXED) != idle) /* (the line stays shared) */
-    __atomic_store_n(&e->idle_hint, idle, __ATOMIC_SEQ_CST);
-  else
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the hint, as if stored, before the load */
+  __atomic_store_n(&e->idle_hint, idle, __ATOMIC_SEQ_CST);
   if (idle && __atomic_load_n(&e->inbox, __ATOMIC_SEQ_CST) && dispatch(e, 0)) wake(e);
 }
 
@@ -1617,9 +1610,7 @@ static void *io_main(void *arg) {
 /* the API                                                              */
 
 pp_engine *pp_engine_new(const pp_engine_cfg *cfg, pid_t zpid, int zfd, int *err) {
-  pp_engine *e = NULL; /* aligned for its cache-line fields */
-  if (posix_memalign((void **)&e, 64, sizeof *e) != 0) e = NULL;
-  if (e) memset(e, 0, sizeof *e);
+  pp_engine *e = calloc(1, sizeof *e);
   if (!e) {
     *err = ENOMEM;
     return NULL;
