@@ -6,9 +6,10 @@ local H = require "spec.helper"
 
 local T = 10
 
--- Futures in each state, from a one-worker executor whose worker is held
--- by a long task: the first few queued tasks are handed out (running),
--- later ones wait (pending).
+-- Futures in each state, from a fresh one-worker executor whose worker is
+-- held by a long task. A fresh executor knows no task durations yet, so it
+-- hands out one task at a time and the later ones wait (pending); after a
+-- quick task its window is deep and all of them may be handed out at once.
 local function fixtures(ex)
   local blocker = ex:submit("spec.tasks.sleep", 1.0)
   local f = { blocker = blocker }
@@ -182,6 +183,8 @@ describe("Future", function()
       local seen
       f:add_done_callback(function(g) seen = g:exception(0) end)
       assert.are.equal("bad", seen)
+      ex:shutdown { cancel_futures = true }
+      ex = procpool.ProcessPoolExecutor { max_workers = 1 } -- fresh: see fixtures
       local c = fixtures(ex).cancelled
       local was
       c:add_done_callback(function(g) was = g:cancelled() end)
