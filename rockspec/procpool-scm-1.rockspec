@@ -54,6 +54,7 @@ build = {
         "src/fncache.c",
         "src/forkgate.c",
         "src/future.c",
+        "src/hugealloc.c",
         "src/names.c",
         "src/proc.c",
         "src/procpool.c",

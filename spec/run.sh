@@ -55,7 +55,7 @@ run_busted() {
 run_busted "" ${SPECS:-spec}
 # the API and reliability specs again, with workers from a fresh interpreter
 if [ -z "$SPECS" ]; then
-  PROCPOOL_CONTEXT=spawn run_busted "[spawn] " spec/1[0-7]-*_spec.lua spec/20-pool_spec.lua spec/22-takeback_spec.lua spec/23-burst_spec.lua \
+  PROCPOOL_CONTEXT=spawn run_busted "[spawn] " spec/1[0-7]-*_spec.lua spec/20-pool_spec.lua spec/22-takeback_spec.lua spec/23-burst_spec.lua spec/24-spare_spec.lua \
     spec/30-faults_spec.lua spec/40-coroutines_spec.lua spec/70-cpython_futures_spec.lua \
     spec/71-cpython_pool_spec.lua
 fi

@@ -3,6 +3,7 @@
 #include "buf.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -24,17 +25,76 @@ static size_t page_round(size_t n) {
   return (n + pg - 1) & ~(pg - 1);
 }
 
+/* The spare: its fd and the pid of the process that kept it, in one word
+ * (an atomic exchange takes or replaces it, so no lock is held across a
+ * fork). */
+static uint64_t spare_slot; /* atomic; 0: none */
+
+static uint64_t spare_pack(int fd) { return (uint64_t)(uint32_t)getpid() << 32 | (uint32_t)fd; }
+
+/* The spare's fd, now the caller's, or -1. */
+static int spare_take(void) {
+  uint64_t v = __atomic_exchange_n(&spare_slot, 0, __ATOMIC_ACQ_REL);
+  if (!v) return -1;
+  int fd = (int)(uint32_t)v;
+  if ((pid_t)(v >> 32) != getpid()) { /* a forked child's copy of its parent's */
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+static int spare_users; /* atomic */
+
+void pp_spare_users(int delta) {
+  if (__atomic_add_fetch(&spare_users, delta, __ATOMIC_ACQ_REL) == 0) pp_spare_drop();
+}
+
+void pp_spare_give(int fd) {
+  struct stat st;
+  if (__atomic_load_n(&spare_users, __ATOMIC_ACQUIRE) <= 0 || fstat(fd, &st) != 0 ||
+      st.st_size <= 0 || (uint64_t)st.st_size > PP_SPARE_MAX) {
+    close(fd);
+    return;
+  }
+  uint64_t old = __atomic_exchange_n(&spare_slot, spare_pack(fd), __ATOMIC_ACQ_REL);
+  if (old) close((int)(uint32_t)old);
+}
+
+void pp_spare_drop(void) {
+  int fd = spare_take();
+  if (fd >= 0) close(fd);
+}
+
+/* A memfd of at least `cap` bytes: the spare (grown if need be), or a new
+ * one. Sets *cap to its size. */
+static int memfd_get(size_t *cap) {
+  int fd = spare_take();
+  if (fd >= 0) {
+    struct stat st;
+    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size >= *cap) {
+      *cap = (size_t)st.st_size;
+      return fd;
+    }
+    if (ftruncate(fd, (off_t)*cap) == 0) return fd;
+    close(fd);
+  }
+  fd = memfd_create("procpool", MFD_CLOEXEC);
+  if (fd >= 0 && ftruncate(fd, (off_t)*cap) != 0) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+  }
+  return fd;
+}
+
 /* Move into (or grow) a memfd mapping of at least `need` bytes. */
 static int grow_memfd(pp_wbuf *b, size_t need) {
   size_t cap = page_round(need + need / 2);
   if (b->fd < 0) {
-    int fd = memfd_create("procpool", MFD_CLOEXEC);
+    int fd = memfd_get(&cap);
     if (fd < 0) return errno;
-    if (ftruncate(fd, (off_t)cap) != 0) {
-      int e = errno;
-      close(fd);
-      return e;
-    }
     void *m = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (m == MAP_FAILED) {
       int e = errno;
@@ -112,6 +172,7 @@ pp_blob *pp_blob_from_wbuf(pp_wbuf *b, int keep_fd) {
   bl->refs = 1;
   bl->n = b->n;
   bl->fd = -1;
+  bl->spare = 0;
   if (b->fd >= 0) {
     bl->mapped = 1;
     bl->p = b->p;
@@ -137,6 +198,7 @@ pp_blob *pp_blob_adopt(char *p, size_t n) {
   bl->refs = 1;
   bl->mapped = 0;
   bl->fd = -1;
+  bl->spare = 0;
   bl->maplen = 0;
   bl->p = p;
   bl->n = n;
@@ -152,7 +214,7 @@ pp_blob *pp_blob_new(const void *p, size_t n) {
   return bl;
 }
 
-pp_blob *pp_blob_map(int fd, size_t n, int *err) {
+pp_blob *pp_blob_map(int fd, size_t n, int spare, int *err) {
   pp_blob *bl = malloc(sizeof *bl);
   if (!bl) {
     *err = ENOMEM;
@@ -174,7 +236,9 @@ pp_blob *pp_blob_map(int fd, size_t n, int *err) {
   }
   bl->refs = 1;
   bl->mapped = 1;
-  bl->fd = -1;
+  bl->fd =
+      spare ? fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1; /* (without a copy it is merely not spared) */
+  bl->spare = spare && bl->fd >= 0;
   bl->p = m;
   bl->n = n;
   bl->maplen = len;
@@ -188,7 +252,10 @@ void pp_blob_unref(pp_blob *b) {
     munmap(b->p, b->maplen);
   else
     free(b->p);
-  if (b->fd >= 0) close(b->fd);
+  if (b->spare)
+    pp_spare_give(b->fd);
+  else if (b->fd >= 0)
+    close(b->fd);
   free(b);
 }
 

@@ -46,7 +46,8 @@ void pp_zero_touch(void *p, size_t n);
 typedef struct pp_blob {
   int refs; /* atomic */
   int mapped;
-  int fd; /* the memfd behind a mapping, kept to pass it on; else -1 */
+  int fd;    /* the memfd behind a mapping, kept to pass it on (or to spare); else -1 */
+  int spare; /* when freed, its memfd becomes the spare (pp_spare_give) */
   char *p;
   size_t n;
   size_t maplen;
@@ -64,9 +65,29 @@ static inline pp_blob *pp_blob_ref(pp_blob *b) {
 pp_blob *pp_blob_new(const void *p, size_t n);
 /* Adopt `p` (malloc'ed, n bytes) without copying. */
 pp_blob *pp_blob_adopt(char *p, size_t n);
-/* Map `n` bytes of memfd `fd` read-only. Does not close fd (the blob does
- * not keep it). */
-pp_blob *pp_blob_map(int fd, size_t n, int *err);
+/* Map `n` bytes of memfd `fd` read-only. Does not close fd. With `spare`,
+ * the blob keeps a duplicate of it and, when freed, makes it the spare:
+ * only for a memfd that no other process will touch again. */
+pp_blob *pp_blob_map(int fd, size_t n, int spare, int *err);
 void pp_blob_unref(pp_blob *b);
+
+/* The spare memfd: the pages of one large buffer, already allocated, kept
+ * for the next large buffer (pp_wbuf_grow takes it) so that its bytes are
+ * written into warm memory, not into pages the kernel must first find and
+ * zero (half of a large echo's time). One per process, at most
+ * PP_SPARE_MAX bytes. A memfd is given only by the side that was the last
+ * to receive it, once nobody else will read it: the parent gives the
+ * memfds of results (the worker that wrote one has let go of it); a
+ * worker gives a task's memfd once it has claimed every item in it. So no
+ * memfd is ever written by two processes. A forked child never takes its
+ * parent's spare. */
+#define PP_SPARE_MAX ((size_t)128 << 20)
+/* Keep `fd` as the spare (closing the one it replaces), or close it. */
+void pp_spare_give(int fd);
+/* Close the spare, if any (a worker starts). */
+void pp_spare_drop(void);
+/* A pool is made (+1) or freed (-1): with none left, the spare is closed
+ * and none is kept, so no fd outlives the pools. */
+void pp_spare_users(int delta);
 
 #endif

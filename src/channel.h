@@ -41,8 +41,12 @@ enum {
 };
 enum { PP_FF_FD = 0x01 };
 enum {
-  PP_TASK_TIMED = 0x01,  /* worker records each item's start time */
-  PP_TASK_CAPTURE = 0x02 /* the items' stdout and stderr come back with them */
+  PP_TASK_TIMED = 0x01,   /* worker records each item's start time */
+  PP_TASK_CAPTURE = 0x02, /* the items' stdout and stderr come back with them */
+  /* FD: the frame holds every item of its memfd, which no other worker is
+   * sent unless an item is taken back: once the worker has claimed them
+   * all, the memfd is its own (its spare, buf.h) */
+  PP_TASK_WHOLE = 0x04
 };
 enum { PP_RES_OK = 1, PP_RES_ERROR = 2 };
 enum { PP_RES_OUTPUT = 0x80 }; /* on a result's status: its bytes end with output */

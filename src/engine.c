@@ -436,6 +436,10 @@ static void item_set(pp_engine *e, pp_job *j, uint32_t i, int status) {
  * engine's reference (or hand it to the callback list). */
 static void job_end(pp_engine *e, pp_job *j) {
   q_remove(e, j);
+  if (j->x && j->x->payload) { /* nothing is sent again: a future holds no argument */
+    pp_blob_unref(j->x->payload);
+    j->x->payload = NULL;
+  }
   if (j->state != PP_JOB_CANCELLED) set_state(j, PP_JOB_DONE);
   wnodes_fire(j);
   e->ended_total++;
@@ -609,6 +613,7 @@ static int w_task(pp_engine *e, pp_worker *w, pp_job *j, uint32_t first, uint32_
   }
   pp_wbuf *b = &w->out.buf;
   if (jp.fd >= 0) {
+    if (first == 0 && count == j->n) th.flags |= PP_TASK_WHOLE;
     int fd = dup(jp.fd);
     if (fd < 0) return errno;
     if (pp_wbuf_reserve(b, PP_FRAME_HDR + PP_TASK_FD_BODY + tail) != 0) {
@@ -1134,7 +1139,7 @@ static int w_results(pp_engine *e, int slot, const pp_frame *f) {
     if (count != 1 || f->len < pos + PP_RESULT_FD_ITEM) return -1;
     int err = 0;
     uint64_t len = pp_result_fd_item_len(b + pos);
-    blob = pp_blob_map(f->fd, (size_t)len, &err);
+    blob = pp_blob_map(f->fd, (size_t)len, 1, &err); /* the worker let go of it */
     if (!blob) return -1;
   } else {
     blob = pp_blob_new(b, f->len);
@@ -1617,6 +1622,7 @@ pp_engine *pp_engine_new(const pp_engine_cfg *cfg, pid_t zpid, int zfd, int *err
   }
   e->cfg = *cfg;
   e->refs = 1;
+  pp_spare_users(1); /* the spare memfd is kept while a pool lives */
   e->accepting = 1;
   e->forkgen = pp_fork_generation();
   e->zpid = zpid;
@@ -1751,6 +1757,7 @@ void pp_engine_unref(pp_engine *e) {
   free(e->broken_msg);
   free(e->w);
   free(e);
+  pp_spare_users(-1);
 }
 
 /* Submits closer together than this are a burst. */

@@ -436,7 +436,7 @@ void pp_zygote_spawned(lua_State *L) {
   lua_settop(L, 0);
   if (mfd >= 0) {
     int err = 0;
-    pp_blob *b = pp_blob_map(mfd, (size_t)m.len, &err);
+    pp_blob *b = pp_blob_map(mfd, (size_t)m.len, 0, &err);
     close(mfd);
     if (!b) {
       hello(err, "cannot read the initializer");

@@ -20,6 +20,7 @@
 #include "codec.h"
 #include "engine.h"
 #include "error.h"
+#include "hugealloc.h"
 #include "reslimit.h"
 #include "pp.h"
 #include "quiet_thread.h"
@@ -702,6 +703,7 @@ static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
   const char *fn, *items;
   size_t fnlen, itemslen;
   pp_blob *map = NULL;
+  int whole_fd = -1;
   if (fd >= 0) {
     if (blen < PP_TASK_FD_BODY) wexit(ws, 71);
     pp_task_fd r;
@@ -712,8 +714,11 @@ static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
     int err = 0;
     off_t size = lseek(fd, 0, SEEK_END);
     if (size < 0) wexit(ws, 71);
-    map = pp_blob_map(fd, (size_t)size, &err);
-    close(fd);
+    map = pp_blob_map(fd, (size_t)size, 0, &err);
+    if (flags & PP_TASK_WHOLE)
+      whole_fd = fd; /* kept: once every item is claimed here, the spare */
+    else
+      close(fd);
     if (!map || fnoff + fnlen > map->n || ioff + itemslen > map->n) wexit(ws, 71);
     fn = map->p + fnoff;
     items = map->p + ioff;
@@ -771,6 +776,12 @@ static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
   }
   lua_settop(L, top);
   pp_blob_unref(map);
+  if (whole_fd >= 0) { /* no other worker reads it once all its items are ours */
+    if (count && ws->claimed == seq0 + count - 1)
+      pp_spare_give(whole_fd);
+    else
+      close(whole_fd);
+  }
 }
 
 void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx *w) {
@@ -785,6 +796,8 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
   pthread_mutex_init(&ws.mu, NULL);
   pthread_mutex_init(&ws.fmu, NULL);
   ws.flusher_wake = UINT64_MAX;
+  pp_spare_drop();   /* a forked worker's copy of its parent's */
+  pp_spare_users(1); /* a spawned one has no pool of its own to count */
   pp_wbuf_init(&ws.res, PP_MEMFD_MIN);
   pp_wbuf_init(&ws.rep.values, 0);
   pp_wbuf_init(&ws.rheld, 0);
@@ -814,6 +827,7 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
   lua_setfield(L, -2, "pid");
   lua_setfield(L, LUA_REGISTRYINDEX, "procpool.current_worker");
   note_base_frames(L);
+  pp_hugealloc_install(L); /* (the memory limit, if any, wraps it) */
   if (w) {
     const char *what = NULL;
     int err = pp_limiter_start(&ws.lim, L, &w->lim, &what);

@@ -1,8 +1,10 @@
 /* test_codec.c: the codec and byte buffers, driven from C. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -86,13 +88,58 @@ static void test_memfd(void) {
   pp_blob *bl = pp_blob_from_wbuf(&b, 0);
   CHECK(bl && bl->mapped && bl->n == n && b.p == NULL, "a memfd buffer becomes a mapped blob");
   int err = 0;
-  pp_blob *m = pp_blob_map(fd, n, &err);
+  pp_blob *m = pp_blob_map(fd, n, 0, &err);
   CHECK(m && memcmp(m->p, bl->p, n) == 0, "the memfd maps read-only in another owner");
-  pp_blob *bad = pp_blob_map(fd, n * 4, &err);
+  pp_blob *bad = pp_blob_map(fd, n * 4, 0, &err);
   CHECK(bad == NULL && err == EPROTO, "a memfd shorter than announced is refused");
   pp_blob_unref(m);
   pp_blob_unref(bl);
   close(fd);
+}
+
+static ino_t inode(int fd) {
+  struct stat st;
+  return fstat(fd, &st) == 0 ? st.st_ino : 0;
+}
+
+static int is_open(int fd) { return fcntl(fd, F_GETFD) >= 0; }
+
+/* A freed spare-able blob's memfd is the next large buffer's; none is
+ * kept without a pool. */
+static void test_spare(void) {
+  pp_wbuf b;
+  pp_wbuf_init(&b, 4096);
+  pp_spare_users(1);
+  int ok = pp_wbuf_reserve(&b, 1 << 20) == 0;
+  memset(b.p, 'x', 1 << 20);
+  b.n = 1 << 20;
+  ino_t ino = inode(b.fd);
+  int fd = dup(b.fd);
+  pp_wbuf_free(&b);
+  int err = 0;
+  pp_blob *m = pp_blob_map(fd, 1 << 20, 1, &err);
+  close(fd);
+  CHECK(ok && m && m->p[12345] == 'x', "a received memfd maps with a copy of its fd kept");
+  pp_blob_unref(m);
+  pp_wbuf_init(&b, 4096);
+  ok = pp_wbuf_reserve(&b, 1 << 19) == 0;
+  CHECK(ok && b.fd >= 0 && inode(b.fd) == ino, "the next large buffer is written into it");
+  CHECK(b.cap >= (size_t)1 << 20, "it keeps the spare's larger size");
+  fd = dup(b.fd);
+  pp_wbuf_free(&b);
+  pp_spare_give(fd);
+  pp_spare_users(-1);
+  CHECK(!is_open(fd), "with no pool left the spare is closed");
+  fd = memfd_create("t", MFD_CLOEXEC);
+  CHECK(fd >= 0 && ftruncate(fd, 4096) == 0, "a memfd to give");
+  pp_spare_give(fd);
+  CHECK(!is_open(fd), "and none is kept");
+  pp_spare_users(1);
+  fd = memfd_create("t", MFD_CLOEXEC);
+  CHECK(fd >= 0 && ftruncate(fd, (off_t)PP_SPARE_MAX + 4096) == 0, "a large memfd");
+  pp_spare_give(fd);
+  CHECK(!is_open(fd), "a memfd past PP_SPARE_MAX is not kept");
+  pp_spare_users(-1);
 }
 
 int main(void) {
@@ -103,6 +150,7 @@ int main(void) {
   test_varint();
   test_lists(L);
   test_memfd();
+  test_spare();
   lua_close(L);
   return CTEST_DONE();
 }
