@@ -51,6 +51,15 @@ describe("large values", function()
     assert.are.equal(6, #fs)
   end)
 
+  it("kept by the dozen as results hold a few fds, not one each", function()
+    local before = value_memfds()
+    local fs = {}
+    for i = 1, 24 do fs[i] = ex:submit(big, i, 300 << 10) end
+    for i = 1, 24 do assert.are.equal(300 << 10, #fs[i]:result(T)) end
+    -- results are mappings; a few keep their fd to become the spare
+    assert.is_true(value_memfds() <= before + 5, value_memfds() .. " memfds, " .. before .. " before")
+  end)
+
   it("come back exactly, round after round, in memfds used again", function()
     for round = 1, 12 do
       local fs, want = {}, {}

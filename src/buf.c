@@ -66,6 +66,18 @@ void pp_spare_drop(void) {
   if (fd >= 0) close(fd);
 }
 
+/* Blobs that hold a copy of their fd to give it as the spare when freed:
+ * a few at most, so that a program holding many large results does not
+ * hold as many fds (the spare is one memfd anyway). */
+#define PP_SPARE_HOLD 4
+static int spare_held; /* atomic */
+
+static int hold_candidate(void) {
+  if (__atomic_add_fetch(&spare_held, 1, __ATOMIC_RELAXED) <= PP_SPARE_HOLD) return 1;
+  __atomic_sub_fetch(&spare_held, 1, __ATOMIC_RELAXED);
+  return 0;
+}
+
 /* A memfd of at least `cap` bytes: the spare (grown if need be), or a new
  * one. Sets *cap to its size. */
 static int memfd_get(size_t *cap) {
@@ -236,9 +248,13 @@ pp_blob *pp_blob_map(int fd, size_t n, int spare, int *err) {
   }
   bl->refs = 1;
   bl->mapped = 1;
-  bl->fd =
-      spare ? fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1; /* (without a copy it is merely not spared) */
-  bl->spare = spare && bl->fd >= 0;
+  bl->fd = -1;
+  bl->spare = 0;
+  if (spare && n <= PP_SPARE_MAX && hold_candidate()) {
+    bl->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0); /* (without a copy it is merely not spared) */
+    bl->spare = bl->fd >= 0;
+    if (!bl->spare) __atomic_sub_fetch(&spare_held, 1, __ATOMIC_RELAXED);
+  }
   bl->p = m;
   bl->n = n;
   bl->maplen = len;
@@ -252,9 +268,10 @@ void pp_blob_unref(pp_blob *b) {
     munmap(b->p, b->maplen);
   else
     free(b->p);
-  if (b->spare)
+  if (b->spare) {
+    __atomic_sub_fetch(&spare_held, 1, __ATOMIC_RELAXED);
     pp_spare_give(b->fd);
-  else if (b->fd >= 0)
+  } else if (b->fd >= 0)
     close(b->fd);
   free(b);
 }
