@@ -32,17 +32,20 @@ static uint64_t spare_slot; /* atomic; 0: none */
 
 static uint64_t spare_pack(int fd) { return (uint64_t)(uint32_t)getpid() << 32 | (uint32_t)fd; }
 
+/* The fd of slot value v if this process kept it, else -1: a forked
+ * child's copy names its parent's fd, whose number the child may have
+ * closed and reused since (it is never closed through the copy). */
+static int spare_fd(uint64_t v) {
+  if (!v || (pid_t)(v >> 32) != getpid()) return -1;
+  return (int)(uint32_t)v;
+}
+
 /* The spare's fd, now the caller's, or -1. */
 static int spare_take(void) {
-  uint64_t v = __atomic_exchange_n(&spare_slot, 0, __ATOMIC_ACQ_REL);
-  if (!v) return -1;
-  int fd = (int)(uint32_t)v;
-  if ((pid_t)(v >> 32) != getpid()) { /* a forked child's copy of its parent's */
-    close(fd);
-    return -1;
-  }
-  return fd;
+  return spare_fd(__atomic_exchange_n(&spare_slot, 0, __ATOMIC_ACQ_REL));
 }
+
+void pp_spare_forget(void) { __atomic_store_n(&spare_slot, 0, __ATOMIC_RELEASE); }
 
 static int spare_users; /* atomic */
 
@@ -57,8 +60,10 @@ void pp_spare_give(int fd) {
     close(fd);
     return;
   }
-  uint64_t old = __atomic_exchange_n(&spare_slot, spare_pack(fd), __ATOMIC_ACQ_REL);
-  if (old) close((int)(uint32_t)old);
+  int old = spare_fd(__atomic_exchange_n(&spare_slot, spare_pack(fd), __ATOMIC_ACQ_REL));
+  if (old >= 0) close(old);
+  /* the last pool may have gone while this was kept: then nothing stays */
+  if (__atomic_load_n(&spare_users, __ATOMIC_ACQUIRE) <= 0) pp_spare_drop();
 }
 
 void pp_spare_drop(void) {

@@ -84,8 +84,11 @@ void pp_blob_unref(pp_blob *b);
 #define PP_SPARE_MAX ((size_t)128 << 20)
 /* Keep `fd` as the spare (closing the one it replaces), or close it. */
 void pp_spare_give(int fd);
-/* Close the spare, if any (a worker starts). */
+/* Close the spare, if any. */
 void pp_spare_drop(void);
+/* Forget the spare without closing it: a forked child (a zygote, a
+ * worker) whose fds are not its parent's. */
+void pp_spare_forget(void);
 /* A pool is made (+1) or freed (-1): with none left, the spare is closed
  * and none is kept, so no fd outlives the pools. */
 void pp_spare_users(int delta);

@@ -558,6 +558,7 @@ static void get_parts(const pp_job *j, job_parts *jp) {
   if (P) {
     jp->fn = P->p;
     jp->fnpart = PP_LEN_PREFIX + (size_t)pp_wire_len((const unsigned char *)P->p);
+    if (jp->fnpart > P->n) jp->fnpart = P->n; /* (shared bytes: see item_offset) */
     jp->items = P->p + jp->fnpart;
     jp->ilen = P->n - jp->fnpart;
     jp->fd = P->fd;
@@ -583,7 +584,12 @@ static size_t item_offset(pp_job *j, const job_parts *jp, uint32_t i) {
     k = x->scan_item;
     off = x->scan_off;
   }
-  for (; k < i; k++) off += PP_LEN_PREFIX + (size_t)pp_wire_len(p + off);
+  /* within the part whatever the lengths say: a memfd's bytes are shared
+   * with the workers, and a worker's bad write must not take the parent
+   * down (the worker is then sent a range it refuses, and dies) */
+  for (; k < i && off <= jp->ilen - PP_LEN_PREFIX && jp->ilen >= PP_LEN_PREFIX; k++)
+    off += PP_LEN_PREFIX + (size_t)pp_wire_len(p + off);
+  if (off > jp->ilen) off = jp->ilen;
   if (x) {
     x->scan_item = i;
     x->scan_off = off;

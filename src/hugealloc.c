@@ -17,6 +17,7 @@
 typedef struct huge_block {
   void *p;
   size_t len; /* mapped bytes */
+  int small;  /* Lua's size for it is below PP_HUGE_MIN (see nsmall) */
 } huge_block;
 
 typedef struct huge_alloc {
@@ -24,6 +25,9 @@ typedef struct huge_alloc {
   void *base_ud;
   huge_block blocks[MAX_BLOCKS];
   int nblocks;
+  /* blocks Lua now takes for small ones: a shrink the base allocator
+   * could not take (then each block is looked up, whatever its size) */
+  int nsmall;
 } huge_alloc;
 
 static huge_alloc installed; /* one Lua state per worker process */
@@ -34,6 +38,11 @@ static huge_block *find(huge_alloc *h, const void *p) {
   for (int i = 0; i < h->nblocks; i++)
     if (h->blocks[i].p == p) return &h->blocks[i];
   return NULL;
+}
+
+static void set_small(huge_alloc *h, huge_block *b, int small) {
+  h->nsmall += small - b->small;
+  b->small = small;
 }
 
 /* A new mapping of at least n bytes, 2 MiB aligned, advised huge. */
@@ -53,21 +62,22 @@ static void *map_huge(size_t n, size_t *len) {
 
 static void *huge_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
   huge_alloc *h = ud;
-  huge_block *b = ptr && osize >= PP_HUGE_MIN ? find(h, ptr) : NULL;
+  huge_block *b = ptr && (osize >= PP_HUGE_MIN || h->nsmall) ? find(h, ptr) : NULL;
   if (!b) {
     if (ptr || nsize < PP_HUGE_MIN || h->nblocks == MAX_BLOCKS)
       return h->base(h->base_ud, ptr, osize, nsize);
     size_t len;
     void *p = map_huge(nsize, &len); /* a new large block (osize is a type tag) */
     if (!p) return NULL;
-    h->blocks[h->nblocks++] = (huge_block){p, len};
+    h->blocks[h->nblocks++] = (huge_block){p, len, 0};
     return p;
   }
   if (nsize >= PP_HUGE_MIN) { /* still large: the mapping grows or shrinks */
     size_t len = round_huge(nsize);
+    set_small(h, b, 0);
     if (len == b->len) return ptr;
     void *p = mremap(ptr, b->len, len, MREMAP_MAYMOVE);
-    if (p == MAP_FAILED) return len < b->len ? ptr : NULL;
+    if (p == MAP_FAILED) return len < b->len ? ptr : NULL; /* (a shrink keeps it whole) */
     b->p = p;
     b->len = len;
     return p;
@@ -75,20 +85,23 @@ static void *huge_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize) {
   void *p = NULL;
   if (nsize) { /* small now: back to the base allocator */
     p = h->base(h->base_ud, NULL, 0, nsize);
-    if (!p) return ptr; /* Lua counts on a shrink never failing: stay as is */
-    memcpy(p, ptr, nsize);
+    if (!p) { /* Lua counts on a shrink never failing: keep the mapping (it is larger) */
+      set_small(h, b, 1);
+      return ptr;
+    }
+    memcpy(p, ptr, osize < nsize ? osize : nsize);
   }
+  set_small(h, b, 0);
   munmap(ptr, b->len);
   *b = h->blocks[--h->nblocks];
   return p;
 }
 
 void pp_hugealloc_install(lua_State *L) {
-  void *ud;
-  lua_Alloc cur = lua_getallocf(L, &ud);
-  if (cur == huge_alloc_fn) return; /* a worker of a pool inside a task: a fork of one */
-  installed.base = cur;
-  installed.base_ud = ud;
-  installed.nblocks = 0;
+  /* a worker of a pool inside a task is a fork of a worker: its state's
+   * allocators (this one, perhaps under the memory limit's) are in place,
+   * with the blocks they know of */
+  if (installed.base) return;
+  installed.base = lua_getallocf(L, &installed.base_ud);
   lua_setallocf(L, huge_alloc_fn, &installed);
 }

@@ -21,6 +21,7 @@
 
 #include <lauxlib.h>
 
+#include "buf.h"
 #include "codec.h"
 #include "forkgate.h"
 
@@ -167,6 +168,7 @@ __attribute__((noreturn)) static void zygote_main(lua_State *L, const pp_wctx *w
     dup2(ctl, ZCTL);
     close(ctl);
   }
+  pp_spare_forget(); /* the parent's, and its fd is closed just below */
   pp_close_from(ZCTL + 1, -1);
   signal(SIGINT, SIG_IGN); /* Ctrl-C is the parent's to act on */
   /* limits.memory counts from what a worker holds at start: without the

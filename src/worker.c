@@ -776,11 +776,16 @@ static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
   }
   lua_settop(L, top);
   pp_blob_unref(map);
-  if (whole_fd >= 0) { /* no other worker reads it once all its items are ours */
-    if (count && ws->claimed == seq0 + count - 1)
+  if (whole_fd >= 0) {
+    /* no other worker reads it once all its items are ours and their
+     * results are on the way: a result still in an open batch would be
+     * lost with this worker, and its item sent again from this memfd */
+    if (count && ws->claimed == seq0 + count - 1) {
+      flush(ws);
       pp_spare_give(whole_fd);
-    else
+    } else {
       close(whole_fd);
+    }
   }
 }
 
@@ -796,7 +801,7 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
   pthread_mutex_init(&ws.mu, NULL);
   pthread_mutex_init(&ws.fmu, NULL);
   ws.flusher_wake = UINT64_MAX;
-  pp_spare_drop();   /* a forked worker's copy of its parent's */
+  pp_spare_forget(); /* a forked worker's copy of its parent's */
   pp_spare_users(1); /* a spawned one has no pool of its own to count */
   pp_wbuf_init(&ws.res, PP_MEMFD_MIN);
   pp_wbuf_init(&ws.rep.values, 0);

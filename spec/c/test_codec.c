@@ -5,6 +5,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -135,6 +136,28 @@ static void test_spare(void) {
   pp_spare_give(fd);
   CHECK(!is_open(fd), "and none is kept");
   pp_spare_users(1);
+  /* a forked child: the spare's fd number may be another file there now */
+  fd = memfd_create("t", MFD_CLOEXEC);
+  CHECK(fd >= 0 && ftruncate(fd, 1 << 20) == 0, "a memfd to keep");
+  pp_spare_give(fd);
+  fflush(stdout);
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(fd);
+    int other = open("/dev/null", O_RDONLY);
+    pp_wbuf c;
+    pp_wbuf_init(&c, 4096);
+    /* (the take finds its parent's pid in the slot) */
+    int good = other == fd && pp_wbuf_reserve(&c, 1 << 19) == 0 && c.fd != other;
+    _exit(good && is_open(other) ? 0 : 1);
+  }
+  int st = 0;
+  waitpid(pid, &st, 0);
+  CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0,
+        "a forked child neither uses its parent's spare nor closes that fd number");
+  CHECK(is_open(fd), "the parent still keeps it");
+  pp_spare_forget();
+  close(fd);
   fd = memfd_create("t", MFD_CLOEXEC);
   CHECK(fd >= 0 && ftruncate(fd, (off_t)PP_SPARE_MAX + 4096) == 0, "a large memfd");
   pp_spare_give(fd);

@@ -4,7 +4,10 @@
 #include <lua.h>
 #include <lualib.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "ctest.h"
 #include "hugealloc.h"
@@ -42,7 +45,122 @@ static int thp_never(void) {
   return strstr(line, "[never]") != NULL;
 }
 
+static long rss_kb(void) {
+  FILE *f = fopen("/proc/self/status", "r");
+  char line[256];
+  long kb = 0;
+  while (f && fgets(line, sizeof line, f))
+    if (sscanf(line, "VmRSS: %ld kB", &kb) == 1) break;
+  if (f) fclose(f);
+  return kb;
+}
+
+/* A base allocator that can be told to refuse new memory. */
+static int refuse;
+static void *base_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  (void)ud;
+  (void)osize;
+  if (!nsize) {
+    free(ptr);
+    return NULL;
+  }
+  if (refuse) return NULL;
+  return realloc(ptr, nsize);
+}
+
+/* What a memory limit does: another allocator around the current one. */
+typedef struct outer {
+  lua_Alloc inner;
+  void *inner_ud;
+  long calls;
+} outer;
+static void *outer_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  outer *o = ud;
+  o->calls++;
+  return o->inner(o->inner_ud, ptr, osize, nsize);
+}
+
+/* fn() in a fresh process (the allocator keeps one state per process):
+ * whether it returned true. */
+static int in_child(int (*fn)(void)) {
+  fflush(stdout);
+  pid_t pid = fork();
+  if (pid == 0) {
+    int ok = fn();
+    fflush(stdout);
+    _exit(ok ? 0 : 1);
+  }
+  int st = 0;
+  waitpid(pid, &st, 0);
+  return WIFEXITED(st) && WEXITSTATUS(st) == 0;
+}
+
+#define EXPECT(cond)                                                                               \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
+      printf("# %s:%d: %s\n", __FILE__, __LINE__, #cond);                                          \
+      fflush(stdout);                                                                              \
+      return 0;                                                                                    \
+    }                                                                                              \
+  } while (0)
+
+static int refused_shrink(void) {
+  lua_State *L = lua_newstate(base_alloc, NULL);
+  pp_hugealloc_install(L);
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  size_t mib = (size_t)1 << 20;
+  char *p = f(ud, NULL, LUA_TSTRING, 6 * mib);
+  EXPECT(p);
+  memset(p, 'c', 6 * mib);
+  refuse = 1;
+  char *q = f(ud, p, 6 * mib, 100); /* the base allocator refuses: it must not fail */
+  refuse = 0;
+  EXPECT(q == p && q[99] == 'c');
+  char *r = f(ud, q, 100, 200); /* looked up though Lua now takes it for small */
+  EXPECT(r && r[99] == 'c');
+  f(ud, r, 200, 0); /* freed as the mapping it is (else free() aborts) */
+  lua_close(L);
+  return 1;
+}
+
+static int under_a_limit(void) {
+  lua_State *L = luaL_newstate();
+  luaL_openlibs(L);
+  pp_hugealloc_install(L);
+  outer o = {NULL, NULL, 0};
+  o.inner = lua_getallocf(L, &o.inner_ud);
+  lua_setallocf(L, outer_alloc, &o);
+  pp_hugealloc_install(L); /* a worker forked from this one: no second layer */
+  void *ud;
+  EXPECT(lua_getallocf(L, &ud) == outer_alloc);
+  EXPECT(run(L, "return #('z'):rep(8 << 20) == 8 << 20"));
+  EXPECT(o.calls > 0);
+  lua_close(L);
+  return 1;
+}
+
+static int given_back(void) {
+  lua_State *L = luaL_newstate();
+  luaL_openlibs(L);
+  pp_hugealloc_install(L);
+  long before = rss_kb();
+  EXPECT(run(L, "big = ('q'):rep(64 << 20) return true"));
+  long held = rss_kb() - before;
+  EXPECT(run(L, "big = nil collectgarbage() collectgarbage() return true"));
+  long left = rss_kb() - before;
+  printf("# 64 MiB string: %ld kB held, %ld kB left after it is freed\n", held, left);
+  EXPECT(held >= 60 * 1024 && left < 8 * 1024);
+  lua_close(L);
+  return 1;
+}
+
 int main(void) {
+  CHECK(in_child(refused_shrink), "a shrink the base allocator refuses keeps the block, "
+                                  "which is then looked up, grown and freed as a mapping");
+  CHECK(in_child(under_a_limit), "installed again under another allocator (a memory limit), "
+                                 "it adds no layer and large blocks still work");
+  CHECK(in_child(given_back), "a freed large block's memory goes back to the system");
   lua_State *L = luaL_newstate();
   luaL_openlibs(L);
   pp_hugealloc_install(L);
@@ -67,7 +185,7 @@ int main(void) {
                "local s = 0 for i = 1, 10 do s = s + t[i] end return s == 55 and t.k64 == 64"),
         "a large array shrunk to a small one keeps its first values");
   CHECK(run(L, "big = nil collectgarbage() collectgarbage() return collectgarbage('count') < 4096"),
-        "freed blocks are given back");
+        "freed blocks are freed");
   /* a large block grown and shrunk in place of its own (mremap) */
   void *ud;
   lua_Alloc f = lua_getallocf(L, &ud);
