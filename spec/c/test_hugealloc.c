@@ -24,16 +24,20 @@ static int run(lua_State *L, const char *chunk) {
   return ok;
 }
 
-/* the process's memory in huge pages, in kB */
-static long huge_kb(void) {
-  FILE *f = fopen("/proc/self/smaps_rollup", "r");
+/* The kB figure of line `key` ("VmRSS: %ld kB") of a /proc file. */
+static long proc_kb(const char *path, const char *key) {
+  FILE *f = fopen(path, "r");
   char line[256];
   long kb = 0;
   while (f && fgets(line, sizeof line, f))
-    if (sscanf(line, "AnonHugePages: %ld kB", &kb) == 1) break;
+    if (sscanf(line, key, &kb) == 1) break;
   if (f) fclose(f);
   return kb;
 }
+
+/* the process's memory in huge pages, and all it holds */
+static long huge_kb(void) { return proc_kb("/proc/self/smaps_rollup", "AnonHugePages: %ld kB"); }
+static long rss_kb(void) { return proc_kb("/proc/self/status", "VmRSS: %ld kB"); }
 
 static int thp_never(void) {
   FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
@@ -43,16 +47,6 @@ static int thp_never(void) {
     fclose(f);
   }
   return strstr(line, "[never]") != NULL;
-}
-
-static long rss_kb(void) {
-  FILE *f = fopen("/proc/self/status", "r");
-  char line[256];
-  long kb = 0;
-  while (f && fgets(line, sizeof line, f))
-    if (sscanf(line, "VmRSS: %ld kB", &kb) == 1) break;
-  if (f) fclose(f);
-  return kb;
 }
 
 /* A base allocator that can be told to refuse new memory. */
@@ -124,10 +118,16 @@ static int refused_shrink(void) {
   return 1;
 }
 
-static int under_a_limit(void) {
+/* A Lua state with its libraries and the allocator. */
+static lua_State *new_state(void) {
   lua_State *L = luaL_newstate();
   luaL_openlibs(L);
   pp_hugealloc_install(L);
+  return L;
+}
+
+static int under_a_limit(void) {
+  lua_State *L = new_state();
   outer o = {NULL, NULL, 0};
   o.inner = lua_getallocf(L, &o.inner_ud);
   lua_setallocf(L, outer_alloc, &o);
@@ -141,9 +141,7 @@ static int under_a_limit(void) {
 }
 
 static int given_back(void) {
-  lua_State *L = luaL_newstate();
-  luaL_openlibs(L);
-  pp_hugealloc_install(L);
+  lua_State *L = new_state();
   long before = rss_kb();
   EXPECT(run(L, "big = ('q'):rep(64 << 20) return true"));
   long held = rss_kb() - before;
@@ -161,9 +159,7 @@ int main(void) {
   CHECK(in_child(under_a_limit), "installed again under another allocator (a memory limit), "
                                  "it adds no layer and large blocks still work");
   CHECK(in_child(given_back), "a freed large block's memory goes back to the system");
-  lua_State *L = luaL_newstate();
-  luaL_openlibs(L);
-  pp_hugealloc_install(L);
+  lua_State *L = new_state();
   pp_hugealloc_install(L); /* a second time (a fork of a worker): no second layer */
   CHECK(run(L, "return ('x'):rep(16 << 20):sub(-3) == 'xxx'"), "a large new string");
   long before = huge_kb();
