@@ -116,6 +116,32 @@ describe("host hygiene", function()
     assert.are.equal(150, r)
   end)
 
+  it("keeps a worker's channel from a file the host dropped without closing", function()
+    -- the dropped handle's fd is the first one the host opened (3); it is
+    -- still garbage when the pool forks, and a worker's collection must
+    -- not close that number, which is a worker's own there
+    local ok, out, err = H.run_lua([[
+      local procpool = require "procpool"
+      collectgarbage("stop")
+      do local f = io.open("/etc/hostname") end
+      local ex = procpool.ProcessPoolExecutor { max_workers = 1 }
+      collectgarbage("restart")
+      for _ = 1, 3 do
+        local n = ex:submit(function(k)
+          local t = {}
+          for i = 1, k do t[i] = { i } end
+          collectgarbage()
+          return #t
+        end, 10000):result(10)
+        assert(n == 10000)
+      end
+      ex:shutdown()
+      print("done")
+    ]], 30)
+    assert.is_true(ok, err)
+    assert.are.equal("done\n", out)
+  end)
+
   it("refuses to be used from a forked copy of its process", function()
     if (os.getenv("PROCPOOL_CONTEXT") or "fork") ~= "fork" then
       return pending("fork context only: spawned workers hold no copies")

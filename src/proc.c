@@ -164,17 +164,21 @@ __attribute__((noreturn)) static void zygote_main(lua_State *L, const pp_wctx *w
                                                   pid_t parent, const sigset_t *mask) {
   prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (getppid() != parent) _exit(0);
+  signal(SIGINT, SIG_IGN); /* Ctrl-C is the parent's to act on */
+  /* The garbage the parent had is collected here, once for all workers,
+   * while the fds are still the parent's: a file handle dropped without
+   * io.close closes its own fd now, not later in a worker, where that
+   * number is the worker's channel (or the zygote's, below). And
+   * limits.memory counts from what a worker holds at start: without the
+   * garbage, which its workers would free and then have as room past the
+   * limit. */
+  lua_gc(L, LUA_GCCOLLECT, 0);
   if (ctl != ZCTL) {
     dup2(ctl, ZCTL);
     close(ctl);
   }
   pp_spare_forget(); /* the parent's, and its fd is closed just below */
   pp_close_from(ZCTL + 1, -1);
-  signal(SIGINT, SIG_IGN); /* Ctrl-C is the parent's to act on */
-  /* limits.memory counts from what a worker holds at start: without the
-   * garbage the parent had, which its workers would free and then have
-   * as room past the limit (one collection here, shared by them all) */
-  if (w->lim.memory) lua_gc(L, LUA_GCCOLLECT, 0);
   zstate z;
   memset(&z, 0, sizeof z);
   z.L = L;
