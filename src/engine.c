@@ -587,7 +587,7 @@ static size_t item_offset(pp_job *j, const job_parts *jp, uint32_t i) {
   /* within the part whatever the lengths say: a memfd's bytes are shared
    * with the workers, and a worker's bad write must not take the parent
    * down (the worker is then sent a range it refuses, and dies) */
-  for (; k < i && off <= jp->ilen - PP_LEN_PREFIX && jp->ilen >= PP_LEN_PREFIX; k++)
+  for (; k < i && off + PP_LEN_PREFIX <= jp->ilen; k++)
     off += PP_LEN_PREFIX + (size_t)pp_wire_len(p + off);
   if (off > jp->ilen) off = jp->ilen;
   if (x) {

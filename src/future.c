@@ -827,21 +827,17 @@ static int apply_get(lua_State *L) {
   return call_method(L);
 }
 
-/* fast_result(method), fast_get(method): result and get, over the Lua
- * methods given (above) */
-static int l_fast_result(lua_State *L) {
+/* `fast` over the Lua method given (its upvalue, for call_method) */
+static int over_method(lua_State *L, lua_CFunction fast) {
   luaL_checktype(L, 1, LUA_TFUNCTION);
   lua_settop(L, 1);
-  lua_pushcclosure(L, fut_result, 1);
+  lua_pushcclosure(L, fast, 1);
   return 1;
 }
 
-static int l_fast_get(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TFUNCTION);
-  lua_settop(L, 1);
-  lua_pushcclosure(L, apply_get, 1);
-  return 1;
-}
+/* fast_result(method), fast_get(method): result and get (above) */
+static int l_fast_result(lua_State *L) { return over_method(L, fut_result); }
+static int l_fast_get(lua_State *L) { return over_method(L, apply_get); }
 
 static int fut_traceback(lua_State *L) {
   pp_fut *f = pp_future_check(L, 1);
