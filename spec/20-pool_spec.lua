@@ -102,6 +102,65 @@ describe("Pool", function()
       end
       assert.is_false(rf:successful())
     end)
+
+    -- apply_async without options is answered in C (core.fast_apply) and
+    -- its result is the task's Future under AsyncResult's metatable; the
+    -- Lua method takes every other shape: both must mean the same
+    it("apply_async: every shape of arguments, fast or not, gives the same call", function()
+      local count = function(...) return select("#", ...), ... end
+      local function check(args, n, ...)
+        local expect = table.pack(n, ...)
+        for _, opts in ipairs({ false, { timeout = T }, { callback = function() end } }) do
+          local r = opts and pool:apply_async(count, args, opts) or pool:apply_async(count, args)
+          assert.are.same(expect, table.pack(r:get(T)))
+        end
+      end
+      check(nil, 0)
+      check({}, 0)
+      check({ 1, 2, 3 }, 3, 1, 2, 3)
+      check({ n = 3, 1, nil, 3 }, 3, 1, nil, 3)
+      local tens = { __len = function() return 2 end }
+      tens.__index = function(_, k) return math.type(k) and k * 10 or nil end
+      check(setmetatable({}, tens), 2, 10, 20)
+      local many = {}
+      for i = 1, 100 do many[i] = i end
+      check(many, 100, table.unpack(many))
+      assert.are.equal(16, pool:apply_async("spec.tasks.square", { 4 }):get(T))
+    end)
+
+    it("apply_async: an option-less result is an AsyncResult, with its methods only", function()
+      local r = pool:apply_async(function() return 1 end)
+      assert.matches("^procpool%.AsyncResult: ", tostring(r))
+      assert.are.equal(1, r:get(T))
+      assert.matches("^procpool%.AsyncResult: .*%(finished%)$", tostring(r))
+      for _, m in ipairs({ "get", "wait", "ready", "successful", "progress", "add_progress_callback" }) do
+        assert.are.equal("function", type(r[m]), m)
+      end
+      -- a Future's own methods stay the Future's
+      assert.is_nil(r.result)
+      assert.is_nil(r.cancel)
+      assert.are_not.equal(core.Future, getmetatable(r))
+      local cb = pool:apply_async(function() return 1 end, nil, { callback = function() end })
+      assert.matches("^procpool%.AsyncResult: ", tostring(cb))
+      assert.is_nil(cb.result)
+    end)
+
+    it("apply_async: errors name the problem, and the pool goes on", function()
+      local ok, e = pcall(pool.apply_async, pool, 42)
+      assert.is_false(ok)
+      assert.matches("bad argument #1 to 'apply_async'", e)
+      ok, e = pcall(pool.apply_async, pool, "spec.tasks.square", 3)
+      assert.is_false(ok)
+      assert.matches("table of arguments expected, got number", e)
+      ok, e = pcall(pool.apply_async, pool, "spec.tasks.square", { io.stdout })
+      assert.is_false(ok)
+      assert.matches("cannot", e)
+      assert.are.equal(9, pool:apply_async("spec.tasks.square", { 3 }):get(T))
+      pool:close()
+      ok, e = pcall(pool.apply_async, pool, "spec.tasks.square", { 3 })
+      assert.is_false(ok)
+      assert.are.equal("InvalidStateError", e.name)
+    end)
   end)
 
   describe("map", function()

@@ -386,6 +386,70 @@ static int l_submit_as(lua_State *L) {
   return submit_task(L, x, luaL_optnumber(L, 2, 0), lua_toboolean(L, 3), 4);
 }
 
+/* fast_apply's upvalues: the Lua method, then the names it reads (kept,
+ * so that no string is hashed per call) */
+enum { FA_METHOD = 1, FA_N, FA_STATE, FA_CAPTURE, FA_EX, FA_RUN, FA_NUP = FA_RUN };
+
+/* Push t[upvalue k], raw, for the table at idx (absolute); its type. */
+static int rawfield(lua_State *L, int idx, int k) {
+  lua_pushvalue(L, lua_upvalueindex(k));
+  return lua_rawget(L, idx);
+}
+
+/* Pool:apply_async(fn, args) in its commonest case, else the Lua method:
+ * a running pool without captured output, no options, args nil or a
+ * plain list of a few. The pool's fields (pool.lua's Pool) are read raw:
+ * _state, _capture, _ex. A third of a tiny apply's cost was its Lua
+ * call, its checks and its result table; here it is one submit. */
+static int fast_apply(lua_State *L) {
+  int top = lua_gettop(L);
+  if (top > 4 || !lua_isnoneornil(L, 4) || lua_type(L, 1) != LUA_TTABLE) goto slow;
+  lua_settop(L, 3);
+  int tf = lua_type(L, 2), ta = lua_type(L, 3);
+  if (tf != LUA_TFUNCTION && tf != LUA_TSTRING) goto slow;
+  lua_Integer n = 0;
+  if (ta == LUA_TTABLE) {
+    if (lua_getmetatable(L, 3) || rawfield(L, 3, FA_N) != LUA_TNIL) goto slow;
+    n = (lua_Integer)lua_rawlen(L, 3);
+    if (n > 64) goto slow; /* (the stack room unpack checks) */
+  } else if (ta != LUA_TNIL) {
+    goto slow;
+  }
+  rawfield(L, 1, FA_STATE);
+  if (!lua_rawequal(L, -1, lua_upvalueindex(FA_RUN))) goto slow;
+  rawfield(L, 1, FA_CAPTURE);
+  if (lua_toboolean(L, -1)) goto slow;
+  rawfield(L, 1, FA_EX);
+  pp_exec *x = checkexec(L, -1);
+  lua_replace(L, 1); /* ex, fn, args */
+  lua_settop(L, 3);
+  luaL_checkstack(L, (int)n + 8, NULL);
+  for (lua_Integer i = 1; i <= n; i++) lua_rawgeti(L, 3, i);
+  lua_remove(L, 3); /* ex, fn, args... */
+  submit_task(L, x, 0, 0, 2);
+  pp_future_as_apply(L, -1);
+  return 1;
+slow:
+  lua_settop(L, top);
+  lua_pushvalue(L, lua_upvalueindex(FA_METHOD));
+  lua_insert(L, 1);
+  lua_call(L, top, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+/* fast_apply(method): Pool:apply_async (above) over its Lua method */
+static int l_fast_apply(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 1);
+  lua_pushliteral(L, "n");
+  lua_pushliteral(L, "_state");
+  lua_pushliteral(L, "_capture");
+  lua_pushliteral(L, "_ex");
+  lua_pushliteral(L, "RUN");
+  lua_pushcclosure(L, fast_apply, FA_NUP);
+  return 1;
+}
+
 /* _submit_chunk(fn, items, i, j, star, timeout|nil, base|nil,
  * listener|nil, capture|nil) -> Future for fn(items[i]) .. fn(items[j]);
  * with `star`, each item is a table of arguments (unpacked 1..(t.n or
@@ -646,6 +710,7 @@ void pp_engine_open(lua_State *L) {
   static const luaL_Reg fns[] = {{"executor_new", l_executor_new},
                                  {"cpu_count", l_cpu_count},
                                  {"current_worker", l_current_worker},
+                                 {"fast_apply", l_fast_apply},
                                  {"_zygote", l_zygote},
                                  {NULL, NULL}};
   luaL_newmetatable(L, CLOSING_MT);

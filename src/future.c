@@ -22,13 +22,27 @@
  * with callbacks by job, and a count per engine */
 static const char reg_cbfuts, reg_cbengines;
 
-/* the registry key of the Future metatable (udata.h) */
-static const char future_mt_key;
+/* the registry keys of the Future metatable and of an apply result's
+ * (udata.h): the same userdata under either */
+static const char future_mt_key, apply_mt_key;
 
-pp_fut *pp_future_test(lua_State *L, int idx) { return pp_udata_test(L, idx, &future_mt_key); }
+pp_fut *pp_future_test(lua_State *L, int idx) {
+  void *p = lua_touserdata(L, idx);
+  if (!p || !lua_getmetatable(L, idx)) return NULL;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &future_mt_key);
+  int same = lua_rawequal(L, -1, -2);
+  if (!same) {
+    lua_pop(L, 1);
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &apply_mt_key);
+    same = lua_rawequal(L, -1, -2);
+  }
+  lua_pop(L, 2);
+  return same ? p : NULL;
+}
 
 pp_fut *pp_future_check(lua_State *L, int idx) {
-  pp_fut *f = pp_udata_check(L, idx, &future_mt_key, PP_FUTURE_MT);
+  pp_fut *f = pp_future_test(L, idx);
+  if (!f) f = luaL_checkudata(L, idx, PP_FUTURE_MT); /* (for its error) */
   if (!f->job) pp_error_raise(L, "InvalidStateError", "a released future");
   if (!pp_engine_mine(f->e)) pp_error_raise(L, "InvalidStateError", "%s", pp_strerror(PP_EFOREIGN));
   return f;
@@ -65,8 +79,15 @@ void pp_future_push(lua_State *L, pp_engine *e, pp_job *job) {
   f->job = job;
 }
 
+void pp_future_as_apply(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &apply_mt_key);
+  lua_setmetatable(L, idx);
+}
+
 static int fut_gc(lua_State *L) {
-  pp_fut *f = pp_udata_check(L, 1, &future_mt_key, PP_FUTURE_MT);
+  pp_fut *f = pp_future_test(L, 1);
+  if (!f) return 0;
   if (f->job && pp_engine_mine(f->e)) { /* a forked copy leaves its parent's memory alone */
     pp_job_unref(f->job);
     pp_engine_unref(f->e);
@@ -114,12 +135,22 @@ static int fut_state(lua_State *L) {
 }
 
 static int fut_tostring(lua_State *L) {
-  pp_fut *f = luaL_checkudata(L, 1, PP_FUTURE_MT);
+  pp_fut *f = pp_future_test(L, 1);
+  if (!f) f = luaL_checkudata(L, 1, PP_FUTURE_MT);
+  const char *kind = pp_udata_test(L, 1, &apply_mt_key) ? PP_APPLY_MT : PP_FUTURE_MT;
   if (!f->job || !pp_engine_mine(f->e))
-    lua_pushfstring(L, "procpool.Future: %p (released)", (void *)f);
+    lua_pushfstring(L, "%s: %p (released)", kind, (void *)f);
   else
-    lua_pushfstring(L, "procpool.Future: %p (%s)", (void *)f,
+    lua_pushfstring(L, "%s: %p (%s)", kind, (void *)f,
                     state_name(pp_engine_job_state(f->e, f->job)));
+  return 1;
+}
+
+/* _apply_result(f) -> f, now under the apply result's metatable */
+static int l_apply_result(lua_State *L) {
+  pp_future_check(L, 1);
+  lua_settop(L, 1);
+  pp_future_as_apply(L, 1);
   return 1;
 }
 
@@ -887,8 +918,11 @@ void pp_future_open(lua_State *L) {
                                      {"_nitems", fut_nitems},
                                      {"_failed", fut_failed},
                                      {NULL, NULL}};
-  static const luaL_Reg fns[] = {
-      {"drain", l_drain}, {"fast_result", l_fast_result}, {"fast_get", l_fast_get}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"drain", l_drain},
+                                 {"fast_result", l_fast_result},
+                                 {"fast_get", l_fast_get},
+                                 {"_apply_result", l_apply_result},
+                                 {NULL, NULL}};
   for (int k = 0; k < PP_FUV_N; k++) {
     lua_createtable(L, 0, 0);
     lua_createtable(L, 0, 1);
@@ -908,5 +942,16 @@ void pp_future_open(lua_State *L) {
   luaL_newlib(L, methods);
   lua_setfield(L, -2, "__index");
   lua_setfield(L, -2, "Future"); /* module.Future = the metatable */
+  /* an apply's result: its task's Future under a metatable whose methods
+   * (AsyncResult's, from pool.lua) fill the empty __index */
+  luaL_newmetatable(L, PP_APPLY_MT);
+  pp_udata_register(L, &apply_mt_key);
+  lua_pushcfunction(L, fut_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, fut_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_newtable(L);
+  lua_setfield(L, -2, "__index");
+  lua_setfield(L, -2, "AsyncResult");
   luaL_setfuncs(L, fns, 0);
 }

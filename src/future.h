@@ -7,6 +7,9 @@
 #include "engine.h"
 
 #define PP_FUTURE_MT "procpool.Future"
+/* an apply result without callbacks or captured output: a Future under
+ * this metatable (no table of its own per call) */
+#define PP_APPLY_MT "procpool.AsyncResult"
 
 /* values attached to a Future, read and set with pp_future_getuv/setuv */
 enum { PP_FUV_OUTCOME = 1, PP_FUV_CALLBACKS, PP_FUV_POLLFD, PP_FUV_N = PP_FUV_POLLFD };
@@ -18,7 +21,9 @@ typedef struct pp_fut {
 
 /* Push a new Future for `job` of `e` (takes over one job reference). */
 void pp_future_push(lua_State *L, pp_engine *e, pp_job *job);
-/* The Future at `idx`, or NULL if it is not one. */
+/* Give the Future at idx the apply result's metatable. */
+void pp_future_as_apply(lua_State *L, int idx);
+/* The Future (or apply result) at `idx`, or NULL if it is neither. */
 pp_fut *pp_future_test(lua_State *L, int idx);
 /* The Future at `idx`; raises if it is released or another process's. */
 pp_fut *pp_future_check(lua_State *L, int idx);

@@ -242,6 +242,48 @@ function AsyncResult:successful()
 end
 
 ---------------------------------------------------------------------
+-- An apply's result without callbacks or captured output: its task's
+-- Future itself, under the metatable core.AsyncResult (src/future.c), so
+-- that a call costs no table. Same methods, same behaviour as the table
+-- kind above; the outcome is the Future's own (decoded once, kept).
+
+local Future = core.Future.__index
+local ApplyResult = core.AsyncResult.__index
+local done = Future.done
+
+ApplyResult.ready = done
+
+function ApplyResult:wait(timeout)
+  await(self, deadline_of(timeout, "wait"))
+  return done(self)
+end
+
+-- (core.fast_result answers a done task's one value in C first: a bad
+-- timeout is its caller's, at level 4)
+ApplyResult.get = core.fast_result(function(self, timeout)
+  local d = timeout ~= nil and deadline_of(timeout, "get", 4) or nil
+  if not await(self, d) then
+    raise("TimeoutError", string.format("the result was not ready within %g seconds", timeout))
+  end
+  return finish(self:_outcome())
+end)
+
+function ApplyResult:successful()
+  if not done(self) then raise("InvalidStateError", "the result is not ready") end
+  return (self:_outcome())
+end
+
+function ApplyResult:add_progress_callback(cb)
+  if type(cb) ~= "function" then
+    error("bad argument #1 to 'add_progress_callback' (function expected, got " .. type(cb) .. ")", 2)
+  end
+  Future.add_progress_callback(self, cb) -- (its first argument is this result)
+end
+
+ApplyResult.progress = Future.progress
+ApplyResult._outcome = Future._outcome
+
+---------------------------------------------------------------------
 -- Pool
 
 local Pool = {}
@@ -331,14 +373,15 @@ function Pool:apply_async(fn, args, opts)
   else
     f = self._ex:_submit(timeout, fn)
   end
+  if not (self._capture or callback or error_callback) then return core._apply_result(f) end
   -- the result: no list of one future, and one field (get adds the
-  -- outcome's: the time spent here between submits decides how well the
-  -- engine batches them)
+  -- outcome's)
   local r = setmetatable({ _fut = f }, AsyncResult)
   if self._capture then r._emit = output.emitter(nil) end
   if callback or error_callback then watch(r, { f }, callback, error_callback) end
   return r
 end
+Pool.apply_async = core.fast_apply(Pool.apply_async)
 
 --- fn(table.unpack(args)), blocking; its values.
 function Pool:apply(fn, args)
