@@ -13,6 +13,7 @@
 
 #include <lauxlib.h>
 
+#include "agent.h"
 #include "codec.h"
 #include "codec_ctx.h"
 #include "engine.h"
@@ -679,6 +680,10 @@ static int l_cpu_count(lua_State *L) {
  * SPAWN_ENTRY) */
 static int l_zygote(lua_State *L) { pp_zygote_spawned(L); }
 
+/* _agent(): the entry point of an interpreter a launcher started on a
+ * host (agent.c) */
+static int l_agent(lua_State *L) { pp_agent_main(L); }
+
 static int l_current_worker(lua_State *L) {
   if (lua_getfield(L, LUA_REGISTRYINDEX, "procpool.current_worker") != LUA_TTABLE) return 1;
   /* a copy, so callers cannot change what later tasks see */
@@ -712,6 +717,7 @@ void pp_engine_open(lua_State *L) {
                                  {"current_worker", l_current_worker},
                                  {"fast_apply", l_fast_apply},
                                  {"_zygote", l_zygote},
+                                 {"_agent", l_agent},
                                  {NULL, NULL}};
   luaL_newmetatable(L, CLOSING_MT);
   lua_pushcfunction(L, sentinel_gc);

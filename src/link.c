@@ -78,6 +78,16 @@ void pp_link_free(pp_link *l) {
   l->rfd = l->wfd = -1;
 }
 
+int pp_link_slots(pp_link *l, uint32_t n) {
+  if (n <= l->nslots) return 0;
+  pp_link_slot *p = realloc(l->slots, (size_t)n * sizeof *p);
+  if (!p) return ENOMEM;
+  l->slots = p;
+  for (uint32_t i = l->nslots; i < n; i++) slot_init(&p[i]);
+  l->nslots = n;
+  return 0;
+}
+
 int pp_link_attach(pp_link *l, uint32_t slot, uint32_t gen, int fd) {
   if (slot >= l->nslots) return EINVAL;
   pp_link_slot *s = &l->slots[slot];
@@ -165,7 +175,7 @@ static int drain_slot(pp_link *l, uint32_t i) {
       s->eof = 1; /* a reset channel: its worker is gone */
       return 0;
     }
-    if (n == 0) return 0; /* (eof set by pp_in_read) */
+    if (n == 0) s->eof = 1; /* its worker closed it (frames before it are still parsed) */
   }
 }
 

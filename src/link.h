@@ -38,6 +38,46 @@ enum { PP_L_DATA = 1, PP_L_CHUNK = 2, PP_L_CTRL = 16 };
  * the stream sets the pace. */
 #define PP_LINK_HIGH ((size_t)4 << 20)
 
+/*
+ * The host protocol: the control messages between the host proxy (this
+ * machine) and the agent (the host's end, started by the launcher).
+ * Integers are little-endian; slot and gen are the engine's.
+ *
+ * The agent first writes PP_LINK_MAGIC, so that what a login shell prints
+ * before it (a banner, a .bashrc's echo) can be skipped, then HELLO.
+ * HELLO (agent): text, "key=value" lines: proto, codec, lua (the release),
+ *   dump (the bytecode header, hex), ncpu, host, pid.
+ * CONFIG (proxy): u32 slots (the engine's worker count), u32 host_timeout
+ *   in ms, a pp_limits, then the encoded initializer list (may be empty).
+ * READY (agent): the initializer is loaded, workers can be asked for.
+ * FAIL (agent): text: why it cannot go on; it exits after it.
+ * SPAWN (proxy): u32 slot, u32 gen.
+ * SPAWNED (agent): u32 slot, u32 gen, i32 pid (on the host).
+ * SPAWNFAIL (agent): u32 slot, u32 gen, i32 errno.
+ * EXITED (agent): u32 slot, u32 gen, i32 wait status, u32 0, u64 the seq
+ *   its page last read as started. It follows every DATA of the slot.
+ * SIGNAL (proxy): u32 slot, u32 gen, i32 signal.
+ * STDERR (agent): u32 slot, u32 gen, bytes the worker wrote to stderr.
+ * PING (both): nothing; sent after a second without other traffic.
+ */
+enum {
+  PP_L_HELLO = PP_L_CTRL,
+  PP_L_CONFIG,
+  PP_L_READY,
+  PP_L_FAIL,
+  PP_L_SPAWN,
+  PP_L_SPAWNED,
+  PP_L_SPAWNFAIL,
+  PP_L_EXITED,
+  PP_L_SIGNAL,
+  PP_L_STDERR,
+  PP_L_PING,
+};
+#define PP_LINK_MAGIC "\0PPAGENT"
+#define PP_LINK_MAGIC_LEN 8
+#define PP_LINK_PROTO 1
+#define PP_L_CONFIG_HDR (8 + sizeof(pp_limits))
+
 /* One slot: a worker's channel at this end of the link. */
 typedef struct pp_link_slot {
   int fd;       /* the local channel; -1: none */
@@ -74,6 +114,8 @@ typedef int (*pp_link_ctrl_fn)(void *ud, int type, const unsigned char *body, si
  * attached. 0 or an errno. The fds stay the caller's. */
 int pp_link_init(pp_link *l, int rfd, int wfd, uint32_t nslots);
 void pp_link_free(pp_link *l);
+/* Have at least n slots (new ones unattached). 0 or an errno. */
+int pp_link_slots(pp_link *l, uint32_t n);
 /* Slot `slot` is now channel `fd` (taken over: closed on detach) of
  * incarnation `gen`. 0 or an errno. */
 int pp_link_attach(pp_link *l, uint32_t slot, uint32_t gen, int fd);
