@@ -25,6 +25,7 @@
 #include "buf.h"
 #include "codec.h"
 #include "codec_format.h"
+#include "hostproxy.h"
 #include "le.h"
 #include "link.h"
 #include "proc.h"
@@ -86,17 +87,8 @@ static void hello(agent *a) {
   gethostname(host, sizeof host - 1);
   /* the bytecode header: closures travel as bytecode, which another
    * format cannot load */
-  lua_State *L = a->L;
-  char dump[64] = "";
-  lua_settop(L, 0);
-  lua_getglobal(L, "string");
-  if (lua_getfield(L, -1, "dump") == LUA_TFUNCTION && luaL_loadstring(L, "return") == LUA_OK &&
-      lua_pcall(L, 1, 1, 0) == LUA_OK) {
-    size_t n;
-    const unsigned char *d = (const unsigned char *)lua_tolstring(L, -1, &n);
-    for (size_t i = 0; d && i < n && i < 15; i++) snprintf(dump + 2 * i, 3, "%02x", d[i]);
-  }
-  lua_settop(L, 0);
+  char dump[PP_DUMP_HEX];
+  pp_dump_hex(a->L, dump);
   char text[1024];
   snprintf(text, sizeof text, "proto=%d\ncodec=%d\nlua=%s\ndump=%s\nncpu=%ld\nhost=%s\npid=%ld\n",
            PP_LINK_PROTO, PP_CODEC_VERSION, LUA_RELEASE, dump, sysconf(_SC_NPROCESSORS_ONLN), host,

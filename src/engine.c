@@ -71,7 +71,8 @@ typedef struct pp_disp { /* items handed to a worker, in order */
   struct pp_disp *next;
 } pp_disp;
 
-enum { W_EMPTY = 0, W_SPAWNING, W_READY };
+/* W_GONE: a slot whose host is gone for good; never started again */
+enum { W_EMPTY = 0, W_SPAWNING, W_READY, W_GONE };
 
 typedef struct pp_worker {
   int state;
@@ -106,6 +107,11 @@ typedef struct pp_worker {
    * is in (it gets no new work meanwhile) */
   uint64_t seen_seq, seen_ns;
   int stalled;
+  /* a worker on a host (hostproxy.h): no pid here, no page it writes
+   * while it runs (nothing to take back from), signalled through the
+   * proxy on zfd */
+  int remote, zfd, slot;
+  int lost; /* its host was lost: charge its first unanswered item */
 } pp_worker;
 
 struct pp_engine {
@@ -501,6 +507,16 @@ static void w_epoll(pp_engine *e, int slot) {
  * too, so that what its task started stops with it. The zygote has not
  * reported the worker dead yet, so its pid (and group) is still its own. */
 static void w_signal(pp_worker *w, int sig) {
+  if (w->remote) {
+    pp_zmsg m;
+    memset(&m, 0, sizeof m);
+    m.type = PP_Z_SIGNAL;
+    m.slot = (uint32_t)w->slot;
+    m.gen = w->gen;
+    m.status = sig;
+    if (w->zfd >= 0) send(w->zfd, &m, sizeof m, MSG_NOSIGNAL | MSG_DONTWAIT);
+    return;
+  }
   int sent = 0;
   if (w->pidfd >= 0) sent = syscall(SYS_pidfd_send_signal, w->pidfd, sig, NULL, 0) == 0;
   if (w->pid <= 0) return;
@@ -860,7 +876,8 @@ static void steal(pp_engine *e) {
   uint64_t most = 0, running = 0;
   for (int s = 0; s < e->cfg.nworkers; s++) {
     pp_worker *w = &e->w[s];
-    if (w->state != W_READY || w->doomed || w->retire || w->stalled || !w->page || !w->dhead)
+    if (w->state != W_READY || w->doomed || w->retire || w->stalled || !w->page || !w->dhead ||
+        w->remote)
       continue;
     uint64_t seq = __atomic_load_n(&w->page->started, __ATOMIC_ACQUIRE);
     uint64_t last = w->next_seq - 1;
@@ -1065,7 +1082,8 @@ static void w_clear(pp_engine *e, int slot) {
 /* The zygote reaped worker `slot`: settle everything it held. */
 static void w_died(pp_engine *e, int slot, int status) {
   pp_worker *w = &e->w[slot];
-  uint64_t started = w_started(w);
+  /* items run in order: on a lost host, the first one not answered */
+  uint64_t started = w->lost && w->dhead ? w->dhead->seq0 + w->dhead->acked : w_started(w);
   int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
   int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   int lost_one = 0;
@@ -1334,6 +1352,9 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
       e->w[m->slot].gen == m->gen && e->w[m->slot].state == W_SPAWNING) {
     pp_worker *w = &e->w[m->slot];
     w->pid = m->pid;
+    w->remote = (m->flags & PP_ZF_REMOTE) != 0;
+    w->zfd = e->zfd;
+    w->slot = (int)m->slot;
     w->fd = fds[0];
     if (m->err == 0) {
       w->pidfd = fds[1];
@@ -1366,19 +1387,28 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
   for (int i = 0; i < nfds; i++) close(fds[i]);
   if (m->type == PP_Z_SPAWNFAIL && m->slot < (uint32_t)e->cfg.nworkers &&
       e->w[m->slot].gen == m->gen) {
-    e->w[m->slot].state = W_EMPTY;
-    int alive = 0;
-    for (int s = 0; s < e->cfg.nworkers; s++) alive += e->w[s].state == W_READY;
-    if (!alive) {
+    e->w[m->slot].state = m->flags & PP_ZF_GONE ? W_GONE : W_EMPTY;
+    int alive = 0, gone = 0;
+    for (int s = 0; s < e->cfg.nworkers; s++) {
+      alive += e->w[s].state == W_READY || e->w[s].state == W_SPAWNING;
+      gone += e->w[s].state == W_GONE;
+    }
+    if (gone == e->cfg.nworkers) {
+      engine_break(e, "every host of the pool is lost");
+    } else if (!alive && !(m->flags & PP_ZF_GONE)) {
       char msg[160];
       snprintf(msg, sizeof msg, "no worker process could be started: %s", strerror(m->err));
       engine_break(e, msg);
     }
   } else if (m->type == PP_Z_EXITED) {
     for (int s = 0; s < e->cfg.nworkers; s++)
-      if (e->w[s].state != W_EMPTY && e->w[s].state != W_SPAWNING && e->w[s].pid == m->pid) {
+      if (e->w[s].state == W_READY &&
+          ((m->flags & PP_ZF_REMOTE)
+               ? e->w[s].remote && (uint32_t)s == m->slot && e->w[s].gen == m->gen
+               : !e->w[s].remote && e->w[s].pid == m->pid)) {
         /* read whatever it managed to send (and say) before it died */
         if (e->w[s].fd >= 0 && !e->w[s].in.eof) w_readable(e, s);
+        e->w[s].lost = (m->flags & PP_ZF_LOST) != 0;
         w_stderr(e, s);
         w_died(e, s, m->status);
         break;
@@ -1460,7 +1490,7 @@ static void progress(pp_engine *e) {
     int alive = 0;
     for (int s = 0; s < e->cfg.nworkers; s++) {
       pp_worker *w = &e->w[s];
-      if (w->state == W_EMPTY) continue;
+      if (w->state == W_EMPTY || w->state == W_GONE) continue;
       alive++;
       if (w->state == W_READY) {
         if (!w->retire) {

@@ -19,6 +19,7 @@
 #include "engine.h"
 #include "error.h"
 #include "fncache.h"
+#include "hostproxy.h"
 #include "future.h"
 #include "progress_cb.h"
 #include "pp.h"
@@ -166,6 +167,69 @@ static void get_limits(lua_State *L, pp_limits *lim) {
   lua_pop(L, 1);
 }
 
+/* Start the workers of opts.hosts (a list of { name =, argv = {...},
+ * workers = n }, checked in Lua; max_workers is their sum) through the
+ * host proxy; the initializer travels as values, as in the spawn context. */
+static void start_hosts(lua_State *L, pp_exec *x, pp_engine_cfg *cfg, const pp_limits *lim) {
+  int ht = lua_gettop(L);
+  int nh = (int)lua_rawlen(L, ht);
+  if (nh < 1) luaL_argerror(L, 1, "hosts must not be empty");
+  pp_host *hosts = lua_newuserdatauv(L, (size_t)nh * sizeof *hosts, 0);
+  uint32_t slot = 0;
+  for (int i = 0; i < nh; i++) {
+    lua_rawgeti(L, ht, i + 1); /* (kept on the stack: its strings stay put) */
+    int e = lua_gettop(L);
+    lua_getfield(L, e, "name");
+    hosts[i].name = luaL_checkstring(L, -1);
+    lua_pop(L, 1);
+    lua_getfield(L, e, "argv");
+    int a = lua_gettop(L);
+    int na = (int)lua_rawlen(L, a);
+    char **argv = lua_newuserdatauv(L, (size_t)(na + 1) * sizeof *argv, 0);
+    for (int k = 0; k < na; k++) {
+      lua_rawgeti(L, a, k + 1);
+      argv[k] = (char *)luaL_checkstring(L, -1);
+      lua_pop(L, 1);
+    }
+    argv[na] = NULL;
+    hosts[i].argv = argv;
+    hosts[i].count = (uint32_t)opt_int(L, e, "workers", 1);
+    hosts[i].first = slot;
+    slot += hosts[i].count;
+  }
+  if ((int)slot != cfg->nworkers) luaL_argerror(L, 1, "hosts' workers must add up to max_workers");
+  pp_wbuf *b = push_box(L);
+  lua_getfield(L, 1, "initializer");
+  if (!lua_isnil(L, -1)) {
+    int base = lua_gettop(L);
+    int n = push_initargs(L);
+    pp_encode(L, base, n + 1, b, 1, "initializer", 0);
+  }
+  char dump[PP_DUMP_HEX];
+  pp_dump_hex(L, dump);
+  pp_hosts_cfg hc;
+  memset(&hc, 0, sizeof hc);
+  hc.hosts = hosts;
+  hc.nhosts = nh;
+  hc.nslots = slot;
+  hc.timeout_ms = (uint32_t)(opt_num(L, 1, "host_timeout", 10) * 1000);
+  hc.start_ms = (uint32_t)(opt_num(L, 1, "start_timeout", 30) * 1000);
+  hc.lim = *lim;
+  hc.dump_hex = dump;
+  hc.init = b->p;
+  hc.initlen = b->n;
+  pid_t zpid;
+  int zfd;
+  char *why;
+  int err = pp_hosts_start(&hc, &zpid, &zfd, &why);
+  if (err) {
+    lua_pushstring(L, why ? why : strerror(err));
+    free(why);
+    pp_error_raise(L, "BrokenProcessPool", "no host could be started: %s", lua_tostring(L, -1));
+  }
+  start_engine(L, x, cfg, zpid, zfd);
+}
+
 /* executor_new(opts) -> Executor. `opts` has been validated in Lua. */
 static int l_executor_new(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -196,6 +260,12 @@ static int l_executor_new(lua_State *L) {
   luaL_setmetatable(L, PP_EXECUTOR_MT);
   int xi = lua_gettop(L);
 
+  if (lua_getfield(L, 1, "hosts") == LUA_TTABLE) {
+    start_hosts(L, x, &cfg, &lim);
+    lua_settop(L, xi);
+    return 1;
+  }
+  lua_pop(L, 1);
   lua_getfield(L, 1, "context");
   int spawn = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "spawn") == 0;
   lua_pop(L, 1);
