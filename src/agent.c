@@ -43,6 +43,7 @@ typedef struct agent_worker {
   int pidfd;
   int errfd; /* the read end of its stderr */
   pp_page *page;
+  uint64_t told; /* the started seq last sent */
 } agent_worker;
 
 typedef struct agent {
@@ -53,7 +54,7 @@ typedef struct agent {
   uint32_t nslots;
   uint64_t silence_ns;
   lua_State *L;
-  int ready, quit;
+  int ready, quit, busy;
 } agent;
 
 static uint64_t now_ns(void) {
@@ -270,6 +271,27 @@ static void z_readable(agent *a) {
   }
 }
 
+/* STARTED for each worker whose page moved since it was last told. */
+static int tell_starts(agent *a) {
+  int busy = 0;
+  for (uint32_t s = 0; s < a->nslots; s++) {
+    agent_worker *w = &a->w[s];
+    if (!w->live || w->exited || !w->page) continue;
+    busy = 1;
+    uint64_t seq = __atomic_load_n(&w->page->started, __ATOMIC_ACQUIRE);
+    if (seq == w->told) continue;
+    uint64_t t0 = __atomic_load_n(&w->page->started_ns, __ATOMIC_ACQUIRE), now = now_ns();
+    unsigned char more[20];
+    pp_put32(more, 0);
+    pp_put64(more + 4, seq);
+    pp_put64(more + 12, t0 && t0 <= now ? now - t0 : 0);
+    /* (send_ids' third word is the pad here) */
+    send_ids(a, PP_L_STARTED, s, w->gen, 0, more + 4, 16);
+    w->told = seq;
+  }
+  return busy;
+}
+
 /* A dead worker's EXITED, once everything it sent is on the stream. */
 static void report_deaths(agent *a) {
   for (uint32_t s = 0; s < a->nslots; s++) {
@@ -343,12 +365,15 @@ void pp_agent_main(lua_State *L) {
         p[n].events = POLLIN;
         p[n++].revents = 0;
       }
-    if (poll(p, (nfds_t)n, 100) < 0 && errno != EINTR) agent_exit(&a, 3);
+    /* a worker's start is told within 10 ms (its deadline is the
+     * parent's to watch); idle, the agent wakes for its heartbeat only */
+    if (poll(p, (nfds_t)n, a.busy ? 10 : 200) < 0 && errno != EINTR) agent_exit(&a, 3);
     if (zi >= 0 && p[zi].revents) z_readable(&a);
     for (uint32_t s = 0; s < a.nslots; s++)
       if (a.w[s].live && a.w[s].errfd >= 0) forward_stderr(&a, s);
     int e = pp_link_step(&a.link, on_ctrl, &a);
     if (e) agent_exit(&a, e == EPIPE ? 0 : 3); /* the parent went away, or broke the protocol */
+    a.busy = tell_starts(&a);
     report_deaths(&a);
     if (a.quit) agent_exit(&a, 0);
     uint64_t now = now_ns();

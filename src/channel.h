@@ -77,7 +77,7 @@ enum {
  * worker on a host (no pid of this machine: it is signalled with
  * PP_Z_SIGNAL, its death named by slot and gen); SPAWNFAIL of a slot
  * whose host is gone for good (never asked again). */
-enum { PP_ZF_REMOTE = 1, PP_ZF_GONE = 2, PP_ZF_LOST = 4 }; /* LOST: EXITED as its host was lost */
+enum { PP_ZF_REMOTE = 1, PP_ZF_GONE = 2 };
 typedef struct pp_zmsg {
   uint32_t type, slot, gen;
   int32_t pid, status, err, nfds;

@@ -111,7 +111,6 @@ typedef struct pp_worker {
    * while it runs (nothing to take back from), signalled through the
    * proxy on zfd */
   int remote, zfd, slot;
-  int lost; /* its host was lost: charge its first unanswered item */
 } pp_worker;
 
 struct pp_engine {
@@ -1082,8 +1081,7 @@ static void w_clear(pp_engine *e, int slot) {
 /* The zygote reaped worker `slot`: settle everything it held. */
 static void w_died(pp_engine *e, int slot, int status) {
   pp_worker *w = &e->w[slot];
-  /* items run in order: on a lost host, the first one not answered */
-  uint64_t started = w->lost && w->dhead ? w->dhead->seq0 + w->dhead->acked : w_started(w);
+  uint64_t started = w_started(w);
   int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
   int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   int lost_one = 0;
@@ -1408,7 +1406,6 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
                : !e->w[s].remote && e->w[s].pid == m->pid)) {
         /* read whatever it managed to send (and say) before it died */
         if (e->w[s].fd >= 0 && !e->w[s].in.eof) w_readable(e, s);
-        e->w[s].lost = (m->flags & PP_ZF_LOST) != 0;
         w_stderr(e, s);
         w_died(e, s, m->status);
         break;

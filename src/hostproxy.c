@@ -391,8 +391,7 @@ static void flush_slot(hp_host *h, uint32_t slot) {
   }
 }
 
-static void slot_exited(hp *p, int hi, uint32_t slot, int status, uint64_t started,
-                        uint32_t flags) {
+static void slot_exited(hp *p, int hi, uint32_t slot, int status, uint64_t started) {
   hp_slot *s = &p->s[slot];
   hp_host *h = &p->h[hi];
   if (!s->live) return;
@@ -409,7 +408,7 @@ static void slot_exited(hp *p, int hi, uint32_t slot, int status, uint64_t start
   zmsg_init(&m, PP_Z_EXITED, slot, s->gen);
   m.pid = s->rpid;
   m.status = status;
-  m.flags = PP_ZF_REMOTE | flags;
+  m.flags = PP_ZF_REMOTE;
   s->live = 0;
   zsend(&m, NULL, 0);
 }
@@ -460,13 +459,21 @@ static int on_ctrl(void *ud, int type, const unsigned char *b, size_t len) {
   case PP_L_EXITED:
     if (len < 24 || !mine) return EPROTO;
     if (p->s[slot].live && p->s[slot].gen == gen)
-      slot_exited(p, c->hi, slot, (int)pp_get32(b + 8), pp_get64(b + 16), 0);
+      slot_exited(p, c->hi, slot, (int)pp_get32(b + 8), pp_get64(b + 16));
     return 0;
   case PP_L_STDERR:
     if (!mine) return EPROTO;
     if (p->s[slot].live && p->s[slot].gen == gen && p->s[slot].errw >= 0) {
       ssize_t w = write(p->s[slot].errw, b + 12, len - 12);
       (void)w; /* a full pipe drops it: the engine keeps only a tail */
+    }
+    return 0;
+  case PP_L_STARTED:
+    if (len < 28 || !mine) return EPROTO;
+    if (p->s[slot].live && p->s[slot].gen == gen && p->s[slot].page) {
+      uint64_t ago = pp_get64(b + 20), now = now_ns();
+      __atomic_store_n(&p->s[slot].page->started_ns, now > ago ? now - ago : 1, __ATOMIC_RELEASE);
+      __atomic_store_n(&p->s[slot].page->started, pp_get64(b + 12), __ATOMIC_RELEASE);
     }
     return 0;
   case PP_L_PING:
@@ -490,7 +497,8 @@ static void host_failed(hp *p, int hi, const char *why) {
   }
   for (uint32_t i = h->cfg->first; i < h->cfg->first + h->cfg->count; i++) {
     hp_slot *s = &p->s[i];
-    if (s->live) slot_exited(p, hi, i, SIGKILL, 0, PP_ZF_LOST);
+    if (s->live) /* charged to the item its page last read as started */
+      slot_exited(p, hi, i, SIGKILL, __atomic_load_n(&s->page->started, __ATOMIC_ACQUIRE));
     if (s->wanted) {
       s->wanted = 0;
       spawnfail(i, s->gen, EHOSTDOWN, PP_ZF_GONE);

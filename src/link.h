@@ -59,6 +59,9 @@ enum { PP_L_DATA = 1, PP_L_CHUNK = 2, PP_L_CTRL = 16 };
  * SIGNAL (proxy): u32 slot, u32 gen, i32 signal.
  * STDERR (agent): u32 slot, u32 gen, bytes the worker wrote to stderr.
  * PING (both): nothing; sent after a second without other traffic.
+ * STARTED (agent): u32 slot, u32 gen, u32 0, u64 the seq its page reads as
+ *   started, u64 ns since that start (as the worker timed it): the proxy
+ *   keeps the engine's page of the worker so, for deadlines and deaths.
  */
 enum {
   PP_L_HELLO = PP_L_CTRL,
@@ -72,6 +75,7 @@ enum {
   PP_L_SIGNAL,
   PP_L_STDERR,
   PP_L_PING,
+  PP_L_STARTED,
 };
 #define PP_LINK_MAGIC "\0PPAGENT"
 #define PP_LINK_MAGIC_LEN 8
