@@ -175,7 +175,6 @@ static void start_hosts(lua_State *L, pp_exec *x, pp_engine_cfg *cfg, const pp_l
   int nh = (int)lua_rawlen(L, ht);
   if (nh < 1) luaL_argerror(L, 1, "hosts must not be empty");
   pp_host *hosts = lua_newuserdatauv(L, (size_t)nh * sizeof *hosts, 0);
-  uint32_t slot = 0;
   for (int i = 0; i < nh; i++) {
     lua_rawgeti(L, ht, i + 1); /* (kept on the stack: its strings stay put) */
     int e = lua_gettop(L);
@@ -193,11 +192,8 @@ static void start_hosts(lua_State *L, pp_exec *x, pp_engine_cfg *cfg, const pp_l
     }
     argv[na] = NULL;
     hosts[i].argv = argv;
-    hosts[i].count = (uint32_t)opt_int(L, e, "workers", 1);
-    hosts[i].first = slot;
-    slot += hosts[i].count;
+    hosts[i].workers = (uint32_t)opt_int(L, e, "workers", 0);
   }
-  if ((int)slot != cfg->nworkers) luaL_argerror(L, 1, "hosts' workers must add up to max_workers");
   pp_wbuf *b = push_box(L);
   lua_getfield(L, 1, "initializer");
   if (!lua_isnil(L, -1)) {
@@ -211,7 +207,6 @@ static void start_hosts(lua_State *L, pp_exec *x, pp_engine_cfg *cfg, const pp_l
   memset(&hc, 0, sizeof hc);
   hc.hosts = hosts;
   hc.nhosts = nh;
-  hc.nslots = slot;
   hc.timeout_ms = (uint32_t)(opt_num(L, 1, "host_timeout", 10) * 1000);
   hc.start_ms = (uint32_t)(opt_num(L, 1, "start_timeout", 30) * 1000);
   hc.lim = *lim;
@@ -220,13 +215,16 @@ static void start_hosts(lua_State *L, pp_exec *x, pp_engine_cfg *cfg, const pp_l
   hc.initlen = b->n;
   pid_t zpid;
   int zfd;
+  uint32_t nslots;
   char *why;
-  int err = pp_hosts_start(&hc, &zpid, &zfd, &why);
+  int err = pp_hosts_start(&hc, &zpid, &zfd, &nslots, &why);
   if (err) {
     lua_pushstring(L, why ? why : strerror(err));
     free(why);
     pp_error_raise(L, "BrokenProcessPool", "no host could be started: %s", lua_tostring(L, -1));
   }
+  cfg->nworkers = (int)nslots;
+  x->nworkers = (int)nslots;
   start_engine(L, x, cfg, zpid, zfd);
 }
 

@@ -38,7 +38,10 @@
 
 extern char **environ;
 
-enum { H_STARTING, H_HELLO, H_UP, H_FAILED };
+/* STARTING: until the magic; HELLO: until its HELLO; KNOWN: waiting for
+ * the other hosts' HELLO (the slots are shared out once every host's
+ * worker count is known); CONFIG: until its READY */
+enum { H_STARTING, H_HELLO, H_KNOWN, H_CONFIG, H_UP, H_FAILED };
 
 typedef struct hp_host {
   const pp_host *cfg;
@@ -53,6 +56,7 @@ typedef struct hp_host {
   size_t noiselen, noiseall;
   unsigned char win[PP_LINK_MAGIC_LEN]; /* the last bytes read before the magic */
   pp_link link;
+  uint32_t first, count, ncpu; /* its engine slots; its CPUs */
   uint64_t start_ns;
   char why[600];
 } hp_host;
@@ -71,7 +75,8 @@ typedef struct hp {
   const pp_hosts_cfg *cfg;
   hp_host *h;
   hp_slot *s;
-  int hello_sent;
+  uint32_t nslots;
+  int assigned, hello_sent;
 } hp;
 
 static uint64_t now_ns(void) {
@@ -218,7 +223,7 @@ static void scan_noise(hp *p, int hi) {
     memmove(h->win, h->win + 1, PP_LINK_MAGIC_LEN - 1);
     h->win[PP_LINK_MAGIC_LEN - 1] = c;
     if (h->noiseall >= PP_LINK_MAGIC_LEN && memcmp(h->win, PP_LINK_MAGIC, PP_LINK_MAGIC_LEN) == 0) {
-      if (pp_link_init(&h->link, h->sock, h->sock, p->cfg->nslots) != 0) {
+      if (pp_link_init(&h->link, h->sock, h->sock, 0) != 0) {
         host_failed(p, hi, "out of memory");
         return;
       }
@@ -287,10 +292,12 @@ static void on_hello(hp *p, int hi, const unsigned char *b, size_t len) {
   hp_host *h = &p->h[hi];
   char text[1024], why[700];
   snprintf(text, sizeof text, "%.*s", (int)len, (const char *)b);
-  int proto = -1, codec = -1;
+  int proto = -1, codec = -1, ncpu = 1;
   char lua[64] = "", dump[64] = "";
   for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
-    if (sscanf(line, "proto=%d", &proto) == 1 || sscanf(line, "codec=%d", &codec) == 1) continue;
+    if (sscanf(line, "proto=%d", &proto) == 1 || sscanf(line, "codec=%d", &codec) == 1 ||
+        sscanf(line, "ncpu=%d", &ncpu) == 1)
+      continue;
     if (strncmp(line, "lua=", 4) == 0) snprintf(lua, sizeof lua, "%s", line + 4);
     if (strncmp(line, "dump=", 5) == 0) snprintf(dump, sizeof dump, "%s", line + 5);
   }
@@ -304,19 +311,54 @@ static void on_hello(hp *p, int hi, const unsigned char *b, size_t len) {
     host_failed(p, hi, why);
     return;
   }
+  h->ncpu = ncpu > 0 ? (uint32_t)ncpu : 1;
+  h->state = H_KNOWN;
+}
+
+/* CONFIG to a host whose slots are known. */
+static void send_config(hp *p, int hi) {
+  hp_host *h = &p->h[hi];
   const pp_hosts_cfg *c = p->cfg;
-  if (pp_wbuf_reserve(&h->link.ob, PP_FRAME_HDR + PP_L_CONFIG_HDR + c->initlen) != 0) {
+  if (pp_link_slots(&h->link, p->nslots) != 0 ||
+      pp_wbuf_reserve(&h->link.ob, PP_FRAME_HDR + PP_L_CONFIG_HDR + c->initlen) != 0) {
     host_failed(p, hi, "out of memory");
     return;
   }
   size_t at = pp_link_begin(&h->link, PP_L_CONFIG);
   unsigned char *q = (unsigned char *)h->link.ob.p + h->link.ob.n;
-  pp_put32(q, c->nslots);
+  pp_put32(q, p->nslots);
   pp_put32(q + 4, c->timeout_ms);
   memcpy(q + 8, &c->lim, sizeof c->lim);
   if (c->initlen) memcpy(q + PP_L_CONFIG_HDR, c->init, c->initlen);
   h->link.ob.n += PP_L_CONFIG_HDR + c->initlen;
   pp_link_end(&h->link, at);
+  h->state = H_CONFIG;
+}
+
+static void maybe_hello(hp *p);
+
+/* Once every host has said HELLO (or failed): share out the slots, in the
+ * order the hosts were given, and configure them. */
+static void maybe_assign(hp *p) {
+  if (p->assigned) return;
+  for (int i = 0; i < p->cfg->nhosts; i++)
+    if (p->h[i].state == H_STARTING || p->h[i].state == H_HELLO) return;
+  p->assigned = 1;
+  uint32_t n = 0;
+  for (int i = 0; i < p->cfg->nhosts; i++) {
+    hp_host *h = &p->h[i];
+    if (h->state != H_KNOWN) continue;
+    h->first = n;
+    h->count = h->cfg->workers ? h->cfg->workers : h->ncpu;
+    n += h->count;
+  }
+  p->nslots = n;
+  p->s = calloc(n ? n : 1, sizeof *p->s);
+  if (!p->s) _exit(1);
+  for (uint32_t i = 0; i < n; i++) p->s[i].errw = -1;
+  for (int i = 0; i < p->cfg->nhosts; i++)
+    if (p->h[i].state == H_KNOWN) send_config(p, i);
+  maybe_hello(p);
 }
 
 static void send_spawn(hp_host *h, uint32_t slot, uint32_t gen) {
@@ -325,8 +367,6 @@ static void send_spawn(hp_host *h, uint32_t slot, uint32_t gen) {
   pp_put32(b + 4, gen);
   pp_link_send(&h->link, PP_L_SPAWN, b, sizeof b);
 }
-
-static void maybe_hello(hp *p);
 
 /* ---- a worker on a host ---- */
 
@@ -425,16 +465,17 @@ static int on_ctrl(void *ud, int type, const unsigned char *b, size_t len) {
   hp *p = c->p;
   hp_host *h = &p->h[c->hi];
   uint32_t slot = len >= 8 ? pp_get32(b) : UINT32_MAX, gen = len >= 8 ? pp_get32(b + 4) : 0;
-  int mine = slot >= h->cfg->first && slot < h->cfg->first + h->cfg->count;
+  int mine = slot >= h->first && slot < h->first + h->count;
   switch (type) {
   case PP_L_HELLO:
     if (h->state != H_HELLO) return EPROTO;
     on_hello(p, c->hi, b, len);
+    maybe_assign(p);
     return 0;
   case PP_L_READY:
-    if (h->state != H_HELLO) return EPROTO;
+    if (h->state != H_CONFIG) return EPROTO;
     h->state = H_UP;
-    for (uint32_t i = h->cfg->first; i < h->cfg->first + h->cfg->count; i++)
+    for (uint32_t i = h->first; i < h->first + h->count; i++)
       if (p->s[i].wanted) {
         p->s[i].wanted = 0;
         send_spawn(h, i, p->s[i].gen);
@@ -495,7 +536,7 @@ static void host_failed(hp *p, int hi, const char *why) {
     kill(-h->lpid, SIGTERM);
     kill(h->lpid, SIGKILL);
   }
-  for (uint32_t i = h->cfg->first; i < h->cfg->first + h->cfg->count; i++) {
+  for (uint32_t i = h->first; i < h->first + h->count; i++) {
     hp_slot *s = &p->s[i];
     if (s->live) /* charged to the item its page last read as started */
       slot_exited(p, hi, i, SIGKILL, __atomic_load_n(&s->page->started, __ATOMIC_ACQUIRE));
@@ -509,6 +550,7 @@ static void host_failed(hp *p, int hi, const char *why) {
   h->sock = -1;
   if (p->hello_sent || was_up)
     fprintf(stderr, "procpool: host '%s' lost: %s\n", h->cfg->name, h->why);
+  maybe_assign(p);
   maybe_hello(p);
 }
 
@@ -516,13 +558,14 @@ static void host_failed(hp *p, int hi, const char *why) {
 static void maybe_hello(hp *p) {
   if (p->hello_sent) return;
   int up = 0;
+  if (!p->assigned) return;
   for (int i = 0; i < p->cfg->nhosts; i++) {
-    if (p->h[i].state == H_STARTING || p->h[i].state == H_HELLO) return;
+    if (p->h[i].state != H_UP && p->h[i].state != H_FAILED) return;
     up += p->h[i].state == H_UP;
   }
   p->hello_sent = 1;
   pp_zmsg m;
-  zmsg_init(&m, PP_Z_HELLO, 0, 0);
+  zmsg_init(&m, PP_Z_HELLO, p->nslots, 0);
   if (up) {
     for (int i = 0; i < p->cfg->nhosts; i++)
       if (p->h[i].state == H_FAILED)
@@ -545,7 +588,7 @@ static void maybe_hello(hp *p) {
 
 static int slot_host(const hp *p, uint32_t slot) {
   for (int i = 0; i < p->cfg->nhosts; i++)
-    if (slot >= p->h[i].cfg->first && slot < p->h[i].cfg->first + p->h[i].cfg->count) return i;
+    if (slot >= p->h[i].first && slot < p->h[i].first + p->h[i].count) return i;
   return -1;
 }
 
@@ -555,7 +598,7 @@ static int engine_readable(hp *p) {
     ssize_t r = recv(ZFD, &m, sizeof m, MSG_DONTWAIT);
     if (r < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
     if (r <= 0) return -1; /* the engine closed: end */
-    if (r != (ssize_t)sizeof m || m.slot >= p->cfg->nslots) continue;
+    if (r != (ssize_t)sizeof m || m.slot >= p->nslots) continue;
     int hi = slot_host(p, m.slot);
     if (hi < 0) continue;
     hp_host *h = &p->h[hi];
@@ -617,9 +660,7 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
   memset(&p, 0, sizeof p);
   p.cfg = cfg;
   p.h = calloc((size_t)cfg->nhosts, sizeof *p.h);
-  p.s = calloc(cfg->nslots, sizeof *p.s);
-  if (!p.h || !p.s) _exit(1);
-  for (uint32_t i = 0; i < cfg->nslots; i++) p.s[i].errw = -1;
+  if (!p.h) _exit(1);
   for (int i = 0; i < cfg->nhosts; i++) {
     p.h[i].cfg = &cfg->hosts[i];
     p.h[i].sock = p.h[i].errfd = -1;
@@ -647,7 +688,7 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
         q[n].fd = h->sock;
         q[n].events = POLLIN;
         n++;
-      } else if (h->state == H_HELLO || h->state == H_UP) {
+      } else if (h->state != H_STARTING && h->state != H_FAILED) {
         int k = pp_link_pollfds(&h->link, q + n, 480 - n);
         n += k;
       }
@@ -677,7 +718,7 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
         if (h->state == H_STARTING || h->state == H_HELLO) {
           if (h->state == H_STARTING) scan_noise(&p, i);
           launcher_gone(&p, i);
-        } else if (h->state == H_UP) {
+        } else if (h->state != H_FAILED) {
           char why[600], line[400];
           snprintf(why, sizeof why, "its launcher exited (status %d)%s%s", h->lstatus,
                    last_line(h, line, sizeof line)[0] ? ": " : "", line);
@@ -695,7 +736,7 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
           host_failed(&p, i, why);
         }
       }
-      if (h->state == H_HELLO || h->state == H_UP) {
+      if (h->state != H_STARTING && h->state != H_FAILED) {
         ctrl_ctx c = {&p, i};
         int e = pp_link_step(&h->link, on_ctrl, &c);
         if (h->state == H_FAILED) continue;
@@ -715,7 +756,8 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
           host_failed(&p, i, why);
           continue;
         }
-        if (h->state == H_HELLO && now - h->start_ns > (uint64_t)cfg->start_ms * 1000000u) {
+        if ((h->state == H_HELLO || h->state == H_CONFIG) &&
+            now - h->start_ns > (uint64_t)cfg->start_ms * 1000000u) {
           host_failed(&p, i, "the agent did not finish starting in time");
           continue;
         }
@@ -726,7 +768,7 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
   }
 }
 
-int pp_hosts_start(const pp_hosts_cfg *cfg, pid_t *pid, int *zfd, char **why) {
+int pp_hosts_start(const pp_hosts_cfg *cfg, pid_t *pid, int *zfd, uint32_t *nslots, char **why) {
   *why = NULL;
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return errno;
@@ -778,5 +820,6 @@ int pp_hosts_start(const pp_hosts_cfg *cfg, pid_t *pid, int *zfd, char **why) {
   }
   *pid = child;
   *zfd = sv[0];
+  *nslots = m.slot;
   return 0;
 }

@@ -10,11 +10,11 @@
 
 #include "channel.h"
 
-/* One host: how to start its agent, and its engine slots. */
+/* One host: how to start its agent, and how many workers it runs. */
 typedef struct pp_host {
   const char *name;  /* as the user wrote it, for messages */
   char *const *argv; /* the launcher's command, NULL-terminated (run with PATH) */
-  uint32_t first, count;
+  uint32_t workers;  /* 0: as many as the host has CPUs (its HELLO says) */
 } pp_host;
 
 /* What every host's agent is given. */
@@ -39,10 +39,11 @@ struct lua_State;
 void pp_dump_hex(struct lua_State *L, char out[PP_DUMP_HEX]);
 
 /* Fork the proxy and wait until every host is up or has failed. 0 with
- * *pid and *zfd (for pp_engine_new, as a zygote's) when at least one host
- * is up; else an errno, with `why` (malloc'ed, the caller frees it)
+ * *pid and *zfd (for pp_engine_new, as a zygote's) and *nslots (the
+ * engine's workers: those of the hosts that came up, in the order given)
+ * when at least one host is up; else an errno, with `why` (malloc'ed, the caller frees it)
  * naming every host and its reason. A host that failed while others came
  * up is told on stderr, and its slots never start. */
-int pp_hosts_start(const pp_hosts_cfg *cfg, pid_t *pid, int *zfd, char **why);
+int pp_hosts_start(const pp_hosts_cfg *cfg, pid_t *pid, int *zfd, uint32_t *nslots, char **why);
 
 #endif
