@@ -118,10 +118,16 @@ static int on_config(agent *a, const unsigned char *b, size_t len) {
   a->nslots = slots;
   lua_State *L = a->L;
   lua_settop(L, 0);
-  size_t ilen = len - PP_L_CONFIG_HDR;
+  uint32_t nlen = pp_get32(b + 8 + sizeof w.lim);
+  if (nlen > len - PP_L_CONFIG_HDR) return EPROTO;
+  /* the host's name, for procpool.current_worker().host (worker.c) */
+  lua_pushlstring(L, (const char *)b + PP_L_CONFIG_HDR, nlen);
+  lua_setfield(L, LUA_REGISTRYINDEX, "procpool.host");
+  const unsigned char *init = b + PP_L_CONFIG_HDR + nlen;
+  size_t ilen = len - PP_L_CONFIG_HDR - nlen;
   if (ilen) {
     lua_pushcfunction(L, decode_init);
-    lua_pushlightuserdata(L, (void *)(b + PP_L_CONFIG_HDR));
+    lua_pushlightuserdata(L, (void *)init);
     lua_pushinteger(L, (lua_Integer)ilen);
     if (lua_pcall(L, 2, LUA_MULTRET, 0) != LUA_OK) {
       char text[300];

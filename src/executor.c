@@ -760,6 +760,8 @@ static int l_current_worker(lua_State *L) {
   lua_setfield(L, -2, "id");
   lua_getfield(L, -2, "pid");
   lua_setfield(L, -2, "pid");
+  lua_getfield(L, -2, "host");
+  lua_setfield(L, -2, "host");
   return 1;
 }
 

@@ -319,8 +319,9 @@ static void on_hello(hp *p, int hi, const unsigned char *b, size_t len) {
 static void send_config(hp *p, int hi) {
   hp_host *h = &p->h[hi];
   const pp_hosts_cfg *c = p->cfg;
+  size_t nlen = strlen(h->cfg->name);
   if (pp_link_slots(&h->link, p->nslots) != 0 ||
-      pp_wbuf_reserve(&h->link.ob, PP_FRAME_HDR + PP_L_CONFIG_HDR + c->initlen) != 0) {
+      pp_wbuf_reserve(&h->link.ob, PP_FRAME_HDR + PP_L_CONFIG_HDR + nlen + c->initlen) != 0) {
     host_failed(p, hi, "out of memory");
     return;
   }
@@ -329,8 +330,10 @@ static void send_config(hp *p, int hi) {
   pp_put32(q, p->nslots);
   pp_put32(q + 4, c->timeout_ms);
   memcpy(q + 8, &c->lim, sizeof c->lim);
-  if (c->initlen) memcpy(q + PP_L_CONFIG_HDR, c->init, c->initlen);
-  h->link.ob.n += PP_L_CONFIG_HDR + c->initlen;
+  pp_put32(q + 8 + sizeof c->lim, (uint32_t)nlen);
+  memcpy(q + PP_L_CONFIG_HDR, h->cfg->name, nlen);
+  if (c->initlen) memcpy(q + PP_L_CONFIG_HDR + nlen, c->init, c->initlen);
+  h->link.ob.n += PP_L_CONFIG_HDR + nlen + c->initlen;
   pp_link_end(&h->link, at);
   h->state = H_CONFIG;
 }

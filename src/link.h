@@ -48,7 +48,8 @@ enum { PP_L_DATA = 1, PP_L_CHUNK = 2, PP_L_CTRL = 16 };
  * HELLO (agent): text, "key=value" lines: proto, codec, lua (the release),
  *   dump (the bytecode header, hex), ncpu, host, pid.
  * CONFIG (proxy): u32 slots (the engine's worker count), u32 host_timeout
- *   in ms, a pp_limits, then the encoded initializer list (may be empty).
+ *   in ms, a pp_limits, u32 n, the host's name as the pool has it (n
+ *   bytes), then the encoded initializer list (may be empty).
  * READY (agent): the initializer is loaded, workers can be asked for.
  * FAIL (agent): text: why it cannot go on; it exits after it.
  * SPAWN (proxy): u32 slot, u32 gen.
@@ -80,7 +81,7 @@ enum {
 #define PP_LINK_MAGIC "\0PPAGENT"
 #define PP_LINK_MAGIC_LEN 8
 #define PP_LINK_PROTO 1
-#define PP_L_CONFIG_HDR (8 + sizeof(pp_limits))
+#define PP_L_CONFIG_HDR (12 + sizeof(pp_limits)) /* up to the name */
 
 /* One slot: a worker's channel at this end of the link. */
 typedef struct pp_link_slot {
