@@ -193,6 +193,9 @@ static void start_hosts(lua_State *L, pp_exec *x, pp_engine_cfg *cfg, const pp_l
     argv[na] = NULL;
     hosts[i].argv = argv;
     hosts[i].workers = (uint32_t)opt_int(L, e, "workers", 0);
+    lua_getfield(L, e, "exe");
+    hosts[i].exe = luaL_optstring(L, -1, "lua5.4");
+    lua_pop(L, 1);
   }
   pp_wbuf *b = push_box(L);
   lua_getfield(L, 1, "initializer");

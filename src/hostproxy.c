@@ -273,7 +273,7 @@ static void launcher_gone(hp *p, int hi) {
     else
       snprintf(why, sizeof why, "%s", err);
   } else if (code == 127) {
-    snprintf(why, sizeof why, "it has no '%s' on its PATH (set remote.executable)%s%s", "lua5.4",
+    snprintf(why, sizeof why, "it has no '%s' on its PATH (set remote.executable)%s%s", h->cfg->exe,
              line[0] ? ": " : "", line);
   } else if (code == 255) {
     snprintf(why, sizeof why, "cannot reach it: %s", line[0] ? line : "its launcher exited 255");
@@ -580,7 +580,7 @@ static void maybe_hello(hp *p) {
   m.err = EHOSTDOWN;
   int fd = memfd_create("procpool-why", MFD_CLOEXEC);
   for (int i = 0; fd >= 0 && i < p->cfg->nhosts; i++) {
-    dprintf(fd, "%s%s: %s", i ? "; " : "", p->h[i].cfg->name, p->h[i].why);
+    dprintf(fd, "%shost '%s': %s", i ? "; " : "", p->h[i].cfg->name, p->h[i].why);
   }
   m.nfds = fd >= 0;
   zsend(&m, &fd, fd >= 0);

@@ -15,6 +15,7 @@ typedef struct pp_host {
   const char *name;  /* as the user wrote it, for messages */
   char *const *argv; /* the launcher's command, NULL-terminated (run with PATH) */
   uint32_t workers;  /* 0: as many as the host has CPUs (its HELLO says) */
+  const char *exe;   /* the interpreter it runs the agent with, for messages */
 } pp_host;
 
 /* What every host's agent is given. */

@@ -23,7 +23,8 @@ local EXEC_OPTS = {
   max_workers = true, context = true, initializer = true, initargs = true,
   max_tasks_per_child = true, task_timeout = true, on_worker_lost = true, executable = true,
   limits = true, output = true, max_output = true,
-  hosts = true, launcher = true, host_timeout = true, remote = true, workers_per_host = true,
+  hosts = true, launcher = true, host_timeout = true, start_timeout = true, remote = true,
+  workers_per_host = true,
 }
 
 --- Create an executor.
@@ -34,7 +35,7 @@ local EXEC_OPTS = {
 --   per task, default 1 MiB).
 function M.ProcessPoolExecutor(opts)
   opts = check_opts(opts, EXEC_OPTS, "ProcessPoolExecutor")
-  local on_hosts, host_timeout = hosts.hosts_of(opts, "ProcessPoolExecutor", 2)
+  local on_hosts, host_timeout, start_timeout = hosts.hosts_of(opts, "ProcessPoolExecutor", 2)
   local mw = opts.max_workers
   if mw == nil then mw = core.cpu_count() end
   if not is_int(mw) or mw < 1 then error("max_workers must be greater than 0", 2) end
@@ -59,6 +60,7 @@ function M.ProcessPoolExecutor(opts)
     max_tasks_per_child = mt, task_timeout = tt, on_worker_lost = owl,
     context = ctx.context, executable = ctx.executable, limits = limits,
     output = out, max_output = max_output, hosts = on_hosts, host_timeout = host_timeout,
+    start_timeout = start_timeout,
   })
 end
 

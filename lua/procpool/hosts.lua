@@ -283,7 +283,7 @@ function M.hosts_of(opts, fname, level)
     if env and env ~= "" then hosts = env end
   end
   if hosts == nil then
-    for _, k in ipairs({ "launcher", "host_timeout", "remote", "workers_per_host" }) do
+    for _, k in ipairs({ "launcher", "host_timeout", "start_timeout", "remote", "workers_per_host" }) do
       if opts[k] ~= nil then error(k .. " is for pools with hosts", level + 1) end
     end
     return nil
@@ -308,6 +308,10 @@ function M.hosts_of(opts, fname, level)
   if ht ~= nil and (type(ht) ~= "number" or not (ht > 0)) then -- luacheck: ignore 581 (NaN too)
     error("host_timeout must be a number of seconds > 0", level + 1)
   end
+  local st = opts.start_timeout
+  if st ~= nil and (type(st) ~= "number" or not (st > 0)) then -- luacheck: ignore 581 (NaN too)
+    error("start_timeout must be a number of seconds > 0", level + 1)
+  end
   local remote = opts.remote or {}
   if type(remote) ~= "table" then error("remote must be a table", level + 1) end
   for k in pairs(remote) do
@@ -324,9 +328,10 @@ function M.hosts_of(opts, fname, level)
   for i, e in ipairs(entries) do
     local ok, argv = pcall(M.launch_argv, e, launcher, remote)
     if not ok then error(argv, level + 1) end
-    out[i] = { name = e.name, argv = argv, workers = e.workers or wph }
+    out[i] = { name = e.name, argv = argv, workers = e.workers or wph,
+      exe = remote.executable or "lua5.4" }
   end
-  return out, ht
+  return out, ht, st
 end
 
 return M

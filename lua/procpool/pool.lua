@@ -294,7 +294,8 @@ Pool.__name = "procpool.Pool"
 local POOL_OPTS = {
   processes = true, initializer = true, initargs = true, maxtasksperchild = true,
   context = true, executable = true, limits = true, output = true, max_output = true,
-  hosts = true, launcher = true, host_timeout = true, remote = true, workers_per_host = true,
+  hosts = true, launcher = true, host_timeout = true, start_timeout = true, remote = true,
+  workers_per_host = true,
 }
 
 --- Create a pool; its workers start at once.
@@ -304,7 +305,7 @@ local POOL_OPTS = {
 --   per task).
 function M.Pool(opts)
   opts = check_opts(opts, POOL_OPTS, "Pool")
-  local on_hosts, host_timeout = hosts.hosts_of(opts, "Pool", 2)
+  local on_hosts, host_timeout, start_timeout = hosts.hosts_of(opts, "Pool", 2)
   local n = opts.processes
   if n == nil then n = core.cpu_count() end
   if not is_int(n) or n < 1 then error("Number of processes must be at least 1", 2) end
@@ -320,6 +321,7 @@ function M.Pool(opts)
     max_workers = n, initializer = init, initargs = opts.initargs, max_tasks_per_child = mt,
     context = ctx.context, executable = ctx.executable, limits = limits,
     output = out, max_output = max_output, hosts = on_hosts, host_timeout = host_timeout,
+    start_timeout = start_timeout,
   })
   if on_hosts then n = ex:_nworkers() end
   return setmetatable({ _ex = ex, _state = "RUN", _processes = n, _capture = out == "capture" },
