@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -33,7 +34,7 @@ static int set_nonblock(int fd) {
 static void slot_init(pp_link_slot *s) {
   s->fd = -1;
   s->gen = 0;
-  s->eof = 0;
+  s->eof = s->eof_sent = s->shut = 0;
   pp_in_init(&s->in);
   pp_out_init(&s->out);
   s->asm_fd = -1;
@@ -166,6 +167,17 @@ static int drain_slot(pp_link *l, uint32_t i) {
       if (r < 0) return EPROTO;
       int e = take_frame(l, i, &f);
       if (e) return e;
+    }
+    if (s->eof && s->src_fd < 0 && !s->eof_sent) { /* after every frame before it */
+      unsigned char b[8];
+      pp_put32(b, i);
+      pp_put32(b + 4, s->gen);
+      if (pp_wbuf_reserve(&l->ob, PP_FRAME_HDR + sizeof b) != 0) return ENOMEM;
+      size_t at = pp_frame_begin(&l->ob, PP_L_EOF, 0);
+      memcpy(l->ob.p + l->ob.n, b, sizeof b);
+      l->ob.n += sizeof b;
+      pp_frame_end(&l->ob, at);
+      s->eof_sent = 1;
     }
     if (s->src_fd >= 0 || s->eof || pp_link_pending(l) >= PP_LINK_HIGH) return 0;
     long n = pp_in_read(&s->in, s->fd, 0);
@@ -327,7 +339,10 @@ static int read_in(pp_link *l, pp_link_ctrl_fn fn, void *ud) {
         e = on_data(l, body, len);
       else if (h[4] == PP_L_CHUNK)
         e = on_chunk(l, body, len);
-      else if (h[4] >= PP_L_CTRL)
+      else if (h[4] == PP_L_EOF) {
+        pp_link_slot *s = slot_of(l, body, len);
+        if (s) s->shut = 1;
+      } else if (h[4] >= PP_L_CTRL)
         e = fn ? fn(ud, h[4], body, len) : 0;
       else
         e = EPROTO;
@@ -378,6 +393,10 @@ int pp_link_step(pp_link *l, pp_link_ctrl_fn fn, void *ud) {
     pp_link_slot *s = &l->slots[i];
     if (s->fd < 0) continue;
     if (pp_out_pending(&s->out) && pp_out_flush(&s->out, s->fd) != 0) s->eof = 1;
+    if (s->shut == 1 && !pp_out_pending(&s->out)) {
+      shutdown(s->fd, SHUT_WR);
+      s->shut = 2;
+    }
     if ((e = drain_slot(l, i)) != 0) return e;
   }
   if ((e = send_chunks(l)) != 0) return e;

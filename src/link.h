@@ -24,13 +24,17 @@
  * are interleaved with the other slots' messages, so that a large payload
  * does not hold up the rest of the host's traffic; there is always at
  * least one (an empty memfd has one empty chunk).
+ * EOF: u32 slot, u32 gen: the channel was closed for writing at its
+ * other end (a retiring worker's input, a dead worker's output), after
+ * every DATA of it; the receiving side shuts its channel so, once what it
+ * holds for it is written.
  * Every other type (from PP_L_CTRL) is a control message, read by the
  * link's owner (the host proxy, the agent).
  *
  * `gen` tells apart the workers that take the same slot one after another:
  * a message for a gen the slot no longer has is dropped (its worker is gone).
  */
-enum { PP_L_DATA = 1, PP_L_CHUNK = 2, PP_L_CTRL = 16 };
+enum { PP_L_DATA = 1, PP_L_CHUNK = 2, PP_L_EOF = 3, PP_L_CTRL = 16 };
 #define PP_L_DATA_HDR 8   /* slot, gen */
 #define PP_L_CHUNK_HDR 24 /* slot, gen, total, offset */
 #define PP_LINK_CHUNK ((size_t)1 << 20)
@@ -88,6 +92,8 @@ typedef struct pp_link_slot {
   int fd;       /* the local channel; -1: none */
   uint32_t gen; /* the incarnation messages must name */
   int eof;      /* the channel was closed at its other end */
+  int eof_sent; /* and EOF is on the stream */
+  int shut;     /* EOF came from the stream: shut the channel once out is written */
   pp_in in;     /* frames from the channel */
   pp_out out;   /* frames for the channel */
   /* a memfd arriving from the stream */

@@ -220,17 +220,26 @@ static void stale_and_ends(void) {
   for (int i = 0; i < 20; i++) turn(&w);
   CHECK(ok && pp_in_next(&w.ends[2].in, &f) == 0 && w.eb == 0,
         "a message for a gone incarnation is dropped, without error");
+  /* a channel shut for writing at one end is shut at the other, after
+   * its frames */
+  put_frame(&w.ends[1], PP_FR_TASK, "tail", 4, -1);
+  for (int i = 0; i < 5; i++) turn(&w);
+  shutdown(w.ends[1].fd, SHUT_WR);
+  ok = next_frame(&w, &w.ends[3], &f) && f.len == 4 && memcmp(f.body, "tail", 4) == 0;
+  double until = now() + 10;
+  while (!w.ends[3].in.eof && now() < until) turn(&w);
+  CHECK(ok && w.ends[3].in.eof, "a channel's end crosses the link, after its frames");
   /* the stream ends: the other side is told, after what was sent */
-  put_frame(&w.ends[1], PP_FR_TASK, "last", 4, -1);
+  put_frame(&w.ends[3], PP_FR_RESULT, "last", 4, -1);
   for (int i = 0; i < 10; i++) turn(&w);
-  shutdown(w.a.wfd, SHUT_WR);
-  ok = next_frame(&w, &w.ends[3], &f) && f.len == 4 && memcmp(f.body, "last", 4) == 0;
-  for (int i = 0; i < 10 && w.eb == 0; i++) turn(&w);
-  CHECK(ok && w.eb == EPIPE, "the end of the stream is EPIPE, after the messages before it");
+  shutdown(w.b.wfd, SHUT_WR);
+  ok = next_frame(&w, &w.ends[1], &f) && f.len == 4 && memcmp(f.body, "last", 4) == 0;
+  for (int i = 0; i < 10 && w.ea == 0; i++) turn(&w);
+  CHECK(ok && w.ea == EPIPE, "the end of the stream is EPIPE, after the messages before it");
   world_free(&w);
 
   world_init(&w, 1);
-  unsigned char bad[8] = {0, 0, 0, 0, PP_L_CHUNK - 1 + 2, 0, 0, 0}; /* type 3: none */
+  unsigned char bad[8] = {0, 0, 0, 0, PP_L_EOF + 2, 0, 0, 0}; /* type 5: none */
   if (write(w.a.wfd, bad, sizeof bad) != (ssize_t)sizeof bad) abort();
   for (int i = 0; i < 10 && w.eb == 0; i++) turn(&w);
   CHECK(w.eb == EPROTO, "a message of an unknown type is a protocol error");
