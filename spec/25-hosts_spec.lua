@@ -133,7 +133,8 @@ describe("hosts", function()
       ok, e = pcall(f.result, f, T)
       assert.is_false(ok)
       assert.are.equal("WorkerLost", e.name)
-      assert.matches("exit code 7", tostring(e))
+      assert.matches("exit code 7%), on host ':'", tostring(e))
+      assert.are.equal(":", e.host)
       assert.are.equal("back", ex:submit(function() return "back" end):result(T))
     end)
 
@@ -190,6 +191,9 @@ describe("hosts", function()
           done = done + 1
         else
           assert.are.equal("WorkerLost", v.name)
+          assert.matches("^host lost: ", v.reason)
+          assert.is_truthy(v.host == "a" or v.host == "b")
+          assert.matches("on host '%a' was lost with its host", tostring(v))
           lost = lost + 1
         end
       end
@@ -211,6 +215,8 @@ describe("hosts", function()
       os.execute("kill -CONT " .. agent .. " 2>/dev/null")
       assert.is_false(ok)
       assert.are.equal("WorkerLost", e.name)
+      assert.are.equal("host lost: connection lost: no message for 1 s", e.reason)
+      assert.are.equal("only", e.host)
       assert.is_true(took < 3, "lost after " .. took .. " s")
       assert.is_true(H.eventually(function()
         local ok2, e2 = pcall(function() return ex:submit(function() end):result(T) end)
@@ -282,6 +288,15 @@ describe("hosts", function()
       assert.has_error(function() procpool.ProcessPoolExecutor { hosts = ":", remote = { nope = 1 } } end,
         "unknown remote option 'nope'")
       assert.has_error(function() procpool.ProcessPoolExecutor { hosts = { "@g/x" } } end)
+      assert.has_error(function() procpool.ProcessPoolExecutor { hosts = ":", output = "capture" } end,
+        "output = \"capture\" is not available for workers on hosts")
+      local ex <close> = quiet_pool { hosts = { "1/:" } }
+      local ok, e = pcall(ex.submit_with, ex, { output = "capture" }, function() end)
+      assert.is_false(ok)
+      assert.matches("not available for workers on hosts", tostring(e))
+      ok = pcall(function() for _ in ex:map(print, { 1 }, { output = "capture" }) do end end)
+      assert.is_false(ok)
+      assert.are.equal(2, ex:submit(function() return 2 end):result(T))
     end)
 
     it("PROCPOOL_HOSTS is the default hosts", function()

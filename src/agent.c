@@ -55,6 +55,7 @@ typedef struct agent {
   uint64_t silence_ns;
   lua_State *L;
   int ready, quit, busy;
+  int outfd; /* the read end of the workers' stdout */
 } agent;
 
 static uint64_t now_ns(void) {
@@ -220,6 +221,13 @@ static void forward_stderr(agent *a, uint32_t slot) {
   }
 }
 
+static void forward_stdout(agent *a) {
+  char buf[16384];
+  ssize_t r;
+  while ((r = read(a->outfd, buf, sizeof buf)) > 0)
+    pp_link_send(&a->link, PP_L_STDOUT, buf, (size_t)r);
+}
+
 static void z_spawned(agent *a, const pp_zmsg *m, int *fds, int nfds) {
   if (m->slot >= a->nslots || nfds != 4) {
     for (int i = 0; i < nfds; i++) close(fds[i]);
@@ -344,14 +352,17 @@ void pp_agent_main(lua_State *L) {
   a.silence_ns = (uint64_t)AGENT_SILENCE_MS * 1000000u;
   signal(SIGPIPE, SIG_IGN); /* (a fresh interpreter of its own: no host's handlers here) */
   signal(SIGINT, SIG_IGN);  /* Ctrl-C reaches the parent, which ends the link */
-  /* the stream moves off fds 0 and 1: tasks read /dev/null and write
-   * their stdout to the agent's stderr, never into the stream */
+  /* the stream moves off fds 0 and 1: tasks read /dev/null, and their
+   * stdout is a pipe the agent forwards (STDOUT), never the stream */
   int in = fcntl(0, F_DUPFD_CLOEXEC, 10), out = fcntl(1, F_DUPFD_CLOEXEC, 10);
-  int nul = open("/dev/null", O_RDONLY | O_CLOEXEC);
-  if (in < 0 || out < 0 || nul < 0) _exit(3);
+  int nul = open("/dev/null", O_RDONLY | O_CLOEXEC), op[2];
+  if (in < 0 || out < 0 || nul < 0 || pipe2(op, O_CLOEXEC) != 0) _exit(3);
   dup2(nul, 0);
-  dup2(2, 1);
+  dup2(op[1], 1); /* (without CLOEXEC: the workers' stdout) */
   close(nul);
+  close(op[1]);
+  a.outfd = op[0];
+  fcntl(a.outfd, F_SETFL, fcntl(a.outfd, F_GETFL) | O_NONBLOCK);
   if (write(out, PP_LINK_MAGIC, PP_LINK_MAGIC_LEN) != PP_LINK_MAGIC_LEN) _exit(3);
   if (pp_link_init(&a.link, in, out, 0) != 0) _exit(3);
   hello(&a);
@@ -365,6 +376,9 @@ void pp_agent_main(lua_State *L) {
       p[n].events = POLLIN;
       p[n++].revents = 0;
     }
+    p[n].fd = a.outfd;
+    p[n].events = POLLIN;
+    p[n++].revents = 0;
     for (uint32_t s = 0; s < a.nslots && n < 300; s++)
       if (a.w[s].live && a.w[s].errfd >= 0) {
         p[n].fd = a.w[s].errfd;
@@ -374,6 +388,7 @@ void pp_agent_main(lua_State *L) {
     /* a worker's start is told within 10 ms (its deadline is the
      * parent's to watch); idle, the agent wakes for its heartbeat only */
     if (poll(p, (nfds_t)n, a.busy ? 10 : 200) < 0 && errno != EINTR) agent_exit(&a, 3);
+    forward_stdout(&a);
     if (zi >= 0 && p[zi].revents) z_readable(&a);
     for (uint32_t s = 0; s < a.nslots; s++)
       if (a.w[s].live && a.w[s].errfd >= 0) forward_stderr(&a, s);

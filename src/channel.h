@@ -77,7 +77,9 @@ enum {
  * worker on a host (no pid of this machine: it is signalled with
  * PP_Z_SIGNAL, its death named by slot and gen); SPAWNFAIL of a slot
  * whose host is gone for good (never asked again). */
-enum { PP_ZF_REMOTE = 1, PP_ZF_GONE = 2 };
+enum { PP_ZF_REMOTE = 1, PP_ZF_GONE = 2, PP_ZF_LOST = 4 };
+/* (LOST: an EXITED because its host was lost; text says why. A remote
+ * SPAWNED's text is its host's name.) */
 typedef struct pp_zmsg {
   uint32_t type, slot, gen;
   int32_t pid, status, err, nfds;

@@ -111,6 +111,8 @@ typedef struct pp_worker {
    * while it runs (nothing to take back from), signalled through the
    * proxy on zfd */
   int remote, zfd, slot;
+  char host[200];      /* its host's name (SPAWNED's text), or "" */
+  char host_lost[200]; /* why its host was lost (EXITED's text), or "" */
 } pp_worker;
 
 struct pp_engine {
@@ -258,6 +260,8 @@ void pp_job_unref(pp_job *j) {
     free(x->blobs);
     for (uint32_t i = 0; i < x->ndeaths; i++) {
       free(x->deaths[i].stderr_tail);
+      free(x->deaths[i].host);
+      free(x->deaths[i].host_lost);
       free(x->deaths[i].out);
       free(x->deaths[i].err);
     }
@@ -405,6 +409,8 @@ static void job_note_death(pp_job *j, uint32_t i, uint64_t seq, pp_worker *w, in
   d->sig = sig;
   d->code = code;
   d->stderr_tail = w_tail(w);
+  d->host = w->host[0] ? strdup(w->host) : NULL;
+  d->host_lost = w->host_lost[0] ? strdup(w->host_lost) : NULL;
   w_death_output(w, seq, d);
   j->items[i].ref = x->ndeaths;
 }
@@ -1351,6 +1357,8 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
     pp_worker *w = &e->w[m->slot];
     w->pid = m->pid;
     w->remote = (m->flags & PP_ZF_REMOTE) != 0;
+    snprintf(w->host, sizeof w->host, "%s", w->remote ? m->text : "");
+    w->host_lost[0] = 0;
     w->zfd = e->zfd;
     w->slot = (int)m->slot;
     w->fd = fds[0];
@@ -1406,6 +1414,9 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
                : !e->w[s].remote && e->w[s].pid == m->pid)) {
         /* read whatever it managed to send (and say) before it died */
         if (e->w[s].fd >= 0 && !e->w[s].in.eof) w_readable(e, s);
+        if (m->flags & PP_ZF_LOST)
+          snprintf(e->w[s].host_lost, sizeof e->w[s].host_lost, "%.*s", (int)sizeof m->text,
+                   m->text);
         w_stderr(e, s);
         w_died(e, s, m->status);
         break;

@@ -411,6 +411,7 @@ static void on_spawned(hp *p, int hi, uint32_t slot, uint32_t gen, pid_t rpid) {
   m.pid = rpid;
   m.err = ENOSYS; /* no pidfd: fds[1] is a stand-in the engine drops */
   m.flags = PP_ZF_REMOTE;
+  snprintf(m.text, sizeof m.text, "%s", h->cfg->name);
   m.nfds = 4;
   int fds[4] = {sv[0], sv[0], pg, ep[0]};
   zsend(&m, fds, 4);
@@ -434,7 +435,8 @@ static void flush_slot(hp_host *h, uint32_t slot) {
   }
 }
 
-static void slot_exited(hp *p, int hi, uint32_t slot, int status, uint64_t started) {
+static void slot_exited(hp *p, int hi, uint32_t slot, int status, uint64_t started,
+                        const char *lost) {
   hp_slot *s = &p->s[slot];
   hp_host *h = &p->h[hi];
   if (!s->live) return;
@@ -451,7 +453,8 @@ static void slot_exited(hp *p, int hi, uint32_t slot, int status, uint64_t start
   zmsg_init(&m, PP_Z_EXITED, slot, s->gen);
   m.pid = s->rpid;
   m.status = status;
-  m.flags = PP_ZF_REMOTE;
+  m.flags = PP_ZF_REMOTE | (lost ? PP_ZF_LOST : 0);
+  if (lost) snprintf(m.text, sizeof m.text, "%s", lost);
   s->live = 0;
   zsend(&m, NULL, 0);
 }
@@ -503,7 +506,7 @@ static int on_ctrl(void *ud, int type, const unsigned char *b, size_t len) {
   case PP_L_EXITED:
     if (len < 24 || !mine) return EPROTO;
     if (p->s[slot].live && p->s[slot].gen == gen)
-      slot_exited(p, c->hi, slot, (int)pp_get32(b + 8), pp_get64(b + 16));
+      slot_exited(p, c->hi, slot, (int)pp_get32(b + 8), pp_get64(b + 16), NULL);
     return 0;
   case PP_L_STDERR:
     if (!mine) return EPROTO;
@@ -512,6 +515,16 @@ static int on_ctrl(void *ud, int type, const unsigned char *b, size_t len) {
       (void)w; /* a full pipe drops it: the engine keeps only a tail */
     }
     return 0;
+  case PP_L_STDOUT: { /* the parent's stdout, as local workers write to it */
+    size_t off = 0;
+    while (off < len) {
+      ssize_t w = write(1, b + off, len - off);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) break;
+      off += (size_t)w;
+    }
+    return 0;
+  }
   case PP_L_STARTED:
     if (len < 28 || !mine) return EPROTO;
     if (p->s[slot].live && p->s[slot].gen == gen && p->s[slot].page) {
@@ -542,7 +555,7 @@ static void host_failed(hp *p, int hi, const char *why) {
   for (uint32_t i = h->first; i < h->first + h->count; i++) {
     hp_slot *s = &p->s[i];
     if (s->live) /* charged to the item its page last read as started */
-      slot_exited(p, hi, i, SIGKILL, __atomic_load_n(&s->page->started, __ATOMIC_ACQUIRE));
+      slot_exited(p, hi, i, SIGKILL, __atomic_load_n(&s->page->started, __ATOMIC_ACQUIRE), h->why);
     if (s->wanted) {
       s->wanted = 0;
       spawnfail(i, s->gen, EHOSTDOWN, PP_ZF_GONE);

@@ -64,6 +64,8 @@ enum { PP_L_DATA = 1, PP_L_CHUNK = 2, PP_L_EOF = 3, PP_L_CTRL = 16 };
  * SIGNAL (proxy): u32 slot, u32 gen, i32 signal.
  * STDERR (agent): u32 slot, u32 gen, bytes the worker wrote to stderr.
  * PING (both): nothing; sent after a second without other traffic.
+ * STDOUT (agent): bytes the host's workers wrote to their stdout, for the
+ *   parent's stdout.
  * STARTED (agent): u32 slot, u32 gen, u32 0, u64 the seq its page reads as
  *   started, u64 ns since that start (as the worker timed it): the proxy
  *   keeps the engine's page of the worker so, for deadlines and deaths.
@@ -81,6 +83,7 @@ enum {
   PP_L_STDERR,
   PP_L_PING,
   PP_L_STARTED,
+  PP_L_STDOUT,
 };
 #define PP_LINK_MAGIC "\0PPAGENT"
 #define PP_LINK_MAGIC_LEN 8
