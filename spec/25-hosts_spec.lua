@@ -317,7 +317,9 @@ describe("hosts", function()
     teardown(function() if server then server.stop() end end)
 
     local function ssh_login(n, alias) return n .. "/" .. table.concat(server.ssh, " ") .. " " .. alias end
-    local inherit = { lua_path = "inherit", lua_cpath = "inherit" }
+    -- our search paths (relative to the repository when run by make test)
+    local cwd = io.popen("pwd"):read("*l")
+    local inherit = { lua_path = "inherit", lua_cpath = "inherit", dir = cwd }
 
     it("runs on both hosts, and a refused connection names the host", function()
       assert.is_truthy(server, why)

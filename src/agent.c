@@ -256,6 +256,7 @@ static void z_spawned(agent *a, const pp_zmsg *m, int *fds, int nfds) {
 static void z_readable(agent *a) {
   for (;;) {
     pp_zmsg m;
+    memset(&m, 0, sizeof m);
     int fds[4], nfds;
     long r = pp_recv_fds(a->zfd, &m, sizeof m, fds, 4, &nfds, MSG_DONTWAIT);
     if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;

@@ -611,6 +611,7 @@ static int slot_host(const hp *p, uint32_t slot) {
 static int engine_readable(hp *p) {
   for (;;) {
     pp_zmsg m;
+    memset(&m, 0, sizeof m);
     ssize_t r = recv(ZFD, &m, sizeof m, MSG_DONTWAIT);
     if (r < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
     if (r <= 0) return -1; /* the engine closed: end */
@@ -813,6 +814,7 @@ int pp_hosts_start(const pp_hosts_cfg *cfg, pid_t *pid, int *zfd, uint32_t *nslo
   }
   /* HELLO once every host is up or failed (each within its start limit) */
   pp_zmsg m;
+  memset(&m, 0, sizeof m);
   int fd = -1, nfds = 0;
   long r;
   do r = pp_recv_fds(sv[0], &m, sizeof m, &fd, 1, &nfds, 0);
