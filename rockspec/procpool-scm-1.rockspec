@@ -40,6 +40,7 @@ build = {
   modules = {
     ["procpool.core"] = {
       sources = {
+        "src/agent.c",
         "src/bccheck.c",
         "src/buf.c",
         "src/capture.c",
@@ -54,7 +55,9 @@ build = {
         "src/fncache.c",
         "src/forkgate.c",
         "src/future.c",
+        "src/hostproxy.c",
         "src/hugealloc.c",
+        "src/link.c",
         "src/names.c",
         "src/proc.c",
         "src/procpool.c",
@@ -74,6 +77,7 @@ build = {
     ["procpool.cli"] = "lua/procpool/cli.lua",
     ["procpool.executor"] = "lua/procpool/executor.lua",
     ["procpool.futures"] = "lua/procpool/futures.lua",
+    ["procpool.hosts"] = "lua/procpool/hosts.lua",
     ["procpool.map"] = "lua/procpool/map.lua",
     ["procpool.output"] = "lua/procpool/output.lua",
     ["procpool.progress"] = "lua/procpool/progress.lua",

@@ -71,10 +71,19 @@ enum {
   PP_Z_EXITED,
   PP_Z_CONFIG, /* spawn context, parent -> zygote: the initializer (a memfd) */
   PP_Z_HELLO,  /* spawn context, zygote -> parent: ready (err != 0: failed) */
+  PP_Z_SIGNAL, /* hosts, parent -> host proxy: signal the worker of slot/gen (status) */
 };
+/* pp_zmsg.flags from a host proxy (hostproxy.h): SPAWNED and EXITED of a
+ * worker on a host (no pid of this machine: it is signalled with
+ * PP_Z_SIGNAL, its death named by slot and gen); SPAWNFAIL of a slot
+ * whose host is gone for good (never asked again). */
+enum { PP_ZF_REMOTE = 1, PP_ZF_GONE = 2, PP_ZF_LOST = 4 };
+/* (LOST: an EXITED because its host was lost; text says why. A remote
+ * SPAWNED's text is its host's name.) */
 typedef struct pp_zmsg {
   uint32_t type, slot, gen;
   int32_t pid, status, err, nfds;
+  uint32_t flags, pad;
   uint64_t len;   /* CONFIG: bytes of the initializer list in the memfd */
   pp_limits lim;  /* CONFIG: the workers' limits */
   char text[200]; /* HELLO with err: why the zygote cannot start */

@@ -71,7 +71,8 @@ typedef struct pp_disp { /* items handed to a worker, in order */
   struct pp_disp *next;
 } pp_disp;
 
-enum { W_EMPTY = 0, W_SPAWNING, W_READY };
+/* W_GONE: a slot whose host is gone for good; never started again */
+enum { W_EMPTY = 0, W_SPAWNING, W_READY, W_GONE };
 
 typedef struct pp_worker {
   int state;
@@ -106,6 +107,12 @@ typedef struct pp_worker {
    * is in (it gets no new work meanwhile) */
   uint64_t seen_seq, seen_ns;
   int stalled;
+  /* a worker on a host (hostproxy.h): no pid here, no page it writes
+   * while it runs (nothing to take back from), signalled through the
+   * proxy on zfd */
+  int remote, zfd, slot;
+  char host[200];      /* its host's name (SPAWNED's text), or "" */
+  char host_lost[200]; /* why its host was lost (EXITED's text), or "" */
 } pp_worker;
 
 struct pp_engine {
@@ -253,6 +260,8 @@ void pp_job_unref(pp_job *j) {
     free(x->blobs);
     for (uint32_t i = 0; i < x->ndeaths; i++) {
       free(x->deaths[i].stderr_tail);
+      free(x->deaths[i].host);
+      free(x->deaths[i].host_lost);
       free(x->deaths[i].out);
       free(x->deaths[i].err);
     }
@@ -400,6 +409,8 @@ static void job_note_death(pp_job *j, uint32_t i, uint64_t seq, pp_worker *w, in
   d->sig = sig;
   d->code = code;
   d->stderr_tail = w_tail(w);
+  d->host = w->host[0] ? strdup(w->host) : NULL;
+  d->host_lost = w->host_lost[0] ? strdup(w->host_lost) : NULL;
   w_death_output(w, seq, d);
   j->items[i].ref = x->ndeaths;
 }
@@ -501,6 +512,16 @@ static void w_epoll(pp_engine *e, int slot) {
  * too, so that what its task started stops with it. The zygote has not
  * reported the worker dead yet, so its pid (and group) is still its own. */
 static void w_signal(pp_worker *w, int sig) {
+  if (w->remote) {
+    pp_zmsg m;
+    memset(&m, 0, sizeof m);
+    m.type = PP_Z_SIGNAL;
+    m.slot = (uint32_t)w->slot;
+    m.gen = w->gen;
+    m.status = sig;
+    if (w->zfd >= 0) send(w->zfd, &m, sizeof m, MSG_NOSIGNAL | MSG_DONTWAIT);
+    return;
+  }
   int sent = 0;
   if (w->pidfd >= 0) sent = syscall(SYS_pidfd_send_signal, w->pidfd, sig, NULL, 0) == 0;
   if (w->pid <= 0) return;
@@ -860,7 +881,8 @@ static void steal(pp_engine *e) {
   uint64_t most = 0, running = 0;
   for (int s = 0; s < e->cfg.nworkers; s++) {
     pp_worker *w = &e->w[s];
-    if (w->state != W_READY || w->doomed || w->retire || w->stalled || !w->page || !w->dhead)
+    if (w->state != W_READY || w->doomed || w->retire || w->stalled || !w->page || !w->dhead ||
+        w->remote)
       continue;
     uint64_t seq = __atomic_load_n(&w->page->started, __ATOMIC_ACQUIRE);
     uint64_t last = w->next_seq - 1;
@@ -1334,6 +1356,11 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
       e->w[m->slot].gen == m->gen && e->w[m->slot].state == W_SPAWNING) {
     pp_worker *w = &e->w[m->slot];
     w->pid = m->pid;
+    w->remote = (m->flags & PP_ZF_REMOTE) != 0;
+    snprintf(w->host, sizeof w->host, "%s", w->remote ? m->text : "");
+    w->host_lost[0] = 0;
+    w->zfd = e->zfd;
+    w->slot = (int)m->slot;
     w->fd = fds[0];
     if (m->err == 0) {
       w->pidfd = fds[1];
@@ -1366,19 +1393,30 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
   for (int i = 0; i < nfds; i++) close(fds[i]);
   if (m->type == PP_Z_SPAWNFAIL && m->slot < (uint32_t)e->cfg.nworkers &&
       e->w[m->slot].gen == m->gen) {
-    e->w[m->slot].state = W_EMPTY;
-    int alive = 0;
-    for (int s = 0; s < e->cfg.nworkers; s++) alive += e->w[s].state == W_READY;
-    if (!alive) {
+    e->w[m->slot].state = m->flags & PP_ZF_GONE ? W_GONE : W_EMPTY;
+    int alive = 0, gone = 0;
+    for (int s = 0; s < e->cfg.nworkers; s++) {
+      alive += e->w[s].state == W_READY || e->w[s].state == W_SPAWNING;
+      gone += e->w[s].state == W_GONE;
+    }
+    if (gone == e->cfg.nworkers) {
+      engine_break(e, "every host of the pool is lost");
+    } else if (!alive && !(m->flags & PP_ZF_GONE)) {
       char msg[160];
       snprintf(msg, sizeof msg, "no worker process could be started: %s", strerror(m->err));
       engine_break(e, msg);
     }
   } else if (m->type == PP_Z_EXITED) {
     for (int s = 0; s < e->cfg.nworkers; s++)
-      if (e->w[s].state != W_EMPTY && e->w[s].state != W_SPAWNING && e->w[s].pid == m->pid) {
+      if (e->w[s].state == W_READY &&
+          ((m->flags & PP_ZF_REMOTE)
+               ? e->w[s].remote && (uint32_t)s == m->slot && e->w[s].gen == m->gen
+               : !e->w[s].remote && e->w[s].pid == m->pid)) {
         /* read whatever it managed to send (and say) before it died */
         if (e->w[s].fd >= 0 && !e->w[s].in.eof) w_readable(e, s);
+        if (m->flags & PP_ZF_LOST)
+          snprintf(e->w[s].host_lost, sizeof e->w[s].host_lost, "%.*s", (int)sizeof m->text,
+                   m->text);
         w_stderr(e, s);
         w_died(e, s, m->status);
         break;
@@ -1460,7 +1498,7 @@ static void progress(pp_engine *e) {
     int alive = 0;
     for (int s = 0; s < e->cfg.nworkers; s++) {
       pp_worker *w = &e->w[s];
-      if (w->state == W_EMPTY) continue;
+      if (w->state == W_EMPTY || w->state == W_GONE) continue;
       alive++;
       if (w->state == W_READY) {
         if (!w->retire) {

@@ -31,6 +31,8 @@ enum {
 typedef struct pp_death {
   int32_t pid, sig, code; /* code -1 when unknown */
   char *stderr_tail;      /* the last lines the worker wrote (owned) */
+  char *host;             /* on a host: its name (owned), else NULL */
+  char *host_lost;        /* lost with its host: why (owned), else NULL */
   /* a captured item: its output until the death (owned; has_output) */
   char *out, *err;
   size_t outlen, errlen;

@@ -13,11 +13,13 @@
 
 #include <lauxlib.h>
 
+#include "agent.h"
 #include "codec.h"
 #include "codec_ctx.h"
 #include "engine.h"
 #include "error.h"
 #include "fncache.h"
+#include "hostproxy.h"
 #include "future.h"
 #include "progress_cb.h"
 #include "pp.h"
@@ -34,6 +36,7 @@ typedef struct pp_exec {
   int nworkers;
   uint64_t polled; /* ended-job count at the last poll() */
   int capture;     /* output = "capture": tasks capture unless told */
+  int on_hosts;    /* its workers run on hosts (hostproxy.h) */
   pp_fncache fns;  /* the encoded functions its jobs share */
   size_t untold;   /* bytes of jobs not yet told to the collector */
 } pp_exec;
@@ -165,6 +168,71 @@ static void get_limits(lua_State *L, pp_limits *lim) {
   lua_pop(L, 1);
 }
 
+/* Start the workers of opts.hosts (a list of { name =, argv = {...},
+ * workers = n }, checked in Lua; max_workers is their sum) through the
+ * host proxy; the initializer travels as values, as in the spawn context. */
+static void start_hosts(lua_State *L, pp_exec *x, pp_engine_cfg *cfg, const pp_limits *lim) {
+  int ht = lua_gettop(L);
+  int nh = (int)lua_rawlen(L, ht);
+  if (nh < 1) luaL_argerror(L, 1, "hosts must not be empty");
+  pp_host *hosts = lua_newuserdatauv(L, (size_t)nh * sizeof *hosts, 0);
+  for (int i = 0; i < nh; i++) {
+    lua_rawgeti(L, ht, i + 1); /* (kept on the stack: its strings stay put) */
+    int e = lua_gettop(L);
+    lua_getfield(L, e, "name");
+    hosts[i].name = luaL_checkstring(L, -1);
+    lua_pop(L, 1);
+    lua_getfield(L, e, "argv");
+    int a = lua_gettop(L);
+    int na = (int)lua_rawlen(L, a);
+    char **argv = lua_newuserdatauv(L, (size_t)(na + 1) * sizeof *argv, 0);
+    for (int k = 0; k < na; k++) {
+      lua_rawgeti(L, a, k + 1);
+      argv[k] = (char *)luaL_checkstring(L, -1);
+      lua_pop(L, 1);
+    }
+    argv[na] = NULL;
+    hosts[i].argv = argv;
+    hosts[i].workers = (uint32_t)opt_int(L, e, "workers", 0);
+    lua_getfield(L, e, "exe");
+    hosts[i].exe = luaL_optstring(L, -1, "lua5.4");
+    lua_pop(L, 1);
+  }
+  pp_wbuf *b = push_box(L);
+  lua_getfield(L, 1, "initializer");
+  if (!lua_isnil(L, -1)) {
+    int base = lua_gettop(L);
+    int n = push_initargs(L);
+    pp_encode(L, base, n + 1, b, 1, "initializer", 0);
+  }
+  char dump[PP_DUMP_HEX];
+  pp_dump_hex(L, dump);
+  pp_hosts_cfg hc;
+  memset(&hc, 0, sizeof hc);
+  hc.hosts = hosts;
+  hc.nhosts = nh;
+  hc.timeout_ms = (uint32_t)(opt_num(L, 1, "host_timeout", 10) * 1000);
+  hc.start_ms = (uint32_t)(opt_num(L, 1, "start_timeout", 30) * 1000);
+  hc.lim = *lim;
+  hc.dump_hex = dump;
+  hc.init = b->p;
+  hc.initlen = b->n;
+  pid_t zpid;
+  int zfd;
+  uint32_t nslots;
+  char *why;
+  int err = pp_hosts_start(&hc, &zpid, &zfd, &nslots, &why);
+  if (err) {
+    lua_pushstring(L, why ? why : strerror(err));
+    free(why);
+    pp_error_raise(L, "BrokenProcessPool", "no host could be started: %s", lua_tostring(L, -1));
+  }
+  cfg->nworkers = (int)nslots;
+  x->nworkers = (int)nslots;
+  x->on_hosts = 1;
+  start_engine(L, x, cfg, zpid, zfd);
+}
+
 /* executor_new(opts) -> Executor. `opts` has been validated in Lua. */
 static int l_executor_new(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -195,6 +263,12 @@ static int l_executor_new(lua_State *L) {
   luaL_setmetatable(L, PP_EXECUTOR_MT);
   int xi = lua_gettop(L);
 
+  if (lua_getfield(L, 1, "hosts") == LUA_TTABLE) {
+    start_hosts(L, x, &cfg, &lim);
+    lua_settop(L, xi);
+    return 1;
+  }
+  lua_pop(L, 1);
   lua_getfield(L, 1, "context");
   int spawn = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "spawn") == 0;
   lua_pop(L, 1);
@@ -352,8 +426,17 @@ static pp_job *task_job(lua_State *L, pp_exec *x, pp_wbuf *b, size_t fnend, doub
 
 /* Submit fn(...) (fn at index `fi`, its arguments after it; the
  * executor at 1). */
+/* A worker on a host hands its captured output on as fds of this
+ * machine (OUTBUF), which no link carries: refused, not lost. */
+static void check_capture(lua_State *L, const pp_exec *x, int capture) {
+  if (capture && x->on_hosts)
+    pp_error_raise(L, "InvalidStateError",
+                   "output = \"capture\" is not available for workers on hosts");
+}
+
 static int submit_task(lua_State *L, pp_exec *x, double timeout, int capture, int fi) {
   check_fn(L, fi);
+  check_capture(L, x, capture);
   int nargs = lua_gettop(L) - fi;
   /* (an encoding that raised leaves the buffer marked busy: the next
    * submit replaces it) */
@@ -468,6 +551,7 @@ static int l_submit_chunk(lua_State *L) {
   lua_Integer pos0 = luaL_optinteger(L, 8, lo - 1) + 1; /* input position of items[lo] */
   int heard = lua_isfunction(L, 9);
   int capture = lua_isnoneornil(L, 10) ? x->capture : lua_toboolean(L, 10);
+  check_capture(L, x, capture);
   if (hi - lo + 1 < 0 || hi - lo + 1 > (lua_Integer)UINT32_MAX / 2)
     luaL_argerror(L, 5, "bad range");
   uint32_t n = (uint32_t)(hi - lo + 1);
@@ -679,6 +763,10 @@ static int l_cpu_count(lua_State *L) {
  * SPAWN_ENTRY) */
 static int l_zygote(lua_State *L) { pp_zygote_spawned(L); }
 
+/* _agent(): the entry point of an interpreter a launcher started on a
+ * host (agent.c) */
+static int l_agent(lua_State *L) { pp_agent_main(L); }
+
 static int l_current_worker(lua_State *L) {
   if (lua_getfield(L, LUA_REGISTRYINDEX, "procpool.current_worker") != LUA_TTABLE) return 1;
   /* a copy, so callers cannot change what later tasks see */
@@ -687,6 +775,8 @@ static int l_current_worker(lua_State *L) {
   lua_setfield(L, -2, "id");
   lua_getfield(L, -2, "pid");
   lua_setfield(L, -2, "pid");
+  lua_getfield(L, -2, "host");
+  lua_setfield(L, -2, "host");
   return 1;
 }
 
@@ -712,6 +802,7 @@ void pp_engine_open(lua_State *L) {
                                  {"current_worker", l_current_worker},
                                  {"fast_apply", l_fast_apply},
                                  {"_zygote", l_zygote},
+                                 {"_agent", l_agent},
                                  {NULL, NULL}};
   luaL_newmetatable(L, CLOSING_MT);
   lua_pushcfunction(L, sentinel_gc);

@@ -386,12 +386,18 @@ static void push_item_error(lua_State *L, pp_fut *f, int status, const pp_death 
     pp_error_push(L, "CancelledError", "the future was cancelled");
     break;
   case PP_IT_LOST: {
-    pp_death none = {0, 0, -1, NULL, NULL, NULL, 0, 0, 0};
+    pp_death none = {0, 0, -1, NULL, NULL, NULL, NULL, NULL, 0, 0, 0};
     if (!d) d = &none;
     const char *sn = signame(d->sig);
     uint32_t cpu = pp_engine_cpu_limit(f->e);
     /* the reason alone, then the message that says it in a sentence */
-    if (d->sig == SIGXCPU && cpu)
+    if (d->host_lost) {
+      lua_pushfstring(L, "host lost: %s", d->host_lost);
+      lua_pushfstring(L,
+                      "worker process %d on host '%s' was lost with its host while running the "
+                      "task (%s)",
+                      (int)d->pid, d->host ? d->host : "?", d->host_lost);
+    } else if (d->sig == SIGXCPU && cpu)
       lua_pushfstring(L, "CPU time limit of %d s exceeded (SIGXCPU)", (int)cpu);
     else if (d->sig)
       lua_pushfstring(L, "killed by signal %d%s%s", (int)d->sig, sn ? ", " : "", sn ? sn : "");
@@ -399,7 +405,9 @@ static void push_item_error(lua_State *L, pp_fut *f, int status, const pp_death 
       lua_pushfstring(L, "exit code %d", (int)d->code);
     else
       lua_pushliteral(L, "ended");
-    if (d->sig == SIGXCPU && cpu)
+    if (d->host_lost)
+      ; /* (said above) */
+    else if (d->sig == SIGXCPU && cpu)
       lua_pushfstring(L,
                       "worker process %d was stopped by its CPU time limit (%d s) while running "
                       "the task",
@@ -412,12 +420,20 @@ static void push_item_error(lua_State *L, pp_fut *f, int status, const pp_death 
                       (int)d->pid, (int)d->code);
     else
       lua_pushfstring(L, "worker process %d died while running the task", (int)d->pid);
+    if (d->host && !d->host_lost) { /* which host it died on */
+      lua_pushfstring(L, "%s, on host '%s'", lua_tostring(L, -1), d->host);
+      lua_remove(L, -2);
+    }
     pp_error_push(L, "WorkerLost", lua_tostring(L, -1));
     lua_remove(L, -2);
     lua_insert(L, -2);
     lua_setfield(L, -2, "reason");
     lua_pushinteger(L, d->pid);
     lua_setfield(L, -2, "pid");
+    if (d->host) {
+      lua_pushstring(L, d->host);
+      lua_setfield(L, -2, "host");
+    }
     if (d->has_output) { /* captured: what the task wrote, in place of the tail */
       lua_pushlstring(L, d->out, d->outlen);
       lua_setfield(L, -2, "stdout");

@@ -830,6 +830,9 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
   lua_setfield(L, -2, "id");
   lua_pushinteger(L, (lua_Integer)getpid());
   lua_setfield(L, -2, "pid");
+  /* on a host, its name as the pool was given it (agent.c) */
+  lua_getfield(L, LUA_REGISTRYINDEX, "procpool.host");
+  lua_setfield(L, -2, "host");
   lua_setfield(L, LUA_REGISTRYINDEX, "procpool.current_worker");
   note_base_frames(L);
   pp_hugealloc_install(L); /* (the memory limit, if any, wraps it) */

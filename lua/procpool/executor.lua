@@ -9,6 +9,7 @@ local core = require "procpool.core"
 local check = require "procpool.check"
 local map = require "procpool.map"
 local output = require "procpool.output"
+local hosts = require "procpool.hosts"
 
 local M = {}
 
@@ -22,6 +23,8 @@ local EXEC_OPTS = {
   max_workers = true, context = true, initializer = true, initargs = true,
   max_tasks_per_child = true, task_timeout = true, on_worker_lost = true, executable = true,
   limits = true, output = true, max_output = true,
+  hosts = true, launcher = true, host_timeout = true, start_timeout = true, remote = true,
+  workers_per_host = true,
 }
 
 --- Create an executor.
@@ -32,10 +35,11 @@ local EXEC_OPTS = {
 --   per task, default 1 MiB).
 function M.ProcessPoolExecutor(opts)
   opts = check_opts(opts, EXEC_OPTS, "ProcessPoolExecutor")
+  local on_hosts, host_timeout, start_timeout = hosts.hosts_of(opts, "ProcessPoolExecutor", 2)
   local mw = opts.max_workers
   if mw == nil then mw = core.cpu_count() end
   if not is_int(mw) or mw < 1 then error("max_workers must be greater than 0", 2) end
-  local ctx = context_of(opts, 2)
+  local ctx = on_hosts and {} or context_of(opts, 2)
   local init = initializer_of(opts, 2)
   local mt = opts.max_tasks_per_child
   if mt ~= nil and (not is_int(mt) or mt < 1) then
@@ -55,7 +59,8 @@ function M.ProcessPoolExecutor(opts)
     max_workers = mw, initializer = init, initargs = opts.initargs,
     max_tasks_per_child = mt, task_timeout = tt, on_worker_lost = owl,
     context = ctx.context, executable = ctx.executable, limits = limits,
-    output = out, max_output = max_output,
+    output = out, max_output = max_output, hosts = on_hosts, host_timeout = host_timeout,
+    start_timeout = start_timeout,
   })
 end
 

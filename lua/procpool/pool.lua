@@ -11,6 +11,7 @@ local progress_of, listener_of = progress.reporter, progress.listener
 local futures = require "procpool.futures"
 local executor = require "procpool.executor"
 local output = require "procpool.output"
+local hosts = require "procpool.hosts"
 
 local M = {}
 
@@ -293,6 +294,8 @@ Pool.__name = "procpool.Pool"
 local POOL_OPTS = {
   processes = true, initializer = true, initargs = true, maxtasksperchild = true,
   context = true, executable = true, limits = true, output = true, max_output = true,
+  hosts = true, launcher = true, host_timeout = true, start_timeout = true, remote = true,
+  workers_per_host = true,
 }
 
 --- Create a pool; its workers start at once.
@@ -302,6 +305,7 @@ local POOL_OPTS = {
 --   per task).
 function M.Pool(opts)
   opts = check_opts(opts, POOL_OPTS, "Pool")
+  local on_hosts, host_timeout, start_timeout = hosts.hosts_of(opts, "Pool", 2)
   local n = opts.processes
   if n == nil then n = core.cpu_count() end
   if not is_int(n) or n < 1 then error("Number of processes must be at least 1", 2) end
@@ -309,15 +313,17 @@ function M.Pool(opts)
   if mt ~= nil and (not is_int(mt) or mt < 1) then
     error("maxtasksperchild must be a positive integer or nil", 2)
   end
-  local ctx = context_of(opts, 2)
+  local ctx = on_hosts and {} or context_of(opts, 2)
   local init = initializer_of(opts, 2)
   local limits = check.limits_of(opts.limits, "Pool", 2)
   local out, max_output = output.options_of(opts, 2)
   local ex = core.executor_new({
     max_workers = n, initializer = init, initargs = opts.initargs, max_tasks_per_child = mt,
     context = ctx.context, executable = ctx.executable, limits = limits,
-    output = out, max_output = max_output,
+    output = out, max_output = max_output, hosts = on_hosts, host_timeout = host_timeout,
+    start_timeout = start_timeout,
   })
+  if on_hosts then n = ex:_nworkers() end
   return setmetatable({ _ex = ex, _state = "RUN", _processes = n, _capture = out == "capture" },
     Pool)
 end
