@@ -320,6 +320,13 @@ describe("hosts", function()
     -- our search paths (relative to the repository when run by make test)
     local cwd = io.popen("pwd"):read("*l")
     local inherit = { lua_path = "inherit", lua_cpath = "inherit", dir = cwd }
+    -- a sanitized build's library needs its runtime there too (ssh passes no environment)
+    if os.getenv("LD_PRELOAD") then
+      inherit.env = {}
+      for _, k in ipairs({ "LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS" }) do
+        inherit.env[k] = os.getenv(k)
+      end
+    end
 
     it("runs on both hosts, and a refused connection names the host", function()
       assert.is_truthy(server, why)
