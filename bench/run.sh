@@ -11,7 +11,7 @@ done
 export LUA_PATH="./?.lua;lua/?.lua;lua/?/init.lua;;"
 export LUA_CPATH="$BUILD/?.so;;"
 export PROCPOOL_BENCH_BIN="$BUILD/bench"
-for b in ${BENCHES:-perf executor pool memory makespan latency codec cli}; do
+for b in ${BENCHES:-perf executor pool memory makespan latency codec cli hosts}; do
   [ -f "bench/$b.lua" ] || continue
   lua5.4 "bench/$b.lua"
   echo

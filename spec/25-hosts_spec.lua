@@ -365,6 +365,28 @@ describe("hosts", function()
       assert.is_true(H.eventually(function() return agents() == 0 end, 10))
     end)
 
+    it("procpool map -S runs the script on the hosts, reduce and finish here", function()
+      assert.is_truthy(server, why)
+      local input = os.tmpname()
+      local f = io.open(input, "w")
+      for i = 1, 300 do f:write("w", i % 7, " x\n") end
+      f:close()
+      local function run(extra)
+        local p = io.popen("timeout 60 bin/procpool map examples/wordfreq.lua " .. input .. " " .. extra
+          .. " 2>&1")
+        local out = p:read("a")
+        p:close()
+        return out
+      end
+      local ssh = table.concat(server.ssh, " ")
+      local here = run("-j 2")
+      local there = run("-S '1/" .. ssh .. " pp-loop' --slf /dev/null -S '1/" .. ssh .. " pp-loop2' " ..
+        "--remote-path inherit --host-timeout 10")
+      os.remove(input)
+      assert.are.equal("300\tw\n300\tx\n", here)
+      assert.are.equal(here, there)
+    end)
+
     it("starts 40 hosts entries at once", function()
       assert.is_truthy(server, why)
       local list = {}

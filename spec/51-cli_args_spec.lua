@@ -220,4 +220,32 @@ describe("procpool's command line", function()
     assert.matches("^Usage: procpool map SCRIPT%.lua %[INPUT %.%.%.%] %[options%]\n", cli.USAGE)
     assert.matches("\n  %-j, %-%-jobs N ", cli.USAGE)
   end)
+  describe("hosts", function()
+    it("takes -S (repeated, comma-separated), --slf files, --ssh and the remote options", function()
+      local path = os.tmpname()
+      local f = io.open(path, "w")
+      f:write("# hosts\n4/node3\n")
+      f:close()
+      assert.are.same(map_opts {
+        script = "s.lua", hosts = { "2/node1", "node2", ":", "4/node3" }, ssh = "ssh -p 2222",
+        jobs = 3, remote_lua = "lua", remote_path = "inherit", host_timeout = 5,
+      }, parse("map", "s.lua", "-S", "2/node1,node2", "-S:", "--slf", path, "--ssh", "ssh -p 2222",
+        "-j", "3", "--remote-lua", "lua", "--remote-path", "inherit", "--host-timeout", "5"))
+      os.remove(path)
+      assert.are.same(map_opts { script = "s.lua", launcher = "slurm" },
+        parse("map", "s.lua", "--launcher", "slurm"))
+    end)
+
+    it("refuses what does not go with hosts", function()
+      rejects("option --launcher: expected ssh or slurm, got 'rsh'", "map", "s.lua", "--launcher", "rsh")
+      rejects("option --ssh is for workers on hosts (-S)", "map", "s.lua", "--ssh", "ssh -p 1")
+      rejects("option --group is not available with -S", "map", "s.lua", "-S", ":", "--group")
+      rejects("option -S/--slf: no sshlogin given", "map", "s.lua", "-S", ",")
+      rejects("option --remote-path: only 'inherit' is known, got 'x'", "map", "s.lua", "-S", ":",
+        "--remote-path", "x")
+      local o, err = parse("map", "s.lua", "--slf", "/nonexistent/hosts")
+      assert.is_nil(o)
+      assert.matches("^option %-%-slf: cannot read the sshlogin file", err)
+    end)
+  end)
 end)

@@ -71,7 +71,23 @@ result, so with --json a table is one JSON value (return { list } to
 write a list as one JSON array).
 
 Options:
-  -j, --jobs N         worker processes (default: the number of CPUs)
+  -j, --jobs N         worker processes (default: the number of CPUs); with
+                       -S, per host for hosts given without N/
+  -S, --sshlogin L     run workers on host L, GNU parallel's sshlogin:
+                       N/user@host (N workers), 'ssh -p 2222 host' (the
+                       last word is the host), ':' (this machine); repeat
+                       it or separate logins with commas;
+                       the script is sent to every host, where procpool
+                       and the modules it requires must be installed
+      --slf FILE       the sshlogins of FILE (one per line, # comments)
+      --ssh CMD        the ssh command for logins that give none
+      --launcher L     ssh (default) or slurm (srun on each node; without -S,
+                       the nodes of the allocation)
+      --remote-lua EXE the interpreter on the hosts (default: lua5.4)
+      --remote-path inherit
+                       the hosts find procpool with this process's search
+                       paths (for a shared filesystem)
+      --host-timeout S seconds of silence after which a host is lost
       --json           each line is a JSON value, decoded (lua-cjson) before
                        map; results are JSON-encoded, one per line; blank
                        lines are skipped
@@ -174,7 +190,7 @@ local function parse_map_args(args)
       local name, inline = a:match("^(%-%-[^=]+)=(.*)$")
       if not name then
         name = a
-        if a:match("^%-[jo].") then -- -j4, -oFILE
+        if a:match("^%-[joS].") then -- -j4, -oFILE, -S:
           name, inline = a:sub(1, 2), a:sub(3)
         end
       end
@@ -190,6 +206,30 @@ local function parse_map_args(args)
       end
       if name == "-h" or name == "--help" then
         help = flag()
+      elseif name == "-S" or name == "--sshlogin" then
+        o.hosts = o.hosts or {}
+        for _, l in ipairs(require("procpool.hosts").split(value())) do o.hosts[#o.hosts + 1] = l end
+      elseif name == "--slf" or name == "--sshloginfile" then
+        local list, why = require("procpool.hosts").read_file(value())
+        if not list then usage_error("option " .. name .. ": " .. why) end
+        o.hosts = o.hosts or {}
+        for _, l in ipairs(list) do o.hosts[#o.hosts + 1] = l end
+      elseif name == "--ssh" then
+        o.ssh = value()
+        if not o.ssh:find("%S") then usage_error("option --ssh: empty command") end
+      elseif name == "--launcher" then
+        o.launcher = value()
+        if o.launcher ~= "ssh" and o.launcher ~= "slurm" then
+          usage_error("option --launcher: expected ssh or slurm, got '" .. o.launcher .. "'")
+        end
+      elseif name == "--remote-lua" then
+        o.remote_lua = value()
+      elseif name == "--remote-path" then
+        local v = value()
+        if v ~= "inherit" then usage_error("option --remote-path: only 'inherit' is known, got '" .. v .. "'") end
+        o.remote_path = v
+      elseif name == "--host-timeout" then
+        o.host_timeout = parse_number(name, value(), false)
       elseif name == "-j" or name == "--jobs" then
         o.jobs = parse_number(name, value(), true)
       elseif name == "--json" then
@@ -237,6 +277,13 @@ local function parse_map_args(args)
   if not o.script then usage_error("missing SCRIPT (procpool map SCRIPT.lua [INPUT ...])") end
   o.inputs = positional
   if #o.inputs == 0 then o.inputs[1] = "-" end
+  if o.hosts and #o.hosts == 0 then usage_error("option -S/--slf: no sshlogin given") end
+  if not o.hosts and o.launcher ~= "slurm" then
+    for _, k in ipairs({ "ssh", "remote_lua", "remote_path", "host_timeout" }) do
+      if o[k] then usage_error("option --" .. k:gsub("_", "-") .. " is for workers on hosts (-S)") end
+    end
+  end
+  if (o.hosts or o.launcher) and o.group then usage_error("option --group is not available with -S") end
   return o
 end
 
@@ -344,16 +391,23 @@ local function make_task(path, json, keep_values)
   end
 end
 
---- The pool's initializer: the script's init, in each worker.
-local function make_init(path)
+--- The pool's initializer: the script's init, in each worker. For
+-- workers on hosts, `src` is the script's text (it is not on the host):
+-- each worker loads it first.
+local function make_init(path, src, has_init)
   local name = SCRIPT_MODULE
   return function()
     local S = package.loaded[name]
     if not S then
-      S = dofile(path)
+      if src then
+        S = assert(load(src, "@" .. path))()
+      else
+        S = dofile(path)
+      end
+      if type(S) == "function" then S = { map = S } end
       package.loaded[name] = S
     end
-    S.init()
+    if has_init then S.init() end
   end
 end
 
@@ -524,12 +578,38 @@ local function run_map(o)
   if o.memory or o.cpu_limit or o.nice then
     limits = { memory = o.memory, cpu = o.cpu_limit, nice = o.nice }
   end
-  local ex = procpool.ProcessPoolExecutor {
-    max_workers = o.jobs or procpool.cpu_count(),
-    initializer = S.init and make_init(o.script) or nil,
-    limits = limits,
-    output = o.group and "capture" or nil,
-  }
+  local ex
+  if o.hosts or o.launcher then
+    local f = assert(io.open(o.script, "rb"))
+    local src = f:read("a")
+    f:close()
+    local list = o.hosts
+    if list and o.ssh then -- --ssh: the command of the logins that give none
+      local H = require("procpool.hosts")
+      for k, l in ipairs(list) do
+        local e = H.parse_login(l)
+        if e and not e.here and #e.ssh == 1 and e.ssh[1] == "ssh" and not l:find("%s") then
+          list[k] = (e.workers and (e.workers .. "/") or "") .. o.ssh .. " " .. e.host
+        end
+      end
+    end
+    local remote = { executable = o.remote_lua }
+    if o.remote_path then remote.lua_path, remote.lua_cpath = "inherit", "inherit" end
+    local ok, r = pcall(procpool.ProcessPoolExecutor, {
+      hosts = list, launcher = o.launcher, workers_per_host = o.jobs, remote = remote,
+      host_timeout = o.host_timeout, initializer = make_init(o.script, src, S.init ~= nil),
+      limits = limits,
+    })
+    if not ok then usage_error(tostring(r), false) end
+    ex = r
+  else
+    ex = procpool.ProcessPoolExecutor {
+      max_workers = o.jobs or procpool.cpu_count(),
+      initializer = S.init and make_init(o.script, nil, true) or nil,
+      limits = limits,
+      output = o.group and "capture" or nil,
+    }
+  end
   local task = make_task(o.script, o.json, S.reduce ~= nil)
   -- chunks of consecutive lines of one input, sized from the observed
   -- time per line (or --chunksize), a bounded number ahead of the output

@@ -201,13 +201,28 @@ function M.allocation()
   return out
 end
 
+-- A search path with its relative templates made absolute (from the
+-- current directory): the agent's working directory is not ours.
+local function absolute(path)
+  local p = io.popen("pwd")
+  local cwd = p and p:read("*l")
+  if p then p:close() end
+  if not cwd then return path end
+  local out = {}
+  for t in (path .. ";"):gmatch("([^;]*);") do
+    if t ~= "" and t:sub(1, 1) ~= "/" then t = cwd .. "/" .. t:gsub("^%./", "") end
+    out[#out + 1] = t
+  end
+  return table.concat(out, ";")
+end
+
 --- The environment assignments for the agent: the search paths, as
 -- `remote` asks ("inherit": ours), and remote.env.
 local function agent_env(remote, here)
   local env = {}
   local lp, lcp = remote.lua_path, remote.lua_cpath
-  if here or lp == "inherit" then lp = package.path end
-  if here or lcp == "inherit" then lcp = package.cpath end
+  if here or lp == "inherit" then lp = absolute(package.path) end
+  if here or lcp == "inherit" then lcp = absolute(package.cpath) end
   if lp then env[#env + 1] = "LUA_PATH_5_4=" .. lp end
   if lcp then env[#env + 1] = "LUA_CPATH_5_4=" .. lcp end
   local keys = {}
