@@ -166,6 +166,28 @@ describe("hosts", function()
       assert.are.equal(big:upper(), r)
     end)
 
+    it("starts at most 10 hosts at a time (sshd's MaxStartups)", function()
+      local log = os.tmpname()
+      local list = {}
+      for i = 1, 25 do list[i] = "1/h" .. i end
+      local ex <close> = quiet_pool { hosts = list, launcher = function(_, argv)
+        return { "sh", "-c", "date +%s%N >> " .. log .. "; sleep 0.3; exec \"$0\" \"$@\"",
+          table.unpack(argv) }
+      end }
+      assert.are.equal(25, ex:_nworkers())
+      local starts = {}
+      for l in io.lines(log) do starts[#starts + 1] = tonumber(l) / 1e9 end
+      os.remove(log)
+      table.sort(starts)
+      assert.are.equal(25, #starts)
+      local first_wave = 0
+      for _, t in ipairs(starts) do
+        if t - starts[1] < 0.2 then first_wave = first_wave + 1 end
+      end
+      assert.are.equal(10, first_wave)
+      assert.is_true(starts[25] - starts[1] >= 0.5) -- three waves
+    end)
+
     it("sizes a host without a count by its CPUs", function()
       local ex <close> = quiet_pool { hosts = { ":" } }
       assert.are.equal(core.cpu_count(), ex:_nworkers())

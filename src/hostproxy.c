@@ -41,7 +41,10 @@ extern char **environ;
 /* STARTING: until the magic; HELLO: until its HELLO; KNOWN: waiting for
  * the other hosts' HELLO (the slots are shared out once every host's
  * worker count is known); CONFIG: until its READY */
-enum { H_STARTING, H_HELLO, H_KNOWN, H_CONFIG, H_UP, H_FAILED };
+enum { H_WAITING, H_STARTING, H_HELLO, H_KNOWN, H_CONFIG, H_UP, H_FAILED };
+/* WAITING: not launched yet. At most MAX_STARTING hosts start at once:
+ * sshd refuses connections past its MaxStartups (10 by default). */
+#define MAX_STARTING 10
 
 typedef struct hp_host {
   const pp_host *cfg;
@@ -345,7 +348,7 @@ static void maybe_hello(hp *p);
 static void maybe_assign(hp *p) {
   if (p->assigned) return;
   for (int i = 0; i < p->cfg->nhosts; i++)
-    if (p->h[i].state == H_STARTING || p->h[i].state == H_HELLO) return;
+    if (p->h[i].state <= H_HELLO) return;
   p->assigned = 1;
   uint32_t n = 0;
   for (int i = 0; i < p->cfg->nhosts; i++) {
@@ -681,20 +684,39 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
   for (int i = 0; i < cfg->nhosts; i++) {
     p.h[i].cfg = &cfg->hosts[i];
     p.h[i].sock = p.h[i].errfd = -1;
-    if (launch(&p.h[i]) != 0) {
-      char why[sizeof p.h[i].why];
-      snprintf(why, sizeof why, "%s", p.h[i].why);
-      host_failed(&p, i, why);
-    }
+    p.h[i].state = H_WAITING;
   }
-  maybe_hello(&p);
+  struct pollfd *q = NULL;
+  size_t qcap = 0;
   for (;;) {
-    struct pollfd q[512];
+    /* the next hosts to start, while fewer than MAX_STARTING are starting */
+    int starting = 0;
+    for (int i = 0; i < cfg->nhosts; i++)
+      starting += p.h[i].state == H_STARTING || p.h[i].state == H_HELLO;
+    for (int i = 0; i < cfg->nhosts && starting < MAX_STARTING; i++) {
+      if (p.h[i].state != H_WAITING) continue;
+      p.h[i].state = H_STARTING;
+      if (launch(&p.h[i]) != 0) {
+        char why[sizeof p.h[i].why];
+        snprintf(why, sizeof why, "%s", p.h[i].why);
+        host_failed(&p, i, why);
+      } else {
+        starting++;
+      }
+    }
+    /* room for every fd: the engine's, each host's stderr and stream, each worker's channel */
+    size_t need = 1 + 3 * (size_t)cfg->nhosts + p.nslots;
+    if (need > qcap) {
+      struct pollfd *nq = realloc(q, need * sizeof *q);
+      if (!nq) proxy_exit(&p);
+      q = nq;
+      qcap = need;
+    }
     int n = 0;
     q[n].fd = ZFD;
     q[n].events = POLLIN;
     n++;
-    for (int i = 0; i < cfg->nhosts && n < 480; i++) {
+    for (int i = 0; i < cfg->nhosts; i++) {
       hp_host *h = &p.h[i];
       if (h->errfd >= 0) {
         q[n].fd = h->errfd;
@@ -705,8 +727,8 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
         q[n].fd = h->sock;
         q[n].events = POLLIN;
         n++;
-      } else if (h->state != H_STARTING && h->state != H_FAILED) {
-        int k = pp_link_pollfds(&h->link, q + n, 480 - n);
+      } else if (h->state > H_STARTING && h->state != H_FAILED) {
+        int k = pp_link_pollfds(&h->link, q + n, (int)(qcap - (size_t)n));
         n += k;
       }
     }
@@ -753,7 +775,7 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
           host_failed(&p, i, why);
         }
       }
-      if (h->state != H_STARTING && h->state != H_FAILED) {
+      if (h->state > H_STARTING && h->state != H_FAILED) {
         ctrl_ctx c = {&p, i};
         int e = pp_link_step(&h->link, on_ctrl, &c);
         if (h->state == H_FAILED) continue;
