@@ -7,6 +7,7 @@ local hosts = require "procpool.hosts"
 local core = require "procpool.core"
 local H = require "spec.helper"
 local sshd = require "spec.sshd"
+local slurm = require "spec.slurm"
 
 local T = 20
 
@@ -418,6 +419,48 @@ describe("hosts", function()
       local fs = {}
       for i = 1, 80 do fs[i] = ex:submit(function(x) return x end, i) end
       for i = 1, 80 do assert.are.equal(i, fs[i]:result(T)) end
+    end)
+  end)
+  describe("over a private one-node Slurm", function()
+    local cluster, why
+    setup(function() cluster, why = slurm.start() end)
+    teardown(function() if cluster then cluster.stop() end end)
+
+    -- srun reads SLURM_CONF, from the launcher's environment
+    local function with_conf(_, argv)
+      return { "env", "SLURM_CONF=" .. cluster.conf, table.unpack(argv) }
+    end
+
+    it("runs workers through srun, and a killed slurmstepd is a lost host within host_timeout", function()
+      assert.is_truthy(cluster, why)
+      local cwd = io.popen("pwd"):read("*l")
+      local srun = hosts.launch_argv({ host = cluster.node, name = cluster.node }, "slurm",
+        { lua_path = "inherit", lua_cpath = "inherit" })
+      assert.are.equal("srun", srun[1])
+      local ex = quiet_pool { hosts = { "2/" .. cluster.node }, host_timeout = 2,
+        remote = { lua_path = "inherit", lua_cpath = "inherit", dir = cwd },
+        launcher = function(host, argv)
+          local words = hosts.launch_argv({ host = host, name = host }, "slurm",
+            { lua_path = "inherit", lua_cpath = "inherit" })
+          assert.are.same(argv, { table.unpack(words, #words - #argv + 1) })
+          return with_conf(host, words)
+        end }
+      local host, job = ex:submit(function()
+        return require("procpool").current_worker().host, os.getenv("SLURM_JOB_ID")
+      end):result(T)
+      assert.are.equal(cluster.node, host)
+      assert.is_truthy(tonumber(job))
+      local f = ex:submit(function() local t = os.time() + 30 while os.time() < t do end end)
+      core.sleep(0.3)
+      local t0 = core.monotonic()
+      os.execute("pkill -9 -x slurmstepd")
+      local ok, e = pcall(f.result, f, T)
+      local took = core.monotonic() - t0
+      assert.is_false(ok)
+      assert.are.equal("WorkerLost", e.name)
+      assert.matches("^host lost: ", e.reason)
+      assert.is_true(took < 4, "lost after " .. took .. " s")
+      ex:shutdown()
     end)
   end)
 end)
