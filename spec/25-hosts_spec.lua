@@ -250,6 +250,12 @@ describe("hosts", function()
   end)
 
   describe("start-up errors name the host and what to do", function()
+    -- a pool made after them works
+    local function ex_ok_after()
+      local ex <close> = quiet_pool { hosts = { "1/:" } }
+      return ex:submit(function() return 7 end):result(T)
+    end
+
     local function start_error(opts)
       opts.start_timeout = opts.start_timeout or 10
       local ok, e = pcall(procpool.ProcessPoolExecutor, opts)
@@ -295,6 +301,15 @@ describe("hosts", function()
       assert.is_true(ok, err)
       assert.are.equal("1\tfine\n", out)
       assert.matches("procpool: host 'bad' failed: cannot reach it", err)
+    end)
+
+    it("200 hosts entries that all fail: one error naming each (regression: the C stack)", function()
+      local list = {}
+      for i = 1, 200 do list[i] = "1/n" .. i end
+      local e = start_error { hosts = list, launcher = function() return { "sh", "-c", "exit 255" } end }
+      assert.matches("host 'n1': cannot reach it", e)
+      assert.matches("host 'n200': cannot reach it", e)
+      assert.are.equal(7, ex_ok_after())
     end)
 
     it("bad options are refused", function()

@@ -168,6 +168,21 @@ static void get_limits(lua_State *L, pp_limits *lim) {
   lua_pop(L, 1);
 }
 
+/* opts.initializer and its initargs (opts at index 1) encoded as values,
+ * for workers in a fresh interpreter (spawn, hosts): a box pushed (and
+ * what the encoding left above it). */
+static pp_wbuf *encoded_initializer(lua_State *L) {
+  luaL_checkstack(L, 4, NULL);
+  pp_wbuf *b = push_box(L);
+  lua_getfield(L, 1, "initializer");
+  if (!lua_isnil(L, -1)) {
+    int base = lua_gettop(L);
+    int n = push_initargs(L);
+    pp_encode(L, base, n + 1, b, 1, "initializer", 0);
+  }
+  return b;
+}
+
 /* Start the workers of opts.hosts (a list of { name =, argv = {...},
  * workers = n }, checked in Lua; max_workers is their sum) through the
  * host proxy; the initializer travels as values, as in the spawn context. */
@@ -177,7 +192,8 @@ static void start_hosts(lua_State *L, pp_exec *x, pp_engine_cfg *cfg, const pp_l
   if (nh < 1) luaL_argerror(L, 1, "hosts must not be empty");
   pp_host *hosts = lua_newuserdatauv(L, (size_t)nh * sizeof *hosts, 0);
   for (int i = 0; i < nh; i++) {
-    lua_rawgeti(L, ht, i + 1); /* (kept on the stack: its strings stay put) */
+    luaL_checkstack(L, 8, "too many hosts"); /* (three values stay per host) */
+    lua_rawgeti(L, ht, i + 1);               /* (kept on the stack: its strings stay put) */
     int e = lua_gettop(L);
     lua_getfield(L, e, "name");
     hosts[i].name = luaL_checkstring(L, -1);
@@ -198,13 +214,7 @@ static void start_hosts(lua_State *L, pp_exec *x, pp_engine_cfg *cfg, const pp_l
     hosts[i].exe = luaL_optstring(L, -1, "lua5.4");
     lua_pop(L, 1);
   }
-  pp_wbuf *b = push_box(L);
-  lua_getfield(L, 1, "initializer");
-  if (!lua_isnil(L, -1)) {
-    int base = lua_gettop(L);
-    int n = push_initargs(L);
-    pp_encode(L, base, n + 1, b, 1, "initializer", 0);
-  }
+  pp_wbuf *b = encoded_initializer(L);
   char dump[PP_DUMP_HEX];
   pp_dump_hex(L, dump);
   pp_hosts_cfg hc;
@@ -283,13 +293,7 @@ static int l_executor_new(lua_State *L) {
     lua_getfield(L, -2, "cpath");
     paths[0] = luaL_optstring(L, -2, "");
     paths[1] = luaL_optstring(L, -1, "");
-    pp_wbuf *b = push_box(L);
-    lua_getfield(L, 1, "initializer");
-    if (!lua_isnil(L, -1)) {
-      int base = lua_gettop(L);
-      int n = push_initargs(L);
-      pp_encode(L, base, n + 1, b, 1, "initializer", 0);
-    }
+    pp_wbuf *b = encoded_initializer(L);
     pid_t zpid;
     int zfd;
     char why[256];

@@ -912,6 +912,17 @@ static int fut_failed(lua_State *L) {
   return 1;
 }
 
+/* Push a new metatable for Future userdata, kept under `key` (udata.h):
+ * __gc and __tostring; its __index is the caller's. */
+static void new_future_mt(lua_State *L, const char *name, const void *key) {
+  luaL_newmetatable(L, name);
+  pp_udata_register(L, key);
+  lua_pushcfunction(L, fut_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, fut_tostring);
+  lua_setfield(L, -2, "__tostring");
+}
+
 void pp_future_open(lua_State *L) {
   static const luaL_Reg methods[] = {{"done", fut_done},
                                      {"running", fut_running},
@@ -949,23 +960,13 @@ void pp_future_open(lua_State *L) {
   }
   new_cache(L, &value_cache_key);
   new_cache(L, &error_cache_key);
-  luaL_newmetatable(L, PP_FUTURE_MT);
-  pp_udata_register(L, &future_mt_key);
-  lua_pushcfunction(L, fut_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, fut_tostring);
-  lua_setfield(L, -2, "__tostring");
+  new_future_mt(L, PP_FUTURE_MT, &future_mt_key);
   luaL_newlib(L, methods);
   lua_setfield(L, -2, "__index");
   lua_setfield(L, -2, "Future"); /* module.Future = the metatable */
   /* an apply's result: its task's Future under a metatable whose methods
    * (AsyncResult's, from pool.lua) fill the empty __index */
-  luaL_newmetatable(L, PP_APPLY_MT);
-  pp_udata_register(L, &apply_mt_key);
-  lua_pushcfunction(L, fut_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, fut_tostring);
-  lua_setfield(L, -2, "__tostring");
+  new_future_mt(L, PP_APPLY_MT, &apply_mt_key);
   lua_newtable(L);
   lua_setfield(L, -2, "__index");
   lua_setfield(L, -2, "AsyncResult");

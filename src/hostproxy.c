@@ -109,6 +109,7 @@ static void spawnfail(uint32_t slot, uint32_t gen, int err, uint32_t flags) {
 
 void pp_dump_hex(lua_State *L, char out[PP_DUMP_HEX]) {
   out[0] = 0;
+  luaL_checkstack(L, 4, NULL);
   int top = lua_gettop(L);
   lua_getglobal(L, "string");
   if (lua_type(L, -1) == LUA_TTABLE && lua_getfield(L, -1, "dump") == LUA_TFUNCTION &&
