@@ -50,7 +50,7 @@ function S.start()
     end
     sh("sleep 0.5; rm -rf " .. dir)
   end
-  if not sh(string.format("runuser -u munge -- /usr/sbin/munged --socket=%s/munge.sock " ..
+  if not sh(string.format("env -u LD_PRELOAD runuser -u munge -- /usr/sbin/munged --socket=%s/munge.sock " ..
     "--pid-file=%s/munged.pid --log-file=%s/munged.log --seed-file=%s/munged.seed", dir, dir, dir, dir)) then
     s.stop()
     return nil, "munged did not start"
@@ -72,7 +72,8 @@ function S.start()
     "PartitionName=debug Nodes=" .. s.node .. " Default=YES MaxTime=INFINITE State=UP", "",
   }, "\n"))
   f:close()
-  local env = "SLURM_CONF=" .. s.conf .. " "
+  -- (the daemons never run under a sanitized run's preloaded runtime)
+  local env = "env -u LD_PRELOAD SLURM_CONF=" .. s.conf .. " "
   if not sh(env .. "/usr/sbin/slurmctld -f " .. s.conf) or not sh(env .. "/usr/sbin/slurmd -f " .. s.conf) then
     s.stop()
     return nil, "slurmctld or slurmd did not start"

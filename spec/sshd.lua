@@ -55,7 +55,7 @@ function S.start()
       "  BatchMode yes", "  LogLevel ERROR", "",
     }, "\n"))
     f:close()
-    if sh(string.format("/usr/sbin/sshd -f %s/sshd_config -E %s/sshd.log", dir, dir)) then
+    if sh(string.format("env -u LD_PRELOAD /usr/sbin/sshd -f %s/sshd_config -E %s/sshd.log", dir, dir)) then
       local up = false
       for _ = 1, 50 do
         if sh(string.format("ssh -F %s/ssh_config pp-loop true 2>/dev/null", dir)) then
