@@ -26,6 +26,7 @@
 #include "codec.h"
 #include "codec_format.h"
 #include "hostproxy.h"
+#include "engine.h" /* pp_now_ns */
 #include "le.h"
 #include "link.h"
 #include "proc.h"
@@ -57,12 +58,6 @@ typedef struct agent {
   int ready, quit, busy;
   int outfd; /* the read end of the workers' stdout */
 } agent;
-
-static uint64_t now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static void send_text(agent *a, int type, const char *text) {
   pp_link_send(&a->link, type, text, strlen(text));
@@ -295,7 +290,7 @@ static int tell_starts(agent *a) {
     busy = 1;
     uint64_t seq = __atomic_load_n(&w->page->started, __ATOMIC_ACQUIRE);
     if (seq == w->told) continue;
-    uint64_t t0 = __atomic_load_n(&w->page->started_ns, __ATOMIC_ACQUIRE), now = now_ns();
+    uint64_t t0 = __atomic_load_n(&w->page->started_ns, __ATOMIC_ACQUIRE), now = pp_now_ns();
     unsigned char more[20];
     pp_put32(more, 0);
     pp_put64(more + 4, seq);
@@ -331,8 +326,8 @@ static void report_deaths(agent *a) {
  * end, with nothing left running on this host. */
 __attribute__((noreturn)) static void agent_exit(agent *a, int code) {
   /* what can still be said goes out first, for a moment */
-  uint64_t until = now_ns() + 200000000u;
-  while (pp_link_pending(&a->link) && now_ns() < until) {
+  uint64_t until = pp_now_ns() + 200000000u;
+  while (pp_link_pending(&a->link) && pp_now_ns() < until) {
     struct pollfd p = {a->link.wfd, POLLOUT, 0};
     poll(&p, 1, 20);
     if (pp_link_step(&a->link, NULL, NULL) != 0) break;
@@ -398,7 +393,7 @@ void pp_agent_main(lua_State *L) {
     a.busy = tell_starts(&a);
     report_deaths(&a);
     if (a.quit) agent_exit(&a, 0);
-    uint64_t now = now_ns();
+    uint64_t now = pp_now_ns();
     if (now - a.link.rx_ns > a.silence_ns) agent_exit(&a, 4); /* the parent is silent: gone */
     if (now - a.link.tx_ns > PING_NS && !pp_link_pending(&a.link))
       pp_link_send(&a.link, PP_L_PING, NULL, 0);

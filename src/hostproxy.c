@@ -28,6 +28,7 @@
 
 #include "codec_format.h"
 #include "forkgate.h"
+#include "engine.h" /* pp_now_ns */
 #include "le.h"
 #include "link.h"
 #include "proc.h"
@@ -81,12 +82,6 @@ typedef struct hp {
   uint32_t nslots;
   int assigned, hello_sent;
 } hp;
-
-static uint64_t now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static void zsend(const pp_zmsg *m, const int *fds, int nfds) {
   pp_send_fds(ZFD, m, sizeof *m, fds, nfds, 0);
@@ -166,7 +161,7 @@ static int launch(hp_host *h) {
   h->errfd = ep[0];
   fcntl(h->sock, F_SETFL, fcntl(h->sock, F_GETFL) | O_NONBLOCK);
   fcntl(h->errfd, F_SETFL, fcntl(h->errfd, F_GETFL) | O_NONBLOCK);
-  h->start_ns = now_ns();
+  h->start_ns = pp_now_ns();
   return 0;
 }
 
@@ -368,6 +363,14 @@ static void maybe_assign(hp *p) {
   maybe_hello(p);
 }
 
+static void send_signal(hp_host *h, uint32_t slot, uint32_t gen, int sig) {
+  unsigned char b[12];
+  pp_put32(b, slot);
+  pp_put32(b + 4, gen);
+  pp_put32(b + 8, (uint32_t)sig);
+  pp_link_send(&h->link, PP_L_SIGNAL, b, sizeof b);
+}
+
 static void send_spawn(hp_host *h, uint32_t slot, uint32_t gen) {
   unsigned char b[8];
   pp_put32(b, slot);
@@ -396,11 +399,7 @@ static void on_spawned(hp *p, int hi, uint32_t slot, uint32_t gen, pid_t rpid) {
     if (ep[1] >= 0) close(ep[1]);
     if (pg >= 0) close(pg);
     if (page != MAP_FAILED) munmap(page, 4096);
-    unsigned char b[12];
-    pp_put32(b, slot);
-    pp_put32(b + 4, gen);
-    pp_put32(b + 8, SIGKILL);
-    pp_link_send(&h->link, PP_L_SIGNAL, b, sizeof b);
+    send_signal(h, slot, gen, SIGKILL);
     spawnfail(slot, gen, err, 0);
     return;
   }
@@ -429,8 +428,8 @@ static void on_spawned(hp *p, int hi, uint32_t slot, uint32_t gen, pid_t rpid) {
  * the death. */
 static void flush_slot(hp_host *h, uint32_t slot) {
   pp_link_slot *ls = &h->link.slots[slot];
-  uint64_t until = now_ns() + 2000000000u;
-  while (ls->fd >= 0 && pp_out_pending(&ls->out) && now_ns() < until) {
+  uint64_t until = pp_now_ns() + 2000000000u;
+  while (ls->fd >= 0 && pp_out_pending(&ls->out) && pp_now_ns() < until) {
     if (pp_out_flush(&ls->out, ls->fd) != 0) break;
     if (pp_out_pending(&ls->out)) {
       struct pollfd q = {ls->fd, POLLOUT, 0};
@@ -532,7 +531,7 @@ static int on_ctrl(void *ud, int type, const unsigned char *b, size_t len) {
   case PP_L_STARTED:
     if (len < 28 || !mine) return EPROTO;
     if (p->s[slot].live && p->s[slot].gen == gen && p->s[slot].page) {
-      uint64_t ago = pp_get64(b + 20), now = now_ns();
+      uint64_t ago = pp_get64(b + 20), now = pp_now_ns();
       __atomic_store_n(&p->s[slot].page->started_ns, now > ago ? now - ago : 1, __ATOMIC_RELEASE);
       __atomic_store_n(&p->s[slot].page->started, pp_get64(b + 12), __ATOMIC_RELEASE);
     }
@@ -633,11 +632,7 @@ static int engine_readable(hp *p) {
       else
         s->wanted = 1;
     } else if (m.type == PP_Z_SIGNAL && h->state == H_UP && s->live && s->gen == m.gen) {
-      unsigned char b[12];
-      pp_put32(b, m.slot);
-      pp_put32(b + 4, m.gen);
-      pp_put32(b + 8, (uint32_t)m.status);
-      pp_link_send(&h->link, PP_L_SIGNAL, b, sizeof b);
+      send_signal(h, m.slot, m.gen, m.status);
     }
   }
 }
@@ -649,7 +644,7 @@ __attribute__((noreturn)) static void proxy_exit(hp *p) {
     h->sock = -1;
   }
   /* the launchers end with their agents; the stuck ones are made to */
-  uint64_t until = now_ns() + 2000000000u;
+  uint64_t until = pp_now_ns() + 2000000000u;
   int left;
   do {
     left = 0;
@@ -661,7 +656,7 @@ __attribute__((noreturn)) static void proxy_exit(hp *p) {
         h->lpid = 0;
     }
     if (left) usleep(10000);
-  } while (left && now_ns() < until);
+  } while (left && pp_now_ns() < until);
   for (int i = 0; i < p->cfg->nhosts; i++)
     if (p->h[i].lpid > 0) {
       kill(-p->h[i].lpid, SIGKILL);
@@ -736,7 +731,7 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
     for (int i = 0; i < n; i++) q[i].revents = 0;
     if (poll(q, (nfds_t)n, 100) < 0 && errno != EINTR) proxy_exit(&p);
     if (q[0].revents && engine_readable(&p) < 0) proxy_exit(&p);
-    uint64_t now = now_ns();
+    uint64_t now = pp_now_ns();
     for (int i = 0; i < cfg->nhosts; i++) {
       hp_host *h = &p.h[i];
       if (h->errfd >= 0) {
@@ -788,7 +783,7 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
           host_failed(&p, i, why);
           continue;
         }
-        now = now_ns(); /* (the link may have begun after the first reading) */
+        now = pp_now_ns(); /* (the link may have begun after the first reading) */
         if (now - h->link.rx_ns > (uint64_t)cfg->timeout_ms * 1000000u) {
           char why[100];
           snprintf(why, sizeof why, "connection lost: no message for %g s",

@@ -12,18 +12,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "engine.h" /* pp_now_ns */
 #include "le.h"
 
 /* Bytes read from the stream per read(2) at least. */
 #define LINK_READ_MIN ((size_t)256 << 10)
 /* The largest message accepted: a chunk, or a channel frame in DATA. */
 #define LINK_MSG_MAX ((size_t)(64u << 20) + PP_L_DATA_HDR + PP_FRAME_HDR)
-
-static uint64_t now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static int set_nonblock(int fd) {
   int fl = fcntl(fd, F_GETFL);
@@ -66,7 +61,7 @@ int pp_link_init(pp_link *l, int rfd, int wfd, uint32_t nslots) {
   if (!l->slots) return ENOMEM;
   l->nslots = nslots;
   for (uint32_t i = 0; i < nslots; i++) slot_init(&l->slots[i]);
-  l->rx_ns = l->tx_ns = now_ns();
+  l->rx_ns = l->tx_ns = pp_now_ns();
   return 0;
 }
 
@@ -257,7 +252,7 @@ static int write_out(pp_link *l) {
       return errno == EPIPE || errno == ECONNRESET ? EPIPE : errno;
     }
     l->osent += (size_t)w;
-    l->tx_ns = now_ns();
+    l->tx_ns = pp_now_ns();
   }
   if (l->osent == l->ob.n) {
     l->osent = 0;
@@ -377,7 +372,7 @@ static int read_in(pp_link *l, pp_link_ctrl_fn fn, void *ud) {
       }
       return errno;
     }
-    l->rx_ns = now_ns();
+    l->rx_ns = pp_now_ns();
     if (r == 0)
       l->ieof = 1;
     else
