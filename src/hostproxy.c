@@ -27,7 +27,6 @@
 #include <lua.h>
 
 #include "codec_format.h"
-#include "forkgate.h"
 #include "engine.h" /* pp_now_ns */
 #include "le.h"
 #include "link.h"
@@ -805,40 +804,29 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
 
 int pp_hosts_start(const pp_hosts_cfg *cfg, pid_t *pid, int *zfd, uint32_t *nslots, char **why) {
   *why = NULL;
-  int sv[2];
-  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return errno;
-  sigset_t all, old;
-  sigfillset(&all);
-  fflush(NULL);
-  pthread_sigmask(SIG_SETMASK, &all, &old);
+  sigset_t old;
+  int ctl;
   pid_t parent = getpid();
-  pid_t child = pp_forkgate_fork();
+  pid_t child = pp_fork_helper(&ctl, &old);
   if (child == 0) {
-    close(sv[0]);
-    if (sv[1] != ZFD) {
-      dup2(sv[1], ZFD);
-      close(sv[1]);
+    if (ctl != ZFD) {
+      dup2(ctl, ZFD);
+      close(ctl);
     }
     pp_close_from(ZFD + 1, -1);
     sigprocmask(SIG_SETMASK, &old, NULL);
     proxy_main(cfg, parent);
   }
-  int err = child < 0 ? errno : 0;
-  pthread_sigmask(SIG_SETMASK, &old, NULL);
-  close(sv[1]);
-  if (err) {
-    close(sv[0]);
-    return err;
-  }
+  if (child < 0) return errno;
   /* HELLO once every host is up or failed (each within its start limit) */
   pp_zmsg m;
   memset(&m, 0, sizeof m);
   int fd = -1, nfds = 0;
   long r;
-  do r = pp_recv_fds(sv[0], &m, sizeof m, &fd, 1, &nfds, 0);
+  do r = pp_recv_fds(ctl, &m, sizeof m, &fd, 1, &nfds, 0);
   while (r < 0 && errno == EINTR);
   if (r != (long)sizeof m || m.type != PP_Z_HELLO || m.err) {
-    err = r == (long)sizeof m && m.err ? m.err : ECHILD;
+    int err = r == (long)sizeof m && m.err ? m.err : ECHILD;
     if (nfds == 1) {
       off_t n = lseek(fd, 0, SEEK_END);
       *why = n > 0 ? malloc((size_t)n + 1) : NULL;
@@ -848,14 +836,14 @@ int pp_hosts_start(const pp_hosts_cfg *cfg, pid_t *pid, int *zfd, uint32_t *nslo
       }
       close(fd);
     }
-    close(sv[0]);
+    close(ctl);
     kill(child, SIGKILL);
     while (waitpid(child, NULL, 0) < 0 && errno == EINTR) {
     }
     return err;
   }
   *pid = child;
-  *zfd = sv[0];
+  *zfd = ctl;
   *nslots = m.slot;
   return 0;
 }

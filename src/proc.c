@@ -219,28 +219,40 @@ __attribute__((noreturn)) static void zygote_main(lua_State *L, const pp_wctx *w
   _exit(0);
 }
 
-int pp_zygote_fork(lua_State *L, const pp_wctx *w, pid_t *zpid, int *zfd) {
+pid_t pp_fork_helper(int *fd, sigset_t *old) {
   int sv[2];
-  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return errno;
-  sigset_t all, old;
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return -1;
+  sigset_t all;
   sigfillset(&all);
   fflush(NULL); /* no buffered output is written twice */
-  pthread_sigmask(SIG_SETMASK, &all, &old);
-  pid_t parent = getpid();
+  pthread_sigmask(SIG_SETMASK, &all, old);
   pid_t pid = pp_forkgate_fork();
   if (pid == 0) {
     close(sv[0]);
-    zygote_main(L, w, sv[1], parent, &old);
+    *fd = sv[1];
+    return 0;
   }
-  int err = pid < 0 ? errno : 0;
-  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  int err = errno;
+  pthread_sigmask(SIG_SETMASK, old, NULL);
   close(sv[1]);
-  if (err) {
+  if (pid < 0) {
     close(sv[0]);
-    return err;
+    errno = err;
+    return -1;
   }
+  *fd = sv[0];
+  return pid;
+}
+
+int pp_zygote_fork(lua_State *L, const pp_wctx *w, pid_t *zpid, int *zfd) {
+  sigset_t old;
+  int fd;
+  pid_t parent = getpid();
+  pid_t pid = pp_fork_helper(&fd, &old);
+  if (pid == 0) zygote_main(L, w, fd, parent, &old);
+  if (pid < 0) return errno;
   *zpid = pid;
-  *zfd = sv[0];
+  *zfd = fd;
   return 0;
 }
 

@@ -3,6 +3,7 @@
 #define PP_PROC_H
 
 #include <lua.h>
+#include <signal.h>
 #include <sys/types.h>
 
 #include "channel.h"
@@ -15,6 +16,14 @@ typedef struct pp_wctx {
   int init_str;  /* the initializer is a "module.name" string */
   pp_limits lim; /* the `limits` option */
 } pp_wctx;
+
+/* Fork a helper process (the zygote, the host proxy) with a control
+ * socket to it (SOCK_SEQPACKET), every signal blocked around the fork so
+ * that none reaches the child before it has set itself up. Returns the
+ * child's pid, or -1 with errno. In the parent, *fd is its end; in the
+ * child (0 returned), *fd is the child's end and *old the signal mask to
+ * restore once it is ready, signals still all blocked. */
+pid_t pp_fork_helper(int *fd, sigset_t *old);
 
 /* Fork the zygote from the calling (Lua) thread. The child keeps a copy of
  * L and never returns from this call. In the parent: 0 with *zpid and
