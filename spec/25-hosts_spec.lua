@@ -13,6 +13,16 @@ local T = 20
 
 local function agents() return H.count_procs("[_]agent()") end
 
+-- A sanitized build's library needs its runtime preloaded in the agents
+-- too, which neither ssh nor a launcher run without it passes on: for
+-- remote.env (nil in a plain run).
+local function runtime_env()
+  if not os.getenv("LD_PRELOAD") then return nil end
+  local env = {}
+  for _, k in ipairs({ "LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS" }) do env[k] = os.getenv(k) end
+  return env
+end
+
 -- the agent of this machine's host entry, run by a launcher function
 -- that wraps it (so that tests can find, stop and kill it)
 local function here_argv(_, argv) return argv end
@@ -357,14 +367,7 @@ describe("hosts", function()
     local function ssh_login(n, alias) return n .. "/" .. table.concat(server.ssh, " ") .. " " .. alias end
     -- our search paths (relative to the repository when run by make test)
     local cwd = io.popen("pwd"):read("*l")
-    local inherit = { lua_path = "inherit", lua_cpath = "inherit", dir = cwd }
-    -- a sanitized build's library needs its runtime there too (ssh passes no environment)
-    if os.getenv("LD_PRELOAD") then
-      inherit.env = {}
-      for _, k in ipairs({ "LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS" }) do
-        inherit.env[k] = os.getenv(k)
-      end
-    end
+    local inherit = { lua_path = "inherit", lua_cpath = "inherit", dir = cwd, env = runtime_env() }
 
     it("runs on both hosts, and a refused connection names the host", function()
       assert.is_truthy(server, why)
@@ -441,22 +444,22 @@ describe("hosts", function()
     setup(function() cluster, why = slurm.start() end)
     teardown(function() if cluster then cluster.stop() end end)
 
-    -- srun reads SLURM_CONF, from the launcher's environment
+    -- srun reads SLURM_CONF, from the launcher's environment; it runs
+    -- without a sanitized run's preloaded runtime (the agent gets it in
+    -- remote.env)
     local function with_conf(_, argv)
-      return { "env", "SLURM_CONF=" .. cluster.conf, table.unpack(argv) }
+      return { "env", "-u", "LD_PRELOAD", "SLURM_CONF=" .. cluster.conf, table.unpack(argv) }
     end
 
     it("runs workers through srun, and a killed slurmstepd is a lost host within host_timeout", function()
       assert.is_truthy(cluster, why)
       local cwd = io.popen("pwd"):read("*l")
-      local srun = hosts.launch_argv({ host = cluster.node, name = cluster.node }, "slurm",
-        { lua_path = "inherit", lua_cpath = "inherit" })
+      local remote = { lua_path = "inherit", lua_cpath = "inherit", dir = cwd, env = runtime_env() }
+      local srun = hosts.launch_argv({ host = cluster.node, name = cluster.node }, "slurm", remote)
       assert.are.equal("srun", srun[1])
-      local ex = quiet_pool { hosts = { "2/" .. cluster.node }, host_timeout = 2,
-        remote = { lua_path = "inherit", lua_cpath = "inherit", dir = cwd },
+      local ex = quiet_pool { hosts = { "2/" .. cluster.node }, host_timeout = 2, remote = remote,
         launcher = function(host, argv)
-          local words = hosts.launch_argv({ host = host, name = host }, "slurm",
-            { lua_path = "inherit", lua_cpath = "inherit" })
+          local words = hosts.launch_argv({ host = host, name = host }, "slurm", remote)
           assert.are.same(argv, { table.unpack(words, #words - #argv + 1) })
           return with_conf(host, words)
         end }
