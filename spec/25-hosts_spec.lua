@@ -237,7 +237,7 @@ describe("hosts", function()
 
     it("by SIGSTOP: silence past host_timeout loses it; every host lost breaks the pool", function()
       local ex = quiet_pool { hosts = { { host = "only", workers = 1 } }, launcher = here_argv,
-        host_timeout = 1 }
+        host_timeout = 1, reconnect = false }
       local agent = agent_of(ex)
       local f = ex:submit(function() local t = os.time() + 3 while os.time() < t do end end)
       core.sleep(0.2)
@@ -256,6 +256,192 @@ describe("hosts", function()
         return not ok2 and e2.name == "BrokenProcessPool"
       end, 5))
       ex:shutdown()
+    end)
+  end)
+
+  describe("reconnects", function()
+    -- a script that loses its one host's agent (its zygote's parent) while
+    -- a task runs there, with `reconnect` as given; LAUNCH is its argv
+    local function lose_once(reconnect, launch)
+      return [[
+        local procpool = require "procpool"
+        local core = require "procpool.core"
+        local ex = procpool.ProcessPoolExecutor { hosts = { { host = "h", workers = 1 } },
+          host_timeout = 5, reconnect = ]] .. reconnect .. [[,
+          launcher = function(_, argv) return ]] .. launch .. [[ end }
+        local agent = ex:submit(function()
+          local f = io.open("/proc/self/stat") local s = f:read("a") f:close()
+          return s:match("^%d+ %b() %a (%d+)")
+        end):result(10)
+        local f = ex:submit(function() core.sleep(5) end)
+        core.sleep(0.2)
+        os.execute("kill -9 " .. agent)
+        local _, e = pcall(f.result, f, 10)
+        print(e.name, e.host)
+        local t0 = core.monotonic()
+        local ok, v = pcall(function() return ex:submit(function() return "back" end):result(20) end)
+        print(ok and v or v.name, string.format("%.1f", core.monotonic() - t0))
+        local h = ex:stats().hosts[1]
+        print(h.host, h.state, h.workers, h.losses, h.reconnects, h.reason)
+        if not ok then print(tostring(v)) end
+        ex:shutdown()
+      ]]
+    end
+
+    it("a lost host comes back after the delay: new workers there, the pool goes on", function()
+      local ok, out, err = H.run_lua(lose_once("{ attempts = 2, delay = 0.5 }", "argv"), 60)
+      assert.is_true(ok, err)
+      local lines = {}
+      for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+      assert.are.equal("WorkerLost\th", lines[1])
+      local back, took = lines[2]:match("^(%S+)\t(%S+)$")
+      assert.are.equal("back", back)
+      assert.is_true(tonumber(took) >= 0.4 and tonumber(took) < 5, took)
+      assert.matches("^h\tup\t1\t1\t1\tits launcher ", lines[3])
+      assert.matches("procpool: host 'h' lost: its launcher [^\n]*; reconnecting in 0%.5 s %(1 of 2%)\n", err)
+      assert.matches("procpool: host 'h' reconnected\n", err)
+    end)
+
+    it("a host that cannot come back is given up after its attempts, with doubling delays", function()
+      -- the first launch runs the agent, the next ones find the host unreachable
+      local flag = os.tmpname()
+      os.remove(flag)
+      local launch = string.format([[{ "sh", "-c", "if [ -e %s ]; then echo 'ssh: connect to host h port 22: " ..
+        "Connection refused' >&2; exit 255; fi; touch %s; exec \"$0\" \"$@\"", table.unpack(argv) }]], flag, flag)
+      local ok, out, err = H.run_lua(lose_once("{ attempts = 2, delay = 0.3 }", launch), 60)
+      os.remove(flag)
+      assert.is_true(ok, err)
+      local lines = {}
+      for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+      assert.are.equal("WorkerLost\th", lines[1])
+      local name, took = lines[2]:match("^(%S+)\t(%S+)$")
+      assert.are.equal("BrokenProcessPool", name)
+      assert.is_true(tonumber(took) >= 0.8 and tonumber(took) < 6, took) -- 0.3 + 0.6 s of waits
+      assert.matches("^h\tfailed\t1\t1\t0\tcannot reach it: ssh: connect to host h port 22: Connection refused$",
+        lines[3])
+      assert.matches("every host of the pool is lost: host 'h': cannot reach it: ssh: connect to host h " ..
+        "port 22: Connection refused", lines[4])
+      assert.matches("reconnecting in 0%.3 s %(1 of 2%)", err)
+      assert.matches("reconnecting in 0%.6 s %(2 of 2%)", err)
+      assert.matches("no reconnects left", err)
+    end)
+
+    it("reconnect = false loses the host for good at once", function()
+      local ok, out, err = H.run_lua(lose_once("false", "argv"), 60)
+      assert.is_true(ok, err)
+      assert.matches("\nBrokenProcessPool\t", out)
+      assert.matches("\nh\tfailed\t1\t1\t0\t", out)
+      assert.is_nil(err:find("reconnecting"))
+    end)
+
+    it("refuses a bad reconnect option", function()
+      for _, bad in ipairs({ { 1 }, { attempts = -1 }, { attempts = 1.5 }, { delay = 0 }, { tries = 2 }, "yes" }) do
+        local ok, e = pcall(procpool.ProcessPoolExecutor, { hosts = { ":" }, reconnect = bad })
+        assert.is_false(ok)
+        assert.matches("reconnect", tostring(e))
+      end
+      local ok, e = pcall(procpool.ProcessPoolExecutor, { max_workers = 1, reconnect = false })
+      assert.is_false(ok)
+      assert.matches("reconnect is for pools with hosts", tostring(e))
+    end)
+  end)
+
+  describe("stats().hosts", function()
+    it("tells each host's state, workers, round trip and last message", function()
+      local ex <close> = quiet_pool { hosts = { "2/:", { host = "b", workers = 1 } }, launcher = here_argv }
+      assert.are.equal(1, ex:submit(function() return 1 end):result(T))
+      core.sleep(1.3) -- a heartbeat has gone both ways
+      local st = ex:stats()
+      assert.are.equal(3, st.workers)
+      assert.are.equal(2, #st.hosts)
+      local a, b = st.hosts[1], st.hosts[2]
+      assert.are.equal(":", a.host)
+      assert.are.equal("b", b.host)
+      assert.are.same({ "up", 2, 0, 0 }, { a.state, a.workers, a.losses, a.reconnects })
+      assert.are.same({ "up", 1 }, { b.state, b.workers })
+      assert.is_true(a.rtt > 0 and a.rtt < 1, tostring(a.rtt))
+      assert.is_true(a.last_seen >= 0 and a.last_seen < 2, tostring(a.last_seen))
+      assert.is_nil(a.reason)
+      assert.is_nil(procpool.ProcessPoolExecutor { max_workers = 1 }:stats().hosts)
+    end)
+
+    it("a host that failed at start is listed with its reason", function()
+      local ex <close> = quiet_pool { hosts = { "1/:", "n9" }, start_timeout = 10, launcher = function()
+        return { "sh", "-c", "echo 'ssh: Could not resolve hostname n9' >&2; exit 255" }
+      end }
+      local h = ex:stats().hosts
+      assert.are.same({ "up", 1 }, { h[1].state, h[1].workers })
+      assert.are.same({ "n9", "failed", 0 }, { h[2].host, h[2].state, h[2].workers })
+      assert.matches("cannot reach it: ssh: Could not resolve hostname n9", h[2].reason)
+    end)
+  end)
+
+  describe("ship_modules", function()
+    -- a pure-Lua module that only this process can find (its
+    -- package.path, not LUA_PATH: the agents do not see it)
+    local dir
+    setup(function()
+      dir = os.tmpname()
+      os.remove(dir)
+      assert(os.execute("mkdir " .. dir))
+      local f = assert(io.open(dir .. "/pp_shipped.lua", "w"))
+      f:write("local M = {}\nfunction M.twice(x) return 2 * x end\n",
+        "function M.fail() error('shipped error') end\nreturn M\n")
+      f:close()
+      package.path = dir .. "/?.lua;" .. package.path
+    end)
+    teardown(function()
+      package.path = package.path:gsub("^[^;]*;", "")
+      package.loaded.pp_shipped = nil
+      os.execute("rm -rf " .. dir)
+    end)
+
+    it("sends a module the hosts do not have; functions by name and tracebacks name its file", function()
+      -- (not ":", whose agent has this process's package.path)
+      local one = { { host = "s", workers = 1 } }
+      local without <close> = quiet_pool { hosts = one, launcher = here_argv }
+      local e = without:submit(function() return require("pp_shipped").twice(1) end):exception(T)
+      assert.matches("module 'pp_shipped' not found", tostring(e))
+      local ex <close> = quiet_pool { hosts = one, launcher = here_argv, remote = { ship_modules = { "pp_shipped" } },
+        initializer = function() _G.INIT_SAW = require("pp_shipped").twice(10) end }
+      local f = ex:submit(function(x) return require("pp_shipped").twice(x) + _G.INIT_SAW - 20 end, 21)
+      assert.are.equal(42, f:result(T))
+      assert.are.equal(8, ex:submit("pp_shipped.twice", 4):result(T))
+      local err = ex:submit("pp_shipped.fail"):exception(T)
+      assert.matches("pp_shipped%.lua:3: shipped error", tostring(err))
+    end)
+
+    it("names a module it cannot ship", function()
+      local ok, e = pcall(procpool.ProcessPoolExecutor,
+        { hosts = { ":" }, remote = { ship_modules = { "no_such_mod_x" } } })
+      assert.is_false(ok)
+      assert.matches("no Lua source for module 'no_such_mod_x'", tostring(e))
+      ok, e = pcall(procpool.Pool, { hosts = { ":" }, remote = { ship_modules = "pp_shipped" } })
+      assert.is_false(ok)
+      assert.matches("ship_modules must be a list of module names", tostring(e))
+    end)
+
+    it("procpool map --ship-module sends what the script requires", function()
+      local script = dir .. "/uses.lua"
+      local f = assert(io.open(script, "w"))
+      f:write("local s = require 'pp_shipped'\nreturn function(line) return s.twice(tonumber(line)) end\n")
+      f:close()
+      -- a stand-in for ssh that runs the command here with the repository's paths only
+      local fake = dir .. "/fakessh"
+      f = assert(io.open(fake, "w"))
+      f:write("#!/bin/sh\nfor a; do last=$a; done\n",
+        "export LUA_PATH='lua/?.lua;lua/?/init.lua;;'\nexec sh -c \"$last\"\n")
+      f:close()
+      local env = "LUA_PATH='" .. dir .. "/?.lua;lua/?.lua;lua/?/init.lua;;' "
+      local function run(extra)
+        local p = io.popen("printf '1\\n2\\n3\\n' | " .. env .. "timeout 60 bin/procpool map " .. script ..
+          " -S 1/nohost --ssh 'sh " .. fake .. "' " .. extra .. " 2>&1")
+        local out = p:read("a")
+        p:close()
+        return out
+      end
+      assert.matches("module 'pp_shipped' not found", run(""))
+      assert.are.equal("2\n4\n6\n", run("--ship-module pp_shipped"))
     end)
   end)
 

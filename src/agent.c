@@ -100,6 +100,26 @@ static int decode_init(lua_State *L) {
   return pp_decode(L, p, n, NULL, 1, 0);
 }
 
+/* Shipped modules ({ [name] = { source, path } }, encoded): each a
+ * package.preload loader, so that `require` finds it in the workers (and
+ * in the initializer's decoding, below) as if it were installed here. */
+static int install_shipped(lua_State *L) {
+  const char *p = lua_touserdata(L, 1);
+  size_t n = (size_t)lua_tointeger(L, 2);
+  lua_settop(L, 0);
+  pp_decode(L, p, n, NULL, 1, 0);
+  if (luaL_loadstring(L, "local mods = ...\n"
+                         "for name, m in pairs(mods) do\n"
+                         "  package.preload[name] = function(...)\n"
+                         "    return assert(load(m[1], '@' .. m[2]))(...)\n"
+                         "  end\n"
+                         "end") != LUA_OK)
+    return lua_error(L);
+  lua_insert(L, 1);
+  lua_call(L, 1, 0);
+  return 0;
+}
+
 /* CONFIG: load the initializer and start the host's zygote. */
 static int on_config(agent *a, const unsigned char *b, size_t len) {
   if (a->zfd >= 0 || len < PP_L_CONFIG_HDR) return EPROTO;
@@ -119,8 +139,25 @@ static int on_config(agent *a, const unsigned char *b, size_t len) {
   /* the host's name, for procpool.current_worker().host (worker.c) */
   lua_pushlstring(L, (const char *)b + PP_L_CONFIG_HDR, nlen);
   lua_setfield(L, LUA_REGISTRYINDEX, "procpool.host");
-  const unsigned char *init = b + PP_L_CONFIG_HDR + nlen;
-  size_t ilen = len - PP_L_CONFIG_HDR - nlen;
+  const unsigned char *ship = b + PP_L_CONFIG_HDR + nlen + 4;
+  if (len - PP_L_CONFIG_HDR - nlen < 4) return EPROTO;
+  size_t slen = pp_get32(ship - 4);
+  if (slen > len - PP_L_CONFIG_HDR - nlen - 4) return EPROTO;
+  if (slen) {
+    lua_pushcfunction(L, install_shipped);
+    lua_pushlightuserdata(L, (void *)ship);
+    lua_pushinteger(L, (lua_Integer)slen);
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+      char text[300];
+      snprintf(text, sizeof text, "cannot install the shipped modules on this host: %s",
+               luaL_tolstring(L, -1, NULL));
+      send_text(a, PP_L_FAIL, text);
+      a->quit = 1;
+      return 0;
+    }
+  }
+  const unsigned char *init = ship + slen;
+  size_t ilen = len - PP_L_CONFIG_HDR - nlen - 4 - slen;
   if (ilen) {
     lua_pushcfunction(L, decode_init);
     lua_pushlightuserdata(L, (void *)init);
@@ -188,8 +225,8 @@ static int on_ctrl(void *ud, int type, const unsigned char *b, size_t len) {
     if (!sent) kill(w->pid, sig);
     return 0;
   }
-  case PP_L_PING:
-    return 0;
+  case PP_L_PING: /* the proxy's, with a body, times the link */
+    return len ? pp_link_send(&a->link, PP_L_PONG, b, len) : 0;
   default:
     return EPROTO;
   }

@@ -1351,6 +1351,23 @@ static void z_spawn(pp_engine *e, int slot) {
   if (send(e->zfd, &m, sizeof m, MSG_NOSIGNAL) == (ssize_t)sizeof m) w->state = W_SPAWNING;
 }
 
+/* Every slot's host is gone for good: the pool breaks, naming each host
+ * and why (the slots of a host say the same). */
+static void all_hosts_lost(pp_engine *e) {
+  char msg[2048];
+  const char *sep = ": ";
+  size_t n = (size_t)snprintf(msg, sizeof msg, "every host of the pool is lost");
+  for (int s = 0; s < e->cfg.nworkers && n < sizeof msg; s++) {
+    const char *why = e->w[s].host_lost;
+    int seen = !why[0];
+    for (int k = 0; k < s && !seen; k++) seen = strcmp(e->w[k].host_lost, why) == 0;
+    if (seen) continue;
+    n += (size_t)snprintf(msg + n, sizeof msg - n, "%s%s", sep, why);
+    sep = "; ";
+  }
+  engine_break(e, msg);
+}
+
 static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
   if (m->type == PP_Z_SPAWNED && m->slot < (uint32_t)e->cfg.nworkers && nfds == 4 &&
       e->w[m->slot].gen == m->gen && e->w[m->slot].state == W_SPAWNING) {
@@ -1394,13 +1411,16 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
   if (m->type == PP_Z_SPAWNFAIL && m->slot < (uint32_t)e->cfg.nworkers &&
       e->w[m->slot].gen == m->gen) {
     e->w[m->slot].state = m->flags & PP_ZF_GONE ? W_GONE : W_EMPTY;
+    if (m->flags & PP_ZF_GONE) /* its host and why */
+      snprintf(e->w[m->slot].host_lost, sizeof e->w[m->slot].host_lost, "%.*s", (int)sizeof m->text,
+               m->text);
     int alive = 0, gone = 0;
     for (int s = 0; s < e->cfg.nworkers; s++) {
       alive += e->w[s].state == W_READY || e->w[s].state == W_SPAWNING;
       gone += e->w[s].state == W_GONE;
     }
     if (gone == e->cfg.nworkers) {
-      engine_break(e, "every host of the pool is lost");
+      all_hosts_lost(e);
     } else if (!alive && !(m->flags & PP_ZF_GONE)) {
       char msg[160];
       snprintf(msg, sizeof msg, "no worker process could be started: %s", strerror(m->err));

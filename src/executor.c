@@ -34,11 +34,13 @@
 typedef struct pp_exec {
   pp_engine *e; /* NULL once closed */
   int nworkers;
-  uint64_t polled; /* ended-job count at the last poll() */
-  int capture;     /* output = "capture": tasks capture unless told */
-  int on_hosts;    /* its workers run on hosts (hostproxy.h) */
-  pp_fncache fns;  /* the encoded functions its jobs share */
-  size_t untold;   /* bytes of jobs not yet told to the collector */
+  uint64_t polled;       /* ended-job count at the last poll() */
+  int capture;           /* output = "capture": tasks capture unless told */
+  int on_hosts;          /* its workers run on hosts (hostproxy.h) */
+  pp_host_status *hosts; /* then: what the host proxy tells of each */
+  int nhosts;
+  pp_fncache fns; /* the encoded functions its jobs share */
+  size_t untold;  /* bytes of jobs not yet told to the collector */
 } pp_exec;
 
 /* user value of the Executor: the write buffer that submit reuses */
@@ -215,6 +217,10 @@ static void start_hosts(lua_State *L, pp_exec *x, pp_engine_cfg *cfg, const pp_l
     lua_pop(L, 1);
   }
   pp_wbuf *b = encoded_initializer(L);
+  pp_wbuf *ship = push_box(L);
+  if (lua_getfield(L, 1, "ship_modules") == LUA_TTABLE)
+    pp_encode(L, lua_gettop(L), 1, ship, 1, "ship_modules", 0);
+  lua_pop(L, 1);
   char dump[PP_DUMP_HEX];
   pp_dump_hex(L, dump);
   pp_hosts_cfg hc;
@@ -223,15 +229,20 @@ static void start_hosts(lua_State *L, pp_exec *x, pp_engine_cfg *cfg, const pp_l
   hc.nhosts = nh;
   hc.timeout_ms = (uint32_t)(opt_num(L, 1, "host_timeout", 10) * 1000);
   hc.start_ms = (uint32_t)(opt_num(L, 1, "start_timeout", 30) * 1000);
+  hc.reconnects = (uint32_t)opt_int(L, 1, "reconnects", 0);
+  hc.retry_ms = (uint32_t)(opt_num(L, 1, "reconnect_delay", 1) * 1000);
   hc.lim = *lim;
   hc.dump_hex = dump;
   hc.init = b->p;
   hc.initlen = b->n;
+  hc.ship = ship->p;
+  hc.shiplen = ship->n;
   pid_t zpid;
   int zfd;
   uint32_t nslots;
   char *why;
-  int err = pp_hosts_start(&hc, &zpid, &zfd, &nslots, &why);
+  pp_host_status *status;
+  int err = pp_hosts_start(&hc, &zpid, &zfd, &nslots, &status, &why);
   if (err) {
     lua_pushstring(L, why ? why : strerror(err));
     free(why);
@@ -240,6 +251,8 @@ static void start_hosts(lua_State *L, pp_exec *x, pp_engine_cfg *cfg, const pp_l
   cfg->nworkers = (int)nslots;
   x->nworkers = (int)nslots;
   x->on_hosts = 1;
+  x->hosts = status;
+  x->nhosts = nh;
   start_engine(L, x, cfg, zpid, zfd);
 }
 
@@ -644,6 +657,42 @@ static int l_state(lua_State *L) {
   return 1;
 }
 
+/* stats().hosts: one table per host, in the order given. */
+static void push_hosts(lua_State *L, const pp_exec *x) {
+  static const char *const states[] = {"connecting", "connecting", "up", "lost", "failed"};
+  uint64_t now = pp_now_ns();
+  lua_createtable(L, x->nhosts, 0);
+  for (int i = 0; i < x->nhosts; i++) {
+    pp_host_status h;
+    pp_host_status_read(&x->hosts[i], &h);
+    lua_createtable(L, 0, 8);
+    lua_pushstring(L, h.name);
+    lua_setfield(L, -2, "host");
+    lua_pushstring(L, states[h.state <= PP_HS_FAILED ? h.state : 0]);
+    lua_setfield(L, -2, "state");
+    lua_pushinteger(L, h.workers);
+    lua_setfield(L, -2, "workers");
+    lua_pushinteger(L, h.losses);
+    lua_setfield(L, -2, "losses");
+    lua_pushinteger(L, h.reconnects);
+    lua_setfield(L, -2, "reconnects");
+    if (h.rtt_ns) {
+      lua_pushnumber(L, (double)h.rtt_ns / 1e9);
+      lua_setfield(L, -2, "rtt");
+    }
+    if (h.seen_ns) {
+      lua_pushnumber(L, now > h.seen_ns ? (double)(now - h.seen_ns) / 1e9 : 0.0);
+      lua_setfield(L, -2, "last_seen");
+    }
+    if ((h.state == PP_HS_LOST || h.state == PP_HS_FAILED || h.losses) && h.reason[0]) {
+      lua_pushstring(L, h.reason);
+      lua_setfield(L, -2, "reason");
+    }
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setfield(L, -2, "hosts");
+}
+
 static int l_stats(lua_State *L) {
   pp_exec *x = checkexec(L, 1);
   pp_stats s;
@@ -662,6 +711,7 @@ static int l_stats(lua_State *L) {
   F(worker_restarts);
   F(taken_back);
 #undef F
+  if (x->hosts) push_hosts(L, x);
   return 1;
 }
 
@@ -732,6 +782,8 @@ static int ended_look(lua_State *L, pp_wait *w) {
 /* Garbage collection: an executor nobody can reach any more. */
 static int l_gc(lua_State *L) {
   pp_exec *x = luaL_checkudata(L, 1, PP_EXECUTOR_MT);
+  pp_host_status_free(x->hosts, x->nhosts);
+  x->hosts = NULL;
   if (!x->e) return 0;
   pp_engine *e = x->e;
   x->e = NULL;

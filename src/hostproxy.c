@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
@@ -40,8 +41,12 @@ extern char **environ;
 
 /* STARTING: until the magic; HELLO: until its HELLO; KNOWN: waiting for
  * the other hosts' HELLO (the slots are shared out once every host's
- * worker count is known); CONFIG: until its READY */
-enum { H_WAITING, H_STARTING, H_HELLO, H_KNOWN, H_CONFIG, H_UP, H_FAILED };
+ * worker count is known); CONFIG: until its READY; RETRY: lost, waiting
+ * to be launched again; FAILED: given up */
+enum { H_WAITING, H_STARTING, H_HELLO, H_KNOWN, H_CONFIG, H_UP, H_FAILED, H_RETRY };
+/* a host up this long starts its reconnects afresh when lost */
+#define STABLE_NS 60000000000u
+#define RETRY_MAX_NS 60000000000u /* the longest wait before a reconnect */
 /* WAITING: not launched yet. At most MAX_STARTING hosts start at once:
  * sshd refuses connections past its MaxStartups (10 by default). */
 #define MAX_STARTING 10
@@ -61,8 +66,47 @@ typedef struct hp_host {
   pp_link link;
   uint32_t first, count, ncpu; /* its engine slots; its CPUs */
   uint64_t start_ns;
+  uint64_t up_ns;    /* when it was last READY */
+  uint64_t ping_ns;  /* when it was last sent a timed PING */
+  uint64_t retry_at; /* RETRY: when it is launched again */
+  uint32_t tries;    /* reconnects since it was last up for STABLE_NS */
+  pp_host_status *st;
   char why[600];
 } hp_host;
+
+/* Its link is open: the agent has spoken, the host is not lost. */
+static int linked(const hp_host *h) { return h->state >= H_HELLO && h->state <= H_UP; }
+
+/* ---- what the parent sees of it (pp_host_status, a seqlock) ---- */
+
+static void st_begin(pp_host_status *s) {
+  __atomic_store_n(&s->seq, s->seq + 1, __ATOMIC_RELAXED);
+  __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+static void st_end(pp_host_status *s) { __atomic_store_n(&s->seq, s->seq + 1, __ATOMIC_RELEASE); }
+
+static void st_state(hp_host *h, uint32_t state, const char *reason) {
+  st_begin(h->st);
+  h->st->state = state;
+  h->st->workers = h->count;
+  if (reason) snprintf(h->st->reason, sizeof h->st->reason, "%s", reason);
+  st_end(h->st);
+}
+
+void pp_host_status_read(const pp_host_status *s, pp_host_status *out) {
+  for (;;) {
+    uint32_t a = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+    memcpy(out, (const void *)s, sizeof *out);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (!(a & 1) && __atomic_load_n(&s->seq, __ATOMIC_RELAXED) == a) return;
+    sched_yield();
+  }
+}
+
+void pp_host_status_free(pp_host_status *status, int nhosts) {
+  if (status) munmap(status, (size_t)nhosts * sizeof *status);
+}
 
 typedef struct hp_slot {
   int live;   /* SPAWNED sent to the engine, EXITED not yet */
@@ -98,6 +142,18 @@ static void spawnfail(uint32_t slot, uint32_t gen, int err, uint32_t flags) {
   zmsg_init(&m, PP_Z_SPAWNFAIL, slot, gen);
   m.err = err;
   m.flags = flags;
+  zsend(&m, NULL, 0);
+}
+
+/* The slot's host is gone for good: its name and reason, for the
+ * engine's BrokenProcessPool once every host is. */
+static void spawngone(uint32_t slot, uint32_t gen, const hp_host *h) {
+  pp_zmsg m;
+  zmsg_init(&m, PP_Z_SPAWNFAIL, slot, gen);
+  m.err = EHOSTDOWN;
+  m.flags = PP_ZF_GONE;
+  /* (cut to fit: the whole reason is in stats().hosts and on stderr) */
+  snprintf(m.text, sizeof m.text, "host '%.60s': %.130s", h->cfg->name, h->why);
   zsend(&m, NULL, 0);
 }
 
@@ -254,9 +310,12 @@ static int prelude_error(hp_host *h, char *out, size_t n) {
 }
 
 /* Why the launcher ended before the agent spoke. */
+static void host_lost(hp *p, int hi, const char *why);
+
 static void launcher_gone(hp *p, int hi) {
   hp_host *h = &p->h[hi];
   char line[400], err[400], why[900];
+  int again = 0; /* worth another launch (a missing interpreter or module is not) */
   read_stderr(h);
   last_line(h, line, sizeof line);
   int code = WIFEXITED(h->lstatus) ? WEXITSTATUS(h->lstatus) : -1;
@@ -275,14 +334,20 @@ static void launcher_gone(hp *p, int hi) {
              line[0] ? ": " : "", line);
   } else if (code == 255) {
     snprintf(why, sizeof why, "cannot reach it: %s", line[0] ? line : "its launcher exited 255");
+    again = 1;
   } else if (WIFSIGNALED(h->lstatus)) {
+    again = 1;
     snprintf(why, sizeof why, "its launcher was killed by signal %d%s%s", WTERMSIG(h->lstatus),
              line[0] ? ": " : "", line);
   } else {
     snprintf(why, sizeof why, "its launcher exited with status %d before the agent started%s%s",
              code, line[0] ? ": " : "", line);
+    again = 1;
   }
-  host_failed(p, hi, why);
+  if (again)
+    host_lost(p, hi, why);
+  else
+    host_failed(p, hi, why);
 }
 
 /* HELLO: the agent's versions against ours. */
@@ -318,8 +383,9 @@ static void send_config(hp *p, int hi) {
   hp_host *h = &p->h[hi];
   const pp_hosts_cfg *c = p->cfg;
   size_t nlen = strlen(h->cfg->name);
+  size_t len = PP_L_CONFIG_HDR + nlen + 4 + c->shiplen + c->initlen;
   if (pp_link_slots(&h->link, p->nslots) != 0 ||
-      pp_wbuf_reserve(&h->link.ob, PP_FRAME_HDR + PP_L_CONFIG_HDR + nlen + c->initlen) != 0) {
+      pp_wbuf_reserve(&h->link.ob, PP_FRAME_HDR + len) != 0) {
     host_failed(p, hi, "out of memory");
     return;
   }
@@ -329,9 +395,15 @@ static void send_config(hp *p, int hi) {
   pp_put32(q + 4, c->timeout_ms);
   memcpy(q + 8, &c->lim, sizeof c->lim);
   pp_put32(q + 8 + sizeof c->lim, (uint32_t)nlen);
-  memcpy(q + PP_L_CONFIG_HDR, h->cfg->name, nlen);
-  if (c->initlen) memcpy(q + PP_L_CONFIG_HDR + nlen, c->init, c->initlen);
-  h->link.ob.n += PP_L_CONFIG_HDR + nlen + c->initlen;
+  q += PP_L_CONFIG_HDR;
+  memcpy(q, h->cfg->name, nlen);
+  q += nlen;
+  pp_put32(q, (uint32_t)c->shiplen);
+  q += 4;
+  if (c->shiplen) memcpy(q, c->ship, c->shiplen);
+  q += c->shiplen;
+  if (c->initlen) memcpy(q, c->init, c->initlen);
+  h->link.ob.n += len;
   pp_link_end(&h->link, at);
   h->state = H_CONFIG;
 }
@@ -478,11 +550,22 @@ static int on_ctrl(void *ud, int type, const unsigned char *b, size_t len) {
   case PP_L_HELLO:
     if (h->state != H_HELLO) return EPROTO;
     on_hello(p, c->hi, b, len);
-    maybe_assign(p);
+    if (p->assigned && h->state == H_KNOWN) /* a reconnect: its slots are known */
+      send_config(p, c->hi);
+    else
+      maybe_assign(p);
     return 0;
   case PP_L_READY:
     if (h->state != H_CONFIG) return EPROTO;
     h->state = H_UP;
+    h->up_ns = pp_now_ns();
+    if (p->hello_sent) { /* READY after the pool started: a reconnect */
+      st_begin(h->st);
+      h->st->reconnects++;
+      st_end(h->st);
+      fprintf(stderr, "procpool: host '%s' reconnected\n", h->cfg->name);
+    }
+    st_state(h, PP_HS_UP, NULL);
     for (uint32_t i = h->first; i < h->first + h->count; i++)
       if (p->s[i].wanted) {
         p->s[i].wanted = 0;
@@ -537,6 +620,14 @@ static int on_ctrl(void *ud, int type, const unsigned char *b, size_t len) {
     return 0;
   case PP_L_PING:
     return 0;
+  case PP_L_PONG:
+    if (len >= 8) {
+      uint64_t sent = pp_get64(b), now = pp_now_ns();
+      st_begin(h->st);
+      h->st->rtt_ns = now > sent ? now - sent : 1;
+      st_end(h->st);
+    }
+    return 0;
   default:
     return EPROTO;
   }
@@ -544,32 +635,82 @@ static int on_ctrl(void *ud, int type, const unsigned char *b, size_t len) {
 
 /* ---- losing a host ---- */
 
-static void host_failed(hp *p, int hi, const char *why) {
+/* The host is down: its workers are lost, its launcher stopped. It is
+ * launched again later (RETRY) when `may_retry` and it has reconnects
+ * left, else given up (FAILED): its slots are gone for good. Only a host
+ * of a started pool is retried; start-up errors are told at once. */
+static void host_down(hp *p, int hi, const char *why, int may_retry) {
   hp_host *h = &p->h[hi];
-  if (h->state == H_FAILED) return;
+  if (h->state == H_FAILED || h->state == H_RETRY) return;
   int was_up = h->state == H_UP;
-  h->state = H_FAILED;
+  uint64_t now = pp_now_ns();
   snprintf(h->why, sizeof h->why, "%s", why);
   if (h->lpid > 0) {
     kill(-h->lpid, SIGTERM);
     kill(h->lpid, SIGKILL);
   }
+  if (was_up && now - h->up_ns >= STABLE_NS) h->tries = 0;
+  int retry = may_retry && p->hello_sent && h->count > 0 && h->tries < p->cfg->reconnects;
+  h->state = retry ? H_RETRY : H_FAILED;
   for (uint32_t i = h->first; i < h->first + h->count; i++) {
     hp_slot *s = &p->s[i];
     if (s->live) /* charged to the item its page last read as started */
       slot_exited(p, hi, i, SIGKILL, __atomic_load_n(&s->page->started, __ATOMIC_ACQUIRE), h->why);
-    if (s->wanted) {
+    if (s->wanted && !retry) { /* (a retried host starts them when it is back) */
       s->wanted = 0;
-      spawnfail(i, s->gen, EHOSTDOWN, PP_ZF_GONE);
+      spawngone(i, s->gen, h);
     }
   }
   if (h->link.slots) pp_link_free(&h->link);
   if (h->sock >= 0) close(h->sock);
   h->sock = -1;
-  if (p->hello_sent || was_up)
-    fprintf(stderr, "procpool: host '%s' lost: %s\n", h->cfg->name, h->why);
+  if (was_up) {
+    st_begin(h->st);
+    h->st->losses++;
+    st_end(h->st);
+  }
+  if (retry) {
+    uint64_t wait = (uint64_t)p->cfg->retry_ms * 1000000u << h->tries;
+    if (wait > RETRY_MAX_NS) wait = RETRY_MAX_NS;
+    h->tries++;
+    h->retry_at = now + wait;
+    st_state(h, PP_HS_LOST, h->why);
+    fprintf(stderr, "procpool: host '%s' lost: %s; reconnecting in %g s (%u of %u)\n", h->cfg->name,
+            h->why, (double)wait / 1e9, h->tries, p->cfg->reconnects);
+  } else {
+    st_state(h, PP_HS_FAILED, h->why);
+    if (p->hello_sent || was_up)
+      fprintf(stderr, "procpool: host '%s' lost: %s%s\n", h->cfg->name, h->why,
+              h->tries ? "; no reconnects left" : "");
+  }
   maybe_assign(p);
   maybe_hello(p);
+}
+
+/* Down for good: what it said will not change by trying again. */
+static void host_failed(hp *p, int hi, const char *why) { host_down(p, hi, why, 0); }
+
+/* Down for now: a lost link, a launcher that ended, a silence. */
+static void host_lost(hp *p, int hi, const char *why) { host_down(p, hi, why, 1); }
+
+/* A lost host's next launch: what the last one left is cleared. */
+static void relaunch(hp *p, int hi) {
+  hp_host *h = &p->h[hi];
+  if (h->lpid > 0) /* killed when it was lost */
+    while (waitpid(h->lpid, NULL, 0) < 0 && errno == EINTR) {
+    }
+  h->lpid = 0;
+  if (h->errfd >= 0) close(h->errfd);
+  h->errfd = -1;
+  h->taillen = h->noiselen = h->noiseall = 0;
+  memset(h->win, 0, sizeof h->win);
+  h->state = H_STARTING;
+  st_state(h, PP_HS_CONNECTING, NULL);
+  if (launch(h) != 0) {
+    char why[sizeof h->why];
+    snprintf(why, sizeof why, "%s", h->why);
+    host_failed(p, hi, why);
+  }
 }
 
 /* Once every host is up or failed: tell the engine's starter. */
@@ -627,8 +768,8 @@ static int engine_readable(hp *p) {
       if (h->state == H_UP)
         send_spawn(h, m.slot, m.gen);
       else if (h->state == H_FAILED)
-        spawnfail(m.slot, m.gen, EHOSTDOWN, PP_ZF_GONE);
-      else
+        spawngone(m.slot, m.gen, h);
+      else /* starting, or lost and to be launched again */
         s->wanted = 1;
     } else if (m.type == PP_Z_SIGNAL && h->state == H_UP && s->live && s->gen == m.gen) {
       send_signal(h, m.slot, m.gen, m.status);
@@ -666,7 +807,8 @@ __attribute__((noreturn)) static void proxy_exit(hp *p) {
   _exit(0);
 }
 
-__attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t parent) {
+__attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t parent,
+                                                 pp_host_status *status) {
   prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (getppid() != parent) _exit(0);
   signal(SIGINT, SIG_IGN);
@@ -680,14 +822,21 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
     p.h[i].cfg = &cfg->hosts[i];
     p.h[i].sock = p.h[i].errfd = -1;
     p.h[i].state = H_WAITING;
+    p.h[i].st = &status[i];
   }
   struct pollfd *q = NULL;
   size_t qcap = 0;
   for (;;) {
     /* the next hosts to start, while fewer than MAX_STARTING are starting */
     int starting = 0;
+    uint64_t t = pp_now_ns();
     for (int i = 0; i < cfg->nhosts; i++)
       starting += p.h[i].state == H_STARTING || p.h[i].state == H_HELLO;
+    for (int i = 0; i < cfg->nhosts && starting < MAX_STARTING; i++)
+      if (p.h[i].state == H_RETRY && t >= p.h[i].retry_at) {
+        relaunch(&p, i);
+        starting += p.h[i].state == H_STARTING;
+      }
     for (int i = 0; i < cfg->nhosts && starting < MAX_STARTING; i++) {
       if (p.h[i].state != H_WAITING) continue;
       p.h[i].state = H_STARTING;
@@ -722,7 +871,7 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
         q[n].fd = h->sock;
         q[n].events = POLLIN;
         n++;
-      } else if (h->state > H_STARTING && h->state != H_FAILED) {
+      } else if (linked(h)) {
         int k = pp_link_pollfds(&h->link, q + n, (int)(qcap - (size_t)n));
         n += k;
       }
@@ -752,11 +901,15 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
         if (h->state == H_STARTING || h->state == H_HELLO) {
           if (h->state == H_STARTING) scan_noise(&p, i);
           launcher_gone(&p, i);
-        } else if (h->state != H_FAILED) {
-          char why[600], line[400];
-          snprintf(why, sizeof why, "its launcher exited (status %d)%s%s", h->lstatus,
+        } else if (linked(h)) {
+          char why[600], line[400], how[40];
+          if (WIFSIGNALED(h->lstatus))
+            snprintf(how, sizeof how, "was killed by signal %d", WTERMSIG(h->lstatus));
+          else
+            snprintf(how, sizeof how, "exited with status %d", WEXITSTATUS(h->lstatus));
+          snprintf(why, sizeof why, "its launcher %s%s%s", how,
                    last_line(h, line, sizeof line)[0] ? ": " : "", line);
-          host_failed(&p, i, why);
+          host_lost(&p, i, why);
         }
         continue;
       }
@@ -767,19 +920,22 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
           snprintf(why, sizeof why, "did not start the procpool agent within %u s%s%s",
                    cfg->start_ms / 1000, last_line(h, line, sizeof line)[0] ? "; it said: " : "",
                    line);
-          host_failed(&p, i, why);
+          host_lost(&p, i, why);
         }
       }
-      if (h->state > H_STARTING && h->state != H_FAILED) {
+      if (linked(h)) {
         ctrl_ctx c = {&p, i};
         int e = pp_link_step(&h->link, on_ctrl, &c);
-        if (h->state == H_FAILED) continue;
+        if (!linked(h)) continue;
         if (e) {
           char why[600], line[400];
           snprintf(why, sizeof why, "%s%s%s",
                    e == EPIPE ? "connection lost" : "protocol error on the link",
                    last_line(h, line, sizeof line)[0] ? ": " : "", line);
-          host_failed(&p, i, why);
+          if (e == EPIPE)
+            host_lost(&p, i, why);
+          else
+            host_failed(&p, i, why);
           continue;
         }
         now = pp_now_ns(); /* (the link may have begun after the first reading) */
@@ -787,26 +943,46 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
           char why[100];
           snprintf(why, sizeof why, "connection lost: no message for %g s",
                    cfg->timeout_ms / 1000.0);
-          host_failed(&p, i, why);
+          host_lost(&p, i, why);
           continue;
         }
         if ((h->state == H_HELLO || h->state == H_CONFIG) &&
             now - h->start_ns > (uint64_t)cfg->start_ms * 1000000u) {
-          host_failed(&p, i, "the agent did not finish starting in time");
+          host_lost(&p, i, "the agent did not finish starting in time");
           continue;
         }
-        if (now - h->link.tx_ns > PING_NS && !pp_link_pending(&h->link))
-          pp_link_send(&h->link, PP_L_PING, NULL, 0);
+        if (h->st->seen_ns != h->link.rx_ns) {
+          st_begin(h->st);
+          h->st->seen_ns = h->link.rx_ns;
+          st_end(h->st);
+        }
+        /* the heartbeat, timed: its PONG is the link's round trip */
+        if (now - h->ping_ns > PING_NS) {
+          unsigned char b[8];
+          pp_put64(b, now);
+          pp_link_send(&h->link, PP_L_PING, b, sizeof b);
+          h->ping_ns = now;
+        }
       }
     }
   }
 }
 
-int pp_hosts_start(const pp_hosts_cfg *cfg, pid_t *pid, int *zfd, uint32_t *nslots, char **why) {
+int pp_hosts_start(const pp_hosts_cfg *cfg, pid_t *pid, int *zfd, uint32_t *nslots,
+                   pp_host_status **status, char **why) {
   *why = NULL;
+  *status = NULL;
   sigset_t old;
   int ctl;
   pid_t parent = getpid();
+  /* shared with the proxy it forks */
+  pp_host_status *st = mmap(NULL, (size_t)cfg->nhosts * sizeof *st, PROT_READ | PROT_WRITE,
+                            MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (st == MAP_FAILED) return errno;
+  for (int i = 0; i < cfg->nhosts; i++) {
+    st[i].state = PP_HS_CONNECTING;
+    snprintf(st[i].name, sizeof st[i].name, "%s", cfg->hosts[i].name);
+  }
   pid_t child = pp_fork_helper(&ctl, &old);
   if (child == 0) {
     if (ctl != ZFD) {
@@ -815,9 +991,13 @@ int pp_hosts_start(const pp_hosts_cfg *cfg, pid_t *pid, int *zfd, uint32_t *nslo
     }
     pp_close_from(ZFD + 1, -1);
     sigprocmask(SIG_SETMASK, &old, NULL);
-    proxy_main(cfg, parent);
+    proxy_main(cfg, parent, st);
   }
-  if (child < 0) return errno;
+  if (child < 0) {
+    int e = errno;
+    pp_host_status_free(st, cfg->nhosts);
+    return e;
+  }
   /* HELLO once every host is up or failed (each within its start limit) */
   pp_zmsg m;
   memset(&m, 0, sizeof m);
@@ -840,8 +1020,10 @@ int pp_hosts_start(const pp_hosts_cfg *cfg, pid_t *pid, int *zfd, uint32_t *nslo
     kill(child, SIGKILL);
     while (waitpid(child, NULL, 0) < 0 && errno == EINTR) {
     }
+    pp_host_status_free(st, cfg->nhosts);
     return err;
   }
+  *status = st;
   *pid = child;
   *zfd = ctl;
   *nslots = m.slot;

@@ -53,7 +53,10 @@ enum { PP_L_DATA = 1, PP_L_CHUNK = 2, PP_L_EOF = 3, PP_L_CTRL = 16 };
  *   dump (the bytecode header, hex), ncpu, host, pid.
  * CONFIG (proxy): u32 slots (the engine's worker count), u32 host_timeout
  *   in ms, a pp_limits, u32 n, the host's name as the pool has it (n
- *   bytes), then the encoded initializer list (may be empty).
+ *   bytes), u32 m, the encoded shipped modules (m bytes, may be none: a
+ *   table { [name] = { source, path } }, installed in package.preload
+ *   before anything else is decoded), then the encoded initializer list
+ *   (may be empty).
  * READY (agent): the initializer is loaded, workers can be asked for.
  * FAIL (agent): text: why it cannot go on; it exits after it.
  * SPAWN (proxy): u32 slot, u32 gen.
@@ -63,7 +66,10 @@ enum { PP_L_DATA = 1, PP_L_CHUNK = 2, PP_L_EOF = 3, PP_L_CTRL = 16 };
  *   its page last read as started. It follows every DATA of the slot.
  * SIGNAL (proxy): u32 slot, u32 gen, i32 signal.
  * STDERR (agent): u32 slot, u32 gen, bytes the worker wrote to stderr.
- * PING (both): nothing; sent after a second without other traffic.
+ * PING (both): the agent's: nothing, sent after a second without other
+ *   traffic; the proxy's: u64 its clock, once a second, answered by PONG.
+ * PONG (agent): the body of the PING it answers (the proxy times the
+ *   round trip).
  * STDOUT (agent): bytes the host's workers wrote to their stdout, for the
  *   parent's stdout.
  * STARTED (agent): u32 slot, u32 gen, u32 0, u64 the seq its page reads as
@@ -84,10 +90,11 @@ enum {
   PP_L_PING,
   PP_L_STARTED,
   PP_L_STDOUT,
+  PP_L_PONG,
 };
 #define PP_LINK_MAGIC "\0PPAGENT"
 #define PP_LINK_MAGIC_LEN 8
-#define PP_LINK_PROTO 1
+#define PP_LINK_PROTO 2
 #define PP_L_CONFIG_HDR (12 + sizeof(pp_limits)) /* up to the name */
 
 /* One slot: a worker's channel at this end of the link. */

@@ -88,6 +88,9 @@ Options:
                        the hosts find procpool with this process's search
                        paths (for a shared filesystem)
       --host-timeout S seconds of silence after which a host is lost
+      --ship-module M  send pure-Lua module M (found on this machine's
+                       package.path) to the hosts, for scripts that require
+                       a module the hosts do not have; repeat it for more
       --json           each line is a JSON value, decoded (lua-cjson) before
                        map; results are JSON-encoded, one per line; blank
                        lines are skipped
@@ -230,6 +233,9 @@ local function parse_map_args(args)
         o.remote_path = v
       elseif name == "--host-timeout" then
         o.host_timeout = parse_number(name, value(), false)
+      elseif name == "--ship-module" then
+        o.ship_modules = o.ship_modules or {}
+        o.ship_modules[#o.ship_modules + 1] = value()
       elseif name == "-j" or name == "--jobs" then
         o.jobs = parse_number(name, value(), true)
       elseif name == "--json" then
@@ -279,8 +285,11 @@ local function parse_map_args(args)
   if #o.inputs == 0 then o.inputs[1] = "-" end
   if o.hosts and #o.hosts == 0 then usage_error("option -S/--slf: no sshlogin given") end
   if not o.hosts and o.launcher ~= "slurm" then
-    for _, k in ipairs({ "ssh", "remote_lua", "remote_path", "host_timeout" }) do
-      if o[k] then usage_error("option --" .. k:gsub("_", "-") .. " is for workers on hosts (-S)") end
+    for _, k in ipairs({ "ssh", "remote_lua", "remote_path", "host_timeout", "ship_modules" }) do
+      if o[k] then
+        local opt = k == "ship_modules" and "ship-module" or k:gsub("_", "-")
+        usage_error("option --" .. opt .. " is for workers on hosts (-S)")
+      end
     end
   end
   if (o.hosts or o.launcher) and o.group then usage_error("option --group is not available with -S") end
@@ -593,7 +602,7 @@ local function run_map(o)
         end
       end
     end
-    local remote = { executable = o.remote_lua }
+    local remote = { executable = o.remote_lua, ship_modules = o.ship_modules }
     if o.remote_path then remote.lua_path, remote.lua_cpath = "inherit", "inherit" end
     local ok, r = pcall(procpool.ProcessPoolExecutor, {
       hosts = list, launcher = o.launcher, workers_per_host = o.jobs, remote = remote,

@@ -24,7 +24,7 @@ local EXEC_OPTS = {
   max_tasks_per_child = true, task_timeout = true, on_worker_lost = true, executable = true,
   limits = true, output = true, max_output = true,
   hosts = true, launcher = true, host_timeout = true, start_timeout = true, remote = true,
-  workers_per_host = true,
+  workers_per_host = true, reconnect = true,
 }
 
 --- Create an executor.
@@ -35,7 +35,7 @@ local EXEC_OPTS = {
 --   per task, default 1 MiB).
 function M.ProcessPoolExecutor(opts)
   opts = check_opts(opts, EXEC_OPTS, "ProcessPoolExecutor")
-  local on_hosts, host_timeout, start_timeout = hosts.hosts_of(opts, "ProcessPoolExecutor", 2)
+  local on_hosts, host_opts = hosts.hosts_of(opts, "ProcessPoolExecutor", 2)
   local mw = opts.max_workers
   if mw == nil then mw = core.cpu_count() end
   if not is_int(mw) or mw < 1 then error("max_workers must be greater than 0", 2) end
@@ -55,13 +55,12 @@ function M.ProcessPoolExecutor(opts)
   end
   local limits = limits_of(opts.limits, "ProcessPoolExecutor", 2)
   local out, max_output = output.options_of(opts, 2)
-  return core.executor_new({
+  return core.executor_new(hosts.core_opts({
     max_workers = mw, initializer = init, initargs = opts.initargs,
     max_tasks_per_child = mt, task_timeout = tt, on_worker_lost = owl,
     context = ctx.context, executable = ctx.executable, limits = limits,
-    output = out, max_output = max_output, hosts = on_hosts, host_timeout = host_timeout,
-    start_timeout = start_timeout,
-  })
+    output = out, max_output = max_output,
+  }, on_hosts, host_opts))
 end
 
 --- Run `fn(...)` in a worker; returns a Future.

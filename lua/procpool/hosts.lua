@@ -281,7 +281,64 @@ function M.launch_argv(e, launcher, remote)
   return argv
 end
 
-local REMOTE_OPTS = { executable = true, lua_path = true, lua_cpath = true, env = true, dir = true }
+local REMOTE_OPTS = { executable = true, lua_path = true, lua_cpath = true, env = true, dir = true,
+  ship_modules = true }
+
+--- remote.ship_modules: { "name", ... } -> { [name] = { source, path } },
+-- each found on this machine's package.path (pure-Lua modules only: a C
+-- module must be installed on the hosts). Raises at `level`.
+local function shipped(list, level)
+  if list == nil then return nil end
+  if type(list) ~= "table" then error("remote.ship_modules must be a list of module names", level + 1) end
+  local out = {}
+  for i, name in ipairs(list) do
+    if type(name) ~= "string" or name == "" then
+      error("remote.ship_modules[" .. i .. "] must be a module name", level + 1)
+    end
+    local path, why = package.searchpath(name, package.path)
+    if not path then
+      error("remote.ship_modules: no Lua source for module '" .. name .. "' on package.path" ..
+        " (a C module must be installed on the hosts):" .. why, level + 1)
+    end
+    local f = assert(io.open(path, "rb"))
+    local src = f:read("a")
+    f:close()
+    local ok, err = load(src, "@" .. path)
+    if not ok then error("remote.ship_modules: module '" .. name .. "' does not load: " .. err, level + 1) end
+    out[name] = { src, path }
+  end
+  return out
+end
+
+--- reconnect = { attempts = n, delay = seconds } | false -> attempts, delay
+local function reconnect_of(r, level)
+  if r == nil then return 3, 1 end
+  if r == false then return 0, 1 end
+  if type(r) ~= "table" then error("reconnect must be a table { attempts =, delay = } or false", level + 1) end
+  for k in pairs(r) do
+    if k ~= "attempts" and k ~= "delay" then
+      error("unknown reconnect option '" .. tostring(k) .. "'", level + 1)
+    end
+  end
+  local n, d = r.attempts, r.delay
+  if n == nil then n = 3 end
+  if d == nil then d = 1 end
+  if math.type(n) ~= "integer" or n < 0 then error("reconnect.attempts must be an integer >= 0", level + 1) end
+  if type(d) ~= "number" or not (d > 0) then -- luacheck: ignore 581 (NaN too)
+    error("reconnect.delay must be a number of seconds > 0", level + 1)
+  end
+  return n, d
+end
+
+--- The host options of the C side's constructor, into `t` (from hosts_of).
+function M.core_opts(t, list, o)
+  t.hosts = list
+  if o then
+    t.host_timeout, t.start_timeout = o.host_timeout, o.start_timeout
+    t.reconnects, t.reconnect_delay, t.ship_modules = o.reconnects, o.reconnect_delay, o.ship_modules
+  end
+  return t
+end
 
 --- The C side's hosts list for the constructor's options (checked here),
 -- or nil when the pool runs on this machine only. Raises at `level`.
@@ -298,7 +355,8 @@ function M.hosts_of(opts, fname, level)
     if env and env ~= "" then hosts = env end
   end
   if hosts == nil then
-    for _, k in ipairs({ "launcher", "host_timeout", "start_timeout", "remote", "workers_per_host" }) do
+    for _, k in ipairs({ "launcher", "host_timeout", "start_timeout", "remote", "workers_per_host",
+      "reconnect" }) do
       if opts[k] ~= nil then error(k .. " is for pools with hosts", level + 1) end
     end
     return nil
@@ -335,6 +393,8 @@ function M.hosts_of(opts, fname, level)
   for k in pairs(remote) do
     if not REMOTE_OPTS[k] then error("unknown remote option '" .. tostring(k) .. "'", level + 1) end
   end
+  local launch_remote = {} -- (what the agent's command line is made of)
+  for k, v in pairs(remote) do if k ~= "ship_modules" then launch_remote[k] = v end end
   local entries, why
   if type(hosts) == "table" and hosts[1] and type(hosts[1]) == "table" and hosts[1].name then
     entries = hosts -- (the allocation's)
@@ -344,12 +404,14 @@ function M.hosts_of(opts, fname, level)
   end
   local out = {}
   for i, e in ipairs(entries) do
-    local ok, argv = pcall(M.launch_argv, e, launcher, remote)
+    local ok, argv = pcall(M.launch_argv, e, launcher, launch_remote)
     if not ok then error(argv, level + 1) end
     out[i] = { name = e.name, argv = argv, workers = e.workers or wph,
       exe = remote.executable or "lua5.4" }
   end
-  return out, ht, st
+  local attempts, delay = reconnect_of(opts.reconnect, level + 1)
+  return out, { host_timeout = ht, start_timeout = st, reconnects = attempts, reconnect_delay = delay,
+    ship_modules = shipped(remote.ship_modules, level + 1) }
 end
 
 return M

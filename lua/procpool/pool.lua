@@ -295,7 +295,7 @@ local POOL_OPTS = {
   processes = true, initializer = true, initargs = true, maxtasksperchild = true,
   context = true, executable = true, limits = true, output = true, max_output = true,
   hosts = true, launcher = true, host_timeout = true, start_timeout = true, remote = true,
-  workers_per_host = true,
+  workers_per_host = true, reconnect = true,
 }
 
 --- Create a pool; its workers start at once.
@@ -305,7 +305,7 @@ local POOL_OPTS = {
 --   per task).
 function M.Pool(opts)
   opts = check_opts(opts, POOL_OPTS, "Pool")
-  local on_hosts, host_timeout, start_timeout = hosts.hosts_of(opts, "Pool", 2)
+  local on_hosts, host_opts = hosts.hosts_of(opts, "Pool", 2)
   local n = opts.processes
   if n == nil then n = core.cpu_count() end
   if not is_int(n) or n < 1 then error("Number of processes must be at least 1", 2) end
@@ -317,12 +317,11 @@ function M.Pool(opts)
   local init = initializer_of(opts, 2)
   local limits = check.limits_of(opts.limits, "Pool", 2)
   local out, max_output = output.options_of(opts, 2)
-  local ex = core.executor_new({
+  local ex = core.executor_new(hosts.core_opts({
     max_workers = n, initializer = init, initargs = opts.initargs, max_tasks_per_child = mt,
     context = ctx.context, executable = ctx.executable, limits = limits,
-    output = out, max_output = max_output, hosts = on_hosts, host_timeout = host_timeout,
-    start_timeout = start_timeout,
-  })
+    output = out, max_output = max_output,
+  }, on_hosts, host_opts))
   if on_hosts then n = ex:_nworkers() end
   return setmetatable({ _ex = ex, _state = "RUN", _processes = n, _capture = out == "capture" },
     Pool)
