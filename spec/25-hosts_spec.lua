@@ -592,6 +592,34 @@ describe("hosts", function()
       assert.is_true(H.eventually(function() return agents() == 0 end, 10))
     end)
 
+    it("a killed sshd session on the host is a lost host, and its agent stops its workers", function()
+      assert.is_truthy(server, why)
+      local before = agents()
+      local ex = quiet_pool { hosts = { ssh_login(2, "pp-loop") }, remote = inherit, reconnect = false }
+      local f = ex:submit(function() local t = os.time() + 30 while os.time() < t do end end)
+      local g = ex:submit(function() local t = os.time() + 30 while os.time() < t do end end)
+      core.sleep(0.5)
+      assert.is_true(agents() > before) -- (the agent, its zygote and its workers)
+      -- every session process of the daemon (the listener's children)
+      local sessions = H.children(tonumber(server.pid()))
+      assert.is_true(#sessions >= 1)
+      local t0 = core.monotonic()
+      for _, pid in ipairs(sessions) do os.execute("kill -9 " .. pid) end
+      for _, fut in ipairs({ f, g }) do
+        local ok, e = pcall(fut.result, fut, T)
+        assert.is_false(ok)
+        assert.are.equal("WorkerLost", e.name)
+        assert.are.equal("pp-loop", e.host)
+        assert.matches("^host lost: ", e.reason)
+      end
+      assert.is_true(core.monotonic() - t0 < 5)
+      -- the agent saw its stdin close: it and its spinning workers end
+      assert.is_true(H.eventually(function() return agents() == before end, 10))
+      assert.is_true(H.eventually(function() return H.count_procs("[o]s.time() + 30") == 0 end, 10))
+      assert.are.equal("failed", ex:stats().hosts[1].state)
+      ex:shutdown()
+    end)
+
     it("procpool map -S runs the script on the hosts, reduce and finish here", function()
       assert.is_truthy(server, why)
       local input = os.tmpname()
@@ -666,6 +694,38 @@ describe("hosts", function()
       assert.matches("^host lost: ", e.reason)
       assert.is_true(took < 4, "lost after " .. took .. " s")
       ex:shutdown()
+    end)
+
+    it("inside salloc, launcher = \"slurm\" runs on the allocation's nodes with their CPUs", function()
+      assert.is_truthy(cluster, why)
+      local cwd = io.popen("pwd"):read("*l")
+      local script = os.tmpname()
+      local f = assert(io.open(script, "w"))
+      f:write([[
+        local procpool = require "procpool"
+        local env = {}
+        for _, k in ipairs({ "LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS" }) do env[k] = os.getenv(k) end
+        local ex = procpool.ProcessPoolExecutor { launcher = "slurm", host_timeout = 10,
+          remote = { lua_path = "inherit", lua_cpath = "inherit", dir = ]] .. string.format("%q", cwd) .. [[,
+            env = next(env) and env or nil } }
+        local host, step = ex:submit(function()
+          return procpool.current_worker().host, os.getenv("SLURM_STEP_ID")
+        end):result(30)
+        print(os.getenv("SLURM_JOB_NODELIST"), os.getenv("SLURM_JOB_CPUS_PER_NODE"), ex:_nworkers(),
+          host, step ~= nil, ex:stats().hosts[1].host)
+        ex:shutdown()
+      ]])
+      f:close()
+      local p = io.popen("cd " .. cwd .. " && env SLURM_CONF=" .. cluster.conf ..
+        " timeout 90 salloc -N1 --job-name=pp-alloc lua5.4 " .. script .. " 2>&1")
+      local out = p:read("a")
+      p:close()
+      os.remove(script)
+      local node, cpus, n, host, in_step, listed = out:match("([^\n\t]+)\t(%d+)\t(%d+)\t(%S+)\t(%a+)\t(%S+)\n")
+      assert.is_truthy(node, out)
+      assert.are.equal(cluster.node, node)
+      assert.are.equal(cpus, n)
+      assert.are.same({ cluster.node, "true", cluster.node }, { host, in_step, listed })
     end)
   end)
 end)

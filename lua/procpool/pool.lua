@@ -526,6 +526,9 @@ function Pool:terminate()
   end
 end
 
+--- The counters of the pool's executor (ProcessPoolExecutor's stats).
+function Pool:stats() return self._ex:stats() end
+
 --- Wait for the workers to exit (after close or terminate).
 function Pool:join()
   if self._state == "RUN" then raise("InvalidStateError", "Pool is still running") end
