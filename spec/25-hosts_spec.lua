@@ -346,6 +346,60 @@ describe("hosts", function()
     end)
   end)
 
+  describe("captured output", function()
+    it("captures output on hosts as here; a dead worker's item has its stderr tail", function()
+      local ex <close> = quiet_pool { hosts = { { host = "c", workers = 2 } }, launcher = here_argv,
+        output = "capture" }
+      local f = ex:submit(function(x)
+        print("out", x)
+        io.stderr:write("err ", x, "\n")
+        os.execute("echo from-sh")
+        return x * 2
+      end, 21)
+      assert.are.equal(42, f:result(T))
+      assert.are.same({ "out\t21\nfrom-sh\n", "err 21\n" }, { f:output() })
+      local big = ex:submit(function() io.write(string.rep("z", 512 << 10)) end) -- (a memfd's worth)
+      big:result(T)
+      assert.are.equal(512 << 10, #big:output())
+      local g = ex:submit_with({ output = "inherit" }, function() return 1 end)
+      assert.are.equal(1, g:result(T))
+      assert.is_nil(g:output())
+      local d = ex:submit(function() io.stderr:write("dying\n") os.exit(3) end)
+      local e = d:exception(T)
+      assert.are.equal("WorkerLost", e.name)
+      assert.are.equal("c", e.host)
+      assert.is_nil(d:output())
+      local outs = {}
+      for _ in ex:map(function(x) io.write("m", x) return x end, { 1, 2, 3 },
+        { on_output = function(i, o) outs[i] = o end }) do
+      end
+      assert.are.same({ "m1", "m2", "m3" }, outs)
+      assert.are.same({ "after\n", "" }, { ex:submit(function() print("after") end):output() })
+      local pool <close> = procpool.Pool { hosts = { { host = "p", workers = 1 } }, launcher = here_argv,
+        output = "capture", host_timeout = 5 }
+      local seen = {}
+      local r = pool:map_async(function(x) print("from pool " .. x) return x end, { 4, 5 },
+        { on_output = function(i, o) seen[i] = o end })
+      local got = r:get(T)
+      assert.are.same({ 4, 5 }, { got[1], got[2] })
+      assert.are.same({ "from pool 4\n", "from pool 5\n" }, seen)
+    end)
+
+    it("procpool map -S --group writes each record's output before its result", function()
+      local script = os.tmpname()
+      local f = assert(io.open(script, "w"))
+      f:write("return function(line) print('saw ' .. line) io.stderr:write('e', line, '\\n') ",
+        "return line:upper() end\n")
+      f:close()
+      local p = io.popen("printf 'a\\nb\\nc\\n' | timeout 60 bin/procpool map " .. script ..
+        " -S 2/: --group --chunksize 1 2>/dev/null")
+      local out = p:read("a")
+      p:close()
+      os.remove(script)
+      assert.are.equal("saw a\nA\nsaw b\nB\nsaw c\nC\n", out)
+    end)
+  end)
+
   describe("stats().hosts", function()
     it("tells each host's state, workers, round trip and last message", function()
       local ex <close> = quiet_pool { hosts = { "2/:", { host = "b", workers = 1 } }, launcher = here_argv }
@@ -522,15 +576,7 @@ describe("hosts", function()
       assert.has_error(function() procpool.ProcessPoolExecutor { hosts = ":", remote = { nope = 1 } } end,
         "unknown remote option 'nope'")
       assert.has_error(function() procpool.ProcessPoolExecutor { hosts = { "@g/x" } } end)
-      assert.has_error(function() procpool.ProcessPoolExecutor { hosts = ":", output = "capture" } end,
-        "output = \"capture\" is not available for workers on hosts")
-      local ex <close> = quiet_pool { hosts = { "1/:" } }
-      local ok, e = pcall(ex.submit_with, ex, { output = "capture" }, function() end)
-      assert.is_false(ok)
-      assert.matches("not available for workers on hosts", tostring(e))
-      ok = pcall(function() for _ in ex:map(print, { 1 }, { output = "capture" }) do end end)
-      assert.is_false(ok)
-      assert.are.equal(2, ex:submit(function() return 2 end):result(T))
+      assert.has_error(function() procpool.ProcessPoolExecutor { hosts = { "@g/x" } } end)
     end)
 
     it("PROCPOOL_HOSTS is the default hosts", function()

@@ -36,8 +36,7 @@ typedef struct pp_exec {
   int nworkers;
   uint64_t polled;       /* ended-job count at the last poll() */
   int capture;           /* output = "capture": tasks capture unless told */
-  int on_hosts;          /* its workers run on hosts (hostproxy.h) */
-  pp_host_status *hosts; /* then: what the host proxy tells of each */
+  pp_host_status *hosts; /* with hosts: what the host proxy tells of each (else NULL) */
   int nhosts;
   pp_fncache fns; /* the encoded functions its jobs share */
   size_t untold;  /* bytes of jobs not yet told to the collector */
@@ -250,7 +249,6 @@ static void start_hosts(lua_State *L, pp_exec *x, pp_engine_cfg *cfg, const pp_l
   }
   cfg->nworkers = (int)nslots;
   x->nworkers = (int)nslots;
-  x->on_hosts = 1;
   x->hosts = status;
   x->nhosts = nh;
   start_engine(L, x, cfg, zpid, zfd);
@@ -443,17 +441,8 @@ static pp_job *task_job(lua_State *L, pp_exec *x, pp_wbuf *b, size_t fnend, doub
 
 /* Submit fn(...) (fn at index `fi`, its arguments after it; the
  * executor at 1). */
-/* A worker on a host hands its captured output on as fds of this
- * machine (OUTBUF), which no link carries: refused, not lost. */
-static void check_capture(lua_State *L, const pp_exec *x, int capture) {
-  if (capture && x->on_hosts)
-    pp_error_raise(L, "InvalidStateError",
-                   "output = \"capture\" is not available for workers on hosts");
-}
-
 static int submit_task(lua_State *L, pp_exec *x, double timeout, int capture, int fi) {
   check_fn(L, fi);
-  check_capture(L, x, capture);
   int nargs = lua_gettop(L) - fi;
   /* (an encoding that raised leaves the buffer marked busy: the next
    * submit replaces it) */
@@ -568,7 +557,6 @@ static int l_submit_chunk(lua_State *L) {
   lua_Integer pos0 = luaL_optinteger(L, 8, lo - 1) + 1; /* input position of items[lo] */
   int heard = lua_isfunction(L, 9);
   int capture = lua_isnoneornil(L, 10) ? x->capture : lua_toboolean(L, 10);
-  check_capture(L, x, capture);
   if (hi - lo + 1 < 0 || hi - lo + 1 > (lua_Integer)UINT32_MAX / 2)
     luaL_argerror(L, 5, "bad range");
   uint32_t n = (uint32_t)(hi - lo + 1);

@@ -122,6 +122,14 @@ size_t pp_link_pending(const pp_link *l) { return l->ob.n - l->osent; }
 static int take_frame(pp_link *l, uint32_t i, const pp_frame *f) {
   pp_link_slot *s = &l->slots[i];
   pp_wbuf *b = &l->ob;
+  if (f->type == PP_FR_OUTBUF) {
+    /* a capture's parts are live files and pipes of the worker's machine,
+     * for reading a dead worker's last output there: no copy of them
+     * would be. Each item's captured output comes back in its result;
+     * the item a dead worker was running has its stderr's tail. */
+    if (f->fd >= 0) close(f->fd);
+    return 0;
+  }
   if (f->fd >= 0) { /* the frame waits for its bytes */
     struct stat st;
     if (fstat(f->fd, &st) != 0) {

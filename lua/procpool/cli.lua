@@ -292,7 +292,6 @@ local function parse_map_args(args)
       end
     end
   end
-  if (o.hosts or o.launcher) and o.group then usage_error("option --group is not available with -S") end
   return o
 end
 
@@ -607,7 +606,7 @@ local function run_map(o)
     local ok, r = pcall(procpool.ProcessPoolExecutor, {
       hosts = list, launcher = o.launcher, workers_per_host = o.jobs, remote = remote,
       host_timeout = o.host_timeout, initializer = make_init(o.script, src, S.init ~= nil),
-      limits = limits,
+      limits = limits, output = o.group and "capture" or nil,
     })
     if not ok then usage_error(tostring(r), false) end
     ex = r

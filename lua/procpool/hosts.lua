@@ -381,9 +381,6 @@ function M.hosts_of(opts, fname, level)
   if ht ~= nil and (type(ht) ~= "number" or not (ht > 0)) then -- luacheck: ignore 581 (NaN too)
     error("host_timeout must be a number of seconds > 0", level + 1)
   end
-  if opts.output == "capture" then
-    error("output = \"capture\" is not available for workers on hosts", level + 1)
-  end
   local st = opts.start_timeout
   if st ~= nil and (type(st) ~= "number" or not (st > 0)) then -- luacheck: ignore 581 (NaN too)
     error("start_timeout must be a number of seconds > 0", level + 1)
