@@ -111,4 +111,25 @@ function H.run_lua(code, timeout, env)
   return ok, out, err, code_
 end
 
+--- Stop what an earlier run that was killed before its teardown left:
+-- for each temp dir matching `glob` (a daemon spec's, "/tmp/pp-sshd.*"),
+-- the processes of its NAME.pid files that are still the ones started
+-- there (their command line names the dir), then the dir.
+function H.stop_stale(glob, names)
+  local p = io.popen("ls -d " .. glob .. " 2>/dev/null")
+  for dir in p:lines() do
+    for _, name in ipairs(names) do
+      local f = io.open(dir .. "/" .. name .. ".pid")
+      local pid = f and f:read("*l")
+      if f then f:close() end
+      local c = pid and pid:match("^%d+$") and io.open("/proc/" .. pid .. "/cmdline")
+      local cmd = c and c:read("a") or ""
+      if c then c:close() end
+      if cmd:find(dir, 1, true) then os.execute("kill " .. pid .. " 2>/dev/null") end
+    end
+    os.execute("rm -rf " .. dir)
+  end
+  p:close()
+end
+
 return H

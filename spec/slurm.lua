@@ -33,6 +33,7 @@ end
 function S.start()
   local why = S.unavailable()
   if why then return nil, why end
+  require("spec.helper").stop_stale("/tmp/pp-slurm.*", { "slurmd", "slurmctld", "munged" })
   local dir = read("mktemp -d /tmp/pp-slurm.XXXXXX")
   sh("mkdir -p " .. dir .. "/state " .. dir .. "/spool " .. dir .. "/log && chmod 755 " .. dir ..
     " && chown munge:munge " .. dir)

@@ -26,6 +26,7 @@ end
 function S.start()
   local why = S.unavailable()
   if why then return nil, why end
+  require("spec.helper").stop_stale("/tmp/pp-sshd.*", { "sshd" })
   local p = io.popen("mktemp -d /tmp/pp-sshd.XXXXXX")
   local dir = p:read("*l")
   p:close()
