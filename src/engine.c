@@ -1519,6 +1519,7 @@ static void progress(pp_engine *e) {
     for (int s = 0; s < e->cfg.nworkers; s++) {
       pp_worker *w = &e->w[s];
       if (w->state == W_EMPTY || w->state == W_GONE) continue;
+      if (w->state == W_SPAWNING && e->cfg.on_hosts) continue;
       alive++;
       if (w->state == W_READY) {
         if (!w->retire) {

@@ -174,6 +174,10 @@ typedef struct pp_engine_cfg {
   uint64_t timeout_ns; /* default per-task deadline, 0: none */
   uint32_t cpu_limit;  /* limits.cpu (seconds per task), 0: none */
   uint64_t max_output; /* captured bytes kept per stream per task */
+  /* the zygote is a host proxy (hostproxy.h): a spawn may wait for a lost
+   * host to come back, so a closing engine with no work does not wait for
+   * one (the proxy's end stops whatever it starts) */
+  int on_hosts;
 } pp_engine_cfg;
 
 typedef struct pp_stats {

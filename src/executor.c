@@ -248,6 +248,7 @@ static void start_hosts(lua_State *L, pp_exec *x, pp_engine_cfg *cfg, const pp_l
     pp_error_raise(L, "BrokenProcessPool", "no host could be started: %s", lua_tostring(L, -1));
   }
   cfg->nworkers = (int)nslots;
+  cfg->on_hosts = 1;
   x->nworkers = (int)nslots;
   x->hosts = status;
   x->nhosts = nh;
