@@ -120,12 +120,12 @@ function H.stop_stale(glob, names)
   for dir in p:lines() do
     for _, name in ipairs(names) do
       local f = io.open(dir .. "/" .. name .. ".pid")
-      local pid = f and f:read("*l")
+      local daemon = f and f:read("*l")
       if f then f:close() end
-      local c = pid and pid:match("^%d+$") and io.open("/proc/" .. pid .. "/cmdline")
+      local c = daemon and daemon:match("^%d+$") and io.open("/proc/" .. daemon .. "/cmdline")
       local cmd = c and c:read("a") or ""
       if c then c:close() end
-      if cmd:find(dir, 1, true) then os.execute("kill " .. pid .. " 2>/dev/null") end
+      if cmd:find(dir, 1, true) then os.execute("kill " .. daemon .. " 2>/dev/null") end
     end
     os.execute("rm -rf " .. dir)
   end
