@@ -68,6 +68,14 @@ end
 local t_pp = wall(pp_cmd)
 local has_parallel = os.execute("command -v parallel >/dev/null 2>&1")
 local t_gp = has_parallel and wall(gp_cmd) or nil
+-- the floor of the echo: ssh's own byte stream on this link, one way,
+-- its connection set-up taken out (an echo moves its bytes each way)
+local t_conn = B.best(function() os.execute(ssh .. " pp-loop true") end, 3)
+local t_256 = B.best(function()
+  os.execute("head -c 256M /dev/zero | " .. ssh .. " pp-loop 'cat > /dev/null'")
+end, 3)
+local stream = 256 / math.max(t_256 - t_conn, 1e-3) -- MiB/s, one way
+local echo_floor = stream / 2
 os.remove(input)
 os.remove(script)
 server.stop()
@@ -83,6 +91,8 @@ local rows = {
     B.fmt(res["local"].map, "/s"), x(res.ssh.map, res["local"].map) },
   { "64 MiB echo", string.format("%.0f MiB/s", res.ssh.echo), string.format("%.0f MiB/s", res.here.echo),
     string.format("%.0f MiB/s", res["local"].echo), x(res.ssh.echo, res["local"].echo) },
+  { "floor: ssh's stream, 64 MiB each way", string.format("%.0f MiB/s", echo_floor), "", "",
+    "echo " .. x(res.ssh.echo, echo_floor) },
 }
 print("## workers on hosts (bench/hosts.lua), loopback sshd")
 print()
