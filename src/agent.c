@@ -120,6 +120,22 @@ static int install_shipped(lua_State *L) {
   return 0;
 }
 
+/* A step of CONFIG: fn(bytes, n) in protected mode, keeping `nres` of its
+ * results. 0 when it raised: the agent then tells why (FAIL) and quits. */
+static int config_step(agent *a, lua_CFunction fn, const unsigned char *bytes, size_t n, int nres,
+                       const char *what) {
+  lua_State *L = a->L;
+  lua_pushcfunction(L, fn);
+  lua_pushlightuserdata(L, (void *)bytes);
+  lua_pushinteger(L, (lua_Integer)n);
+  if (lua_pcall(L, 2, nres, 0) == LUA_OK) return 1;
+  char text[300];
+  snprintf(text, sizeof text, "cannot %s on this host: %s", what, luaL_tolstring(L, -1, NULL));
+  send_text(a, PP_L_FAIL, text);
+  a->quit = 1;
+  return 0;
+}
+
 /* CONFIG: load the initializer and start the host's zygote. */
 static int on_config(agent *a, const unsigned char *b, size_t len) {
   if (a->zfd >= 0 || len < PP_L_CONFIG_HDR) return EPROTO;
@@ -143,33 +159,12 @@ static int on_config(agent *a, const unsigned char *b, size_t len) {
   if (len - PP_L_CONFIG_HDR - nlen < 4) return EPROTO;
   size_t slen = pp_get32(ship - 4);
   if (slen > len - PP_L_CONFIG_HDR - nlen - 4) return EPROTO;
-  if (slen) {
-    lua_pushcfunction(L, install_shipped);
-    lua_pushlightuserdata(L, (void *)ship);
-    lua_pushinteger(L, (lua_Integer)slen);
-    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
-      char text[300];
-      snprintf(text, sizeof text, "cannot install the shipped modules on this host: %s",
-               luaL_tolstring(L, -1, NULL));
-      send_text(a, PP_L_FAIL, text);
-      a->quit = 1;
-      return 0;
-    }
-  }
+  if (slen && !config_step(a, install_shipped, ship, slen, 0, "install the shipped modules"))
+    return 0;
   const unsigned char *init = ship + slen;
   size_t ilen = len - PP_L_CONFIG_HDR - nlen - 4 - slen;
   if (ilen) {
-    lua_pushcfunction(L, decode_init);
-    lua_pushlightuserdata(L, (void *)init);
-    lua_pushinteger(L, (lua_Integer)ilen);
-    if (lua_pcall(L, 2, LUA_MULTRET, 0) != LUA_OK) {
-      char text[300];
-      snprintf(text, sizeof text, "cannot load the initializer on this host: %s",
-               luaL_tolstring(L, -1, NULL));
-      send_text(a, PP_L_FAIL, text);
-      a->quit = 1;
-      return 0;
-    }
+    if (!config_step(a, decode_init, init, ilen, LUA_MULTRET, "load the initializer")) return 0;
     int n = lua_gettop(L);
     if (n >= 1) {
       w.init_idx = 1;
