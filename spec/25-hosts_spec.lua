@@ -169,6 +169,17 @@ describe("hosts", function()
       assert.matches("%(2 processes%)", tostring(pool))
     end)
 
+    it("replaces a worker on its host after max_tasks_per_child tasks", function()
+      local ex <close> = quiet_pool { hosts = { "1/:" }, max_tasks_per_child = 2 }
+      local pids = {}
+      for i = 1, 6 do
+        pids[ex:submit(function() return require("procpool").current_worker().pid end):result(T)] = i
+      end
+      local n = 0
+      for _ in pairs(pids) do n = n + 1 end
+      assert.are.equal(3, n)
+    end)
+
     it("moves 16 MiB arguments and results through the link", function()
       local ex <close> = quiet_pool { hosts = { "1/:" } }
       local big = string.rep("abcdefgh", 2 << 20)
