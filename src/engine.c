@@ -112,7 +112,7 @@ typedef struct pp_worker {
    * proxy on zfd */
   int remote, zfd, slot;
   char host[200];      /* its host's name (SPAWNED's text), or "" */
-  char host_lost[200]; /* why its host was lost (EXITED's text), or "" */
+  char host_lost[200]; /* why its host was lost (EXITED's text) or is gone (SPAWNFAIL's), or "" */
 } pp_worker;
 
 struct pp_engine {
@@ -1368,6 +1368,11 @@ static void all_hosts_lost(pp_engine *e) {
   engine_break(e, msg);
 }
 
+/* Why the worker's host was lost (or is gone), as the proxy said. */
+static void keep_host_lost(pp_worker *w, const pp_zmsg *m) {
+  snprintf(w->host_lost, sizeof w->host_lost, "%.*s", (int)sizeof m->text, m->text);
+}
+
 static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
   if (m->type == PP_Z_SPAWNED && m->slot < (uint32_t)e->cfg.nworkers && nfds == 4 &&
       e->w[m->slot].gen == m->gen && e->w[m->slot].state == W_SPAWNING) {
@@ -1411,9 +1416,7 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
   if (m->type == PP_Z_SPAWNFAIL && m->slot < (uint32_t)e->cfg.nworkers &&
       e->w[m->slot].gen == m->gen) {
     e->w[m->slot].state = m->flags & PP_ZF_GONE ? W_GONE : W_EMPTY;
-    if (m->flags & PP_ZF_GONE) /* its host and why */
-      snprintf(e->w[m->slot].host_lost, sizeof e->w[m->slot].host_lost, "%.*s", (int)sizeof m->text,
-               m->text);
+    if (m->flags & PP_ZF_GONE) keep_host_lost(&e->w[m->slot], m); /* its host and why */
     int alive = 0, gone = 0;
     for (int s = 0; s < e->cfg.nworkers; s++) {
       alive += e->w[s].state == W_READY || e->w[s].state == W_SPAWNING;
@@ -1434,9 +1437,7 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
                : !e->w[s].remote && e->w[s].pid == m->pid)) {
         /* read whatever it managed to send (and say) before it died */
         if (e->w[s].fd >= 0 && !e->w[s].in.eof) w_readable(e, s);
-        if (m->flags & PP_ZF_LOST)
-          snprintf(e->w[s].host_lost, sizeof e->w[s].host_lost, "%.*s", (int)sizeof m->text,
-                   m->text);
+        if (m->flags & PP_ZF_LOST) keep_host_lost(&e->w[s], m);
         w_stderr(e, s);
         w_died(e, s, m->status);
         break;

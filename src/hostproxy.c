@@ -137,11 +137,10 @@ static void zmsg_init(pp_zmsg *m, int type, uint32_t slot, uint32_t gen) {
   m->gen = gen;
 }
 
-static void spawnfail(uint32_t slot, uint32_t gen, int err, uint32_t flags) {
+static void spawnfail(uint32_t slot, uint32_t gen, int err) {
   pp_zmsg m;
   zmsg_init(&m, PP_Z_SPAWNFAIL, slot, gen);
   m.err = err;
-  m.flags = flags;
   zsend(&m, NULL, 0);
 }
 
@@ -262,6 +261,7 @@ static const char *last_line(hp_host *h, char *out, size_t n) {
 }
 
 static void host_failed(hp *p, int hi, const char *why);
+static void host_lost(hp *p, int hi, const char *why);
 
 /* Bytes before the magic: the prelude's error line, or a login's noise. */
 static void scan_noise(hp *p, int hi) {
@@ -310,8 +310,6 @@ static int prelude_error(hp_host *h, char *out, size_t n) {
 }
 
 /* Why the launcher ended before the agent spoke. */
-static void host_lost(hp *p, int hi, const char *why);
-
 static void launcher_gone(hp *p, int hi) {
   hp_host *h = &p->h[hi];
   char line[400], err[400], why[900];
@@ -471,7 +469,7 @@ static void on_spawned(hp *p, int hi, uint32_t slot, uint32_t gen, pid_t rpid) {
     if (pg >= 0) close(pg);
     if (page != MAP_FAILED) munmap(page, 4096);
     send_signal(h, slot, gen, SIGKILL);
-    spawnfail(slot, gen, err, 0);
+    spawnfail(slot, gen, err);
     return;
   }
   fcntl(ep[1], F_SETFL, fcntl(ep[1], F_GETFL) | O_NONBLOCK);
@@ -586,7 +584,7 @@ static int on_ctrl(void *ud, int type, const unsigned char *b, size_t len) {
     return 0;
   case PP_L_SPAWNFAIL:
     if (len < 12 || !mine) return EPROTO;
-    spawnfail(slot, gen, (int)pp_get32(b + 8), 0);
+    spawnfail(slot, gen, (int)pp_get32(b + 8));
     return 0;
   case PP_L_EXITED:
     if (len < 24 || !mine) return EPROTO;
@@ -693,8 +691,20 @@ static void host_failed(hp *p, int hi, const char *why) { host_down(p, hi, why, 
 /* Down for now: a lost link, a launcher that ended, a silence. */
 static void host_lost(hp *p, int hi, const char *why) { host_down(p, hi, why, 1); }
 
+/* Run the host's launcher: 1 when it is starting, 0 when it could not
+ * be run (the host has failed). */
+static int start_host(hp *p, int hi) {
+  hp_host *h = &p->h[hi];
+  h->state = H_STARTING;
+  if (launch(h) == 0) return 1;
+  char why[sizeof h->why];
+  snprintf(why, sizeof why, "%s", h->why);
+  host_failed(p, hi, why);
+  return 0;
+}
+
 /* A lost host's next launch: what the last one left is cleared. */
-static void relaunch(hp *p, int hi) {
+static int relaunch(hp *p, int hi) {
   hp_host *h = &p->h[hi];
   if (h->lpid > 0) /* killed when it was lost */
     while (waitpid(h->lpid, NULL, 0) < 0 && errno == EINTR) {
@@ -704,13 +714,8 @@ static void relaunch(hp *p, int hi) {
   h->errfd = -1;
   h->taillen = h->noiselen = h->noiseall = 0;
   memset(h->win, 0, sizeof h->win);
-  h->state = H_STARTING;
   st_state(h, PP_HS_CONNECTING, NULL);
-  if (launch(h) != 0) {
-    char why[sizeof h->why];
-    snprintf(why, sizeof why, "%s", h->why);
-    host_failed(p, hi, why);
-  }
+  return start_host(p, hi);
 }
 
 /* Once every host is up or failed: tell the engine's starter. */
@@ -833,20 +838,9 @@ __attribute__((noreturn)) static void proxy_main(const pp_hosts_cfg *cfg, pid_t 
     for (int i = 0; i < cfg->nhosts; i++)
       starting += p.h[i].state == H_STARTING || p.h[i].state == H_HELLO;
     for (int i = 0; i < cfg->nhosts && starting < MAX_STARTING; i++)
-      if (p.h[i].state == H_RETRY && t >= p.h[i].retry_at) {
-        relaunch(&p, i);
-        starting += p.h[i].state == H_STARTING;
-      }
+      if (p.h[i].state == H_RETRY && t >= p.h[i].retry_at) starting += relaunch(&p, i);
     for (int i = 0; i < cfg->nhosts && starting < MAX_STARTING; i++) {
-      if (p.h[i].state != H_WAITING) continue;
-      p.h[i].state = H_STARTING;
-      if (launch(&p.h[i]) != 0) {
-        char why[sizeof p.h[i].why];
-        snprintf(why, sizeof why, "%s", p.h[i].why);
-        host_failed(&p, i, why);
-      } else {
-        starting++;
-      }
+      if (p.h[i].state == H_WAITING) starting += start_host(&p, i);
     }
     /* room for every fd: the engine's, each host's stderr and stream, each worker's channel */
     size_t need = 1 + 3 * (size_t)cfg->nhosts + p.nslots;

@@ -234,8 +234,8 @@ local function parse_map_args(args)
       elseif name == "--host-timeout" then
         o.host_timeout = parse_number(name, value(), false)
       elseif name == "--ship-module" then
-        o.ship_modules = o.ship_modules or {}
-        o.ship_modules[#o.ship_modules + 1] = value()
+        o.ship_module = o.ship_module or {}
+        o.ship_module[#o.ship_module + 1] = value()
       elseif name == "-j" or name == "--jobs" then
         o.jobs = parse_number(name, value(), true)
       elseif name == "--json" then
@@ -285,11 +285,8 @@ local function parse_map_args(args)
   if #o.inputs == 0 then o.inputs[1] = "-" end
   if o.hosts and #o.hosts == 0 then usage_error("option -S/--slf: no sshlogin given") end
   if not o.hosts and o.launcher ~= "slurm" then
-    for _, k in ipairs({ "ssh", "remote_lua", "remote_path", "host_timeout", "ship_modules" }) do
-      if o[k] then
-        local opt = k == "ship_modules" and "ship-module" or k:gsub("_", "-")
-        usage_error("option --" .. opt .. " is for workers on hosts (-S)")
-      end
+    for _, k in ipairs({ "ssh", "remote_lua", "remote_path", "host_timeout", "ship_module" }) do
+      if o[k] then usage_error("option --" .. k:gsub("_", "-") .. " is for workers on hosts (-S)") end
     end
   end
   return o
@@ -601,7 +598,7 @@ local function run_map(o)
         end
       end
     end
-    local remote = { executable = o.remote_lua, ship_modules = o.ship_modules }
+    local remote = { executable = o.remote_lua, ship_modules = o.ship_module }
     if o.remote_path then remote.lua_path, remote.lua_cpath = "inherit", "inherit" end
     local ok, r = pcall(procpool.ProcessPoolExecutor, {
       hosts = list, launcher = o.launcher, workers_per_host = o.jobs, remote = remote,

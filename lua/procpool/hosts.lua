@@ -390,8 +390,6 @@ function M.hosts_of(opts, fname, level)
   for k in pairs(remote) do
     if not REMOTE_OPTS[k] then error("unknown remote option '" .. tostring(k) .. "'", level + 1) end
   end
-  local launch_remote = {} -- (what the agent's command line is made of)
-  for k, v in pairs(remote) do if k ~= "ship_modules" then launch_remote[k] = v end end
   local entries, why
   if type(hosts) == "table" and hosts[1] and type(hosts[1]) == "table" and hosts[1].name then
     entries = hosts -- (the allocation's)
@@ -401,7 +399,7 @@ function M.hosts_of(opts, fname, level)
   end
   local out = {}
   for i, e in ipairs(entries) do
-    local ok, argv = pcall(M.launch_argv, e, launcher, launch_remote)
+    local ok, argv = pcall(M.launch_argv, e, launcher, remote)
     if not ok then error(argv, level + 1) end
     out[i] = { name = e.name, argv = argv, workers = e.workers or wph,
       exe = remote.executable or "lua5.4" }
