@@ -239,6 +239,7 @@ describe("procpool's command line", function()
     it("refuses what does not go with hosts", function()
       rejects("option --launcher: expected ssh or slurm, got 'rsh'", "map", "s.lua", "--launcher", "rsh")
       rejects("option --ssh is for workers on hosts (-S)", "map", "s.lua", "--ssh", "ssh -p 1")
+      rejects("option --ship-module is for workers on hosts (-S)", "map", "s.lua", "--ship-module", "m")
       rejects("option -S/--slf: no sshlogin given", "map", "s.lua", "-S", ",")
       rejects("option --remote-path: only 'inherit' is known, got 'x'", "map", "s.lua", "-S", ":",
         "--remote-path", "x")
