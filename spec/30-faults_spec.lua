@@ -291,6 +291,7 @@ describe("faults", function()
   describe("leaks", function()
     it("100 executor lifecycles leave fds and children as they were", function()
       local fds = H.settled_fd_count(T)
+      local before = H.fd_table()
       for _ = 1, 100 do
         local ex = procpool.ProcessPoolExecutor { max_workers = 1 }
         ex:submit("spec.tasks.add", 1, 1):result(T)
@@ -298,7 +299,7 @@ describe("faults", function()
       end
       collectgarbage()
       collectgarbage()
-      assert.are.equal(fds, H.fd_count())
+      assert.are.equal(fds, H.fd_count(), H.fd_diff(before, H.fd_table()))
       assert.are.equal(0, #H.children())
     end)
 

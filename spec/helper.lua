@@ -8,13 +8,39 @@ function H.range(n)
   return t
 end
 
---- Count this process's open file descriptors.
+--- This process's open file descriptors: fd number -> what it names
+--- ("pipe:[123]", "/dev/null", ...). The listing's own pipe is left out by
+--- name, both of its ends: popen may not yet have closed its copy of the
+--- write end when the listing runs.
+function H.fd_table()
+  local t = {}
+  local p = io.popen("own=$(readlink /proc/$$/fd/1); ls -l /proc/" .. H.pid() .. "/fd | grep -vF \"$own\"")
+  for line in p:lines() do
+    local fd, target = line:match("(%d+) %-> (.*)$")
+    if fd then t[tonumber(fd)] = target end
+  end
+  p:close()
+  return t
+end
+
+--- Count this process's open file descriptors (as H.fd_table lists them).
 function H.fd_count()
   local n = 0
-  local p = io.popen("ls /proc/" .. H.pid() .. "/fd")
-  for _ in p:lines() do n = n + 1 end
-  p:close()
-  return n - 1 -- the listing's own pipe
+  for _ in pairs(H.fd_table()) do n = n + 1 end
+  return n
+end
+
+--- What changed from fd table `before` to `after`, as text ("" if nothing).
+function H.fd_diff(before, after)
+  local out = {}
+  for fd, target in pairs(after) do
+    if before[fd] ~= target then out[#out + 1] = "new " .. fd .. " -> " .. target end
+  end
+  for fd, target in pairs(before) do
+    if after[fd] ~= target then out[#out + 1] = "gone " .. fd .. " -> " .. target end
+  end
+  table.sort(out)
+  return table.concat(out, "; ")
 end
 
 local pid
