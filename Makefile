@@ -42,7 +42,7 @@ $(SO): $(OBJS)
 CTESTS := $(patsubst spec/c/%.c,$(BUILD)/ctest/%,$(wildcard spec/c/test_*.c))
 # The engine's test links the engine's files alone, without Lua: the build
 # itself says that the engine never needs a lua_State.
-ENGINE_SRCS := src/engine.c src/channel.c src/buf.c src/forkgate.c
+ENGINE_SRCS := src/engine.c src/channel.c src/buf.c src/forkgate.c src/warm.c
 
 $(BUILD)/ctest/test_engine: spec/c/test_engine.c $(ENGINE_SRCS) $(HDRS) spec/c/ctest.h
 	@mkdir -p $(dir $@)

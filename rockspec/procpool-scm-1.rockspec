@@ -67,6 +67,7 @@ build = {
         "src/report.c",
         "src/sys.c",
         "src/wait.c",
+        "src/warm.c",
         "src/worker.c",
       },
       incdirs = { "src" },

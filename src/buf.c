@@ -2,6 +2,8 @@
 #define _GNU_SOURCE
 #include "buf.h"
 
+#include "warm.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -18,6 +20,15 @@ void pp_wbuf_init(pp_wbuf *b, size_t memfd_at) {
   b->n = b->cap = 0;
   b->memfd_at = memfd_at;
   b->fd = -1;
+}
+
+/* A heap buffer's memory is kept warm from PP_WARM_MIN bytes on: the rule
+ * that every heap buffer here (a write buffer's, a blob's) follows. */
+static void heap_free(void *p, size_t cap) {
+  if (cap >= PP_WARM_MIN)
+    pp_warm_free(p);
+  else
+    free(p);
 }
 
 static size_t page_round(size_t n) {
@@ -119,7 +130,7 @@ static int grow_memfd(pp_wbuf *b, size_t need) {
       return e;
     }
     if (b->n) memcpy(m, b->p, b->n);
-    free(b->p);
+    heap_free(b->p, b->cap);
     b->p = m;
     b->fd = fd;
     b->cap = cap;
@@ -140,6 +151,15 @@ int pp_wbuf_grow(pp_wbuf *b, size_t extra) {
   if (b->fd >= 0 || (b->memfd_at && need > b->memfd_at)) return grow_memfd(b, need);
   size_t cap = b->cap ? b->cap : PP_WBUF_MIN;
   while (cap < need) cap = (cap > SIZE_MAX / 2) ? need : cap * 2;
+  if (cap >= PP_WARM_MIN) { /* (a warm one may be larger than asked: all of it is used) */
+    char *p = pp_warm_alloc(cap);
+    if (!p) return ENOMEM;
+    if (b->n) memcpy(p, b->p, b->n);
+    heap_free(b->p, b->cap);
+    b->p = p;
+    b->cap = pp_warm_cap(p);
+    return 0;
+  }
   char *p = realloc(b->p, cap);
   if (!p) return ENOMEM;
   b->p = p;
@@ -171,7 +191,7 @@ void pp_wbuf_free(pp_wbuf *b) {
     munmap(b->p, b->cap);
     close(b->fd);
   } else {
-    free(b->p);
+    heap_free(b->p, b->cap);
   }
   b->p = NULL;
   b->n = b->cap = 0;
@@ -190,6 +210,7 @@ pp_blob *pp_blob_from_wbuf(pp_wbuf *b, int keep_fd) {
   bl->n = b->n;
   bl->fd = -1;
   bl->spare = 0;
+  bl->warm = 0;
   if (b->fd >= 0) {
     bl->mapped = 1;
     bl->p = b->p;
@@ -201,6 +222,7 @@ pp_blob *pp_blob_from_wbuf(pp_wbuf *b, int keep_fd) {
   } else {
     bl->mapped = 0;
     bl->maplen = 0;
+    bl->warm = b->cap >= PP_WARM_MIN;
     bl->p = b->p; /* may be NULL when n == 0 */
   }
   b->p = NULL;
@@ -216,6 +238,7 @@ pp_blob *pp_blob_adopt(char *p, size_t n) {
   bl->mapped = 0;
   bl->fd = -1;
   bl->spare = 0;
+  bl->warm = 0;
   bl->maplen = 0;
   bl->p = p;
   bl->n = n;
@@ -223,11 +246,16 @@ pp_blob *pp_blob_adopt(char *p, size_t n) {
 }
 
 pp_blob *pp_blob_new(const void *p, size_t n) {
-  char *c = malloc(n ? n : 1);
+  int warm = n >= PP_WARM_MIN;
+  char *c = warm ? pp_warm_alloc(n) : malloc(n ? n : 1);
   if (!c) return NULL;
   if (n) memcpy(c, p, n);
   pp_blob *bl = pp_blob_adopt(c, n);
-  if (!bl) free(c);
+  if (!bl) {
+    heap_free(c, warm ? n : 0);
+    return NULL;
+  }
+  bl->warm = warm;
   return bl;
 }
 
@@ -255,6 +283,7 @@ pp_blob *pp_blob_map(int fd, size_t n, int spare, int *err) {
   bl->mapped = 1;
   bl->fd = -1;
   bl->spare = 0;
+  bl->warm = 0;
   if (spare && n <= PP_SPARE_MAX && hold_candidate()) {
     bl->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0); /* (without a copy it is merely not spared) */
     bl->spare = bl->fd >= 0;
@@ -271,6 +300,8 @@ void pp_blob_unref(pp_blob *b) {
   if (__atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
   if (b->mapped)
     munmap(b->p, b->maplen);
+  else if (b->warm)
+    pp_warm_free(b->p);
   else
     free(b->p);
   if (b->spare) {

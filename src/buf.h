@@ -48,6 +48,7 @@ typedef struct pp_blob {
   int mapped;
   int fd;    /* the memfd behind a mapping, kept to pass it on (or to spare); else -1 */
   int spare; /* when freed, its memfd becomes the spare (pp_spare_give) */
+  int warm;  /* heap memory from pp_warm_alloc (given back there when freed) */
   char *p;
   size_t n;
   size_t maplen;

@@ -32,12 +32,14 @@ void pp_encode(lua_State *L, int first, int n, pp_wbuf *out, int header, const c
 int pp_decode(lua_State *L, const char *s, size_t len, size_t *used, int header, int fncache);
 
 /* Fast paths for single values. pp_encode_scalar writes the list of the
- * one value at idx (count + value) to p (room for 80 bytes) and returns
+ * one value at idx (count + value) to p (room for PP_ENCODE_SCALAR_MAX
+ * bytes) and returns
  * its length, or 0 if that value needs pp_encode. pp_decode_first pushes
  * the first value of a list when it is a simple scalar and returns the
  * bytes it read (count and value), or returns 0 having pushed nothing (use
  * pp_decode); the list holds just that value when the count is 1 and the
  * bytes read are all of it. */
+#define PP_ENCODE_SCALAR_MAX 80
 size_t pp_encode_scalar(lua_State *L, int idx, int type, unsigned char *p);
 size_t pp_decode_first(lua_State *L, const char *s, size_t len);
 

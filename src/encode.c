@@ -679,16 +679,13 @@ static size_t fast_put(lua_State *L, int idx, int type, unsigned char *p) {
   case LUA_TBOOLEAN:
     v.i = lua_toboolean(L, idx);
     break;
-  case LUA_TNUMBER: {
-    int isint;
-    lua_Integer iv = lua_tointegerx(L, idx, &isint);
-    v.isint = isint && lua_isinteger(L, idx);
+  case LUA_TNUMBER:
+    v.isint = lua_isinteger(L, idx);
     if (v.isint)
-      v.i = iv;
+      v.i = lua_tointegerx(L, idx, NULL);
     else
       v.d = (double)lua_tonumber(L, idx);
     break;
-  }
   default: { /* string */
     size_t len;
     const char *str = lua_tolstring(L, idx, &len);

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "forkgate.h"
+#include "warm.h"
 #include "wire.h"
 
 /* ------------------------------------------------------------------ */
@@ -175,7 +176,7 @@ pp_job *pp_job_new(uint32_t n, size_t ilen) {
   if (ilen > UINT32_MAX || nitems > (SIZE_MAX - sizeof(pp_job) - ilen) / sizeof(pp_item))
     return NULL;
   size_t head = sizeof(pp_job) + nitems * sizeof(pp_item);
-  pp_job *j = malloc(head + ilen);
+  pp_job *j = head + ilen >= PP_WARM_MIN ? pp_warm_alloc(head + ilen) : malloc(head + ilen);
   if (!j) return NULL;
   /* written here, by the submitting thread: calloc's untouched zero pages
    * would be copied on first write by the I/O thread, a fault and a TLB
@@ -271,7 +272,11 @@ void pp_job_unref(pp_job *j) {
     free(x->ranges);
     free(x);
   }
-  free(j);
+  /* (pp_job_new's rule: a large job's memory is kept warm) */
+  if (sizeof(pp_job) + (j->n ? j->n : 1) * sizeof(pp_item) + j->ilen >= PP_WARM_MIN)
+    pp_warm_free(j);
+  else
+    free(j);
 }
 
 static void q_remove(pp_engine *e, pp_job *j) {
@@ -1689,6 +1694,7 @@ pp_engine *pp_engine_new(const pp_engine_cfg *cfg, pid_t zpid, int zfd, int *err
   e->cfg = *cfg;
   e->refs = 1;
   pp_spare_users(1); /* the spare memfd is kept while a pool lives */
+  pp_warm_users(1);  /* and so are large buffers */
   e->accepting = 1;
   e->forkgen = pp_fork_generation();
   e->zpid = zpid;
@@ -1824,6 +1830,7 @@ void pp_engine_unref(pp_engine *e) {
   free(e->w);
   free(e);
   pp_spare_users(-1);
+  pp_warm_users(-1);
 }
 
 /* Submits closer together than this are a burst. */

@@ -540,6 +540,9 @@ static int l_fast_apply(lua_State *L) {
   return 1;
 }
 
+/* Items pushed at once by a chunk's scalar run (stack slots it takes). */
+#define SCALAR_BATCH 64
+
 /* _submit_chunk(fn, items, i, j, star, timeout|nil, base|nil,
  * listener|nil, capture|nil) -> Future for fn(items[i]) .. fn(items[j]);
  * with `star`, each item is a table of arguments (unpacked 1..(t.n or
@@ -570,18 +573,31 @@ static int l_submit_chunk(lua_State *L) {
   patch_len(b, 0);
   int top = lua_gettop(L);
   for (uint32_t k = 0; k < n; k++) {
-    int t = lua_rawgeti(L, 3, lo + (lua_Integer)k);
-    if (!star && pp_wbuf_reserve(b, 84) == 0) {
-      /* the common case, without the general encoder */
+    if (!star) {
+      /* the common case, without the general encoder: a run of scalars,
+       * pushed a batch at a time and popped at once */
+      uint32_t m = n - k < SCALAR_BATCH ? n - k : SCALAR_BATCH, d = 0;
+      if (!lua_checkstack(L, (int)m) ||
+          pp_wbuf_reserve(b, (size_t)m * (PP_LEN_PREFIX + PP_ENCODE_SCALAR_MAX)) != 0)
+        m = 0; /* (the general path raises what is wrong) */
       unsigned char *q = (unsigned char *)b->p + b->n;
-      size_t m = pp_encode_scalar(L, -1, t, q + PP_LEN_PREFIX);
-      if (m) {
-        pp_wire_put_len(q, (uint32_t)m);
-        b->n += PP_LEN_PREFIX + m;
-        lua_settop(L, top);
+      for (; d < m; d++) {
+        int t = lua_rawgeti(L, 3, lo + (lua_Integer)(k + d));
+        size_t len = pp_encode_scalar(L, -1, t, q + PP_LEN_PREFIX);
+        if (!len) break;
+        pp_wire_put_len(q, (uint32_t)len);
+        q += PP_LEN_PREFIX + len;
+      }
+      if (m) b->n = (size_t)(q - (unsigned char *)b->p);
+      lua_settop(L, top);
+      k += d;
+      if (k >= n) break;
+      if (d == m && m) {
+        k--; /* (the loop's k++) */
         continue;
       }
     }
+    lua_rawgeti(L, 3, lo + (lua_Integer)k);
     size_t at = b->n;
     put_u32_placeholder(L, b);
     if (star) {

@@ -543,6 +543,19 @@ static int decode_body(lua_State *L) {
     lua_pushinteger(L, n);
     return (n < 0 ? 2 : n) + 1;
   }
+  if (pp_job_ended(pp_engine_job_state(d->f->e, d->f->job))) {
+    /* the common case: a run of scalar results of a done job, read in
+     * place (push_item below takes any other item) */
+    const pp_job *j = d->f->job;
+    for (; d->i < d->end; d->i++) {
+      const pp_item *it = &j->items[d->i];
+      if (it->status != PP_IT_OK) break;
+      size_t len;
+      const char *s = pp_item_bytes(j, it, &len);
+      if (!pp_decode_first(L, s, len)) break;
+      lua_rawseti(L, 2, d->base + (lua_Integer)d->i);
+    }
+  }
   for (; d->i < d->end; d->i++) {
     if (push_item(L, d->f, d->i, 1, &d->held) < 0) {
       lua_pushinteger(L, -1);
