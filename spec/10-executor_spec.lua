@@ -121,6 +121,50 @@ describe("ProcessPoolExecutor", function()
     assert.is_nil(arg.seen)
   end)
 
+  describe("the same function submitted again", function()
+    -- (its encoding is reused when it cannot have changed: these fail if
+    -- it were reused when it can)
+    it("sends a closure's upvalues as they are at each submit", function()
+      local k = 1
+      local f = function() return k end
+      assert.are.equal(1, ex:submit(f):result(T))
+      k = 2
+      assert.are.equal(2, ex:submit(f):result(T))
+    end)
+
+    it("gives a function the worker's globals as _ENV, whatever it holds here", function()
+      local f = load("return function() return type(tag), type(print) end")()
+      assert.are.same({ "nil", "function" }, { ex:submit(f):result(T) })
+      debug.setupvalue(f, 1, { tag = "its own" })
+      assert.are.same({ "nil", "function" }, { ex:submit(f):result(T) })
+    end)
+
+    it("sends a function's bytes again once another was sent between", function()
+      local f = function() return "f" end
+      local g = function() return "g" end
+      assert.are.equal("f", ex:submit(f):result(T))
+      assert.are.equal("g", ex:submit(g):result(T))
+      assert.are.equal("f", ex:submit(f):result(T))
+      assert.are.equal("f", ex:submit(f):result(T))
+    end)
+
+    it("runs each of two functions submitted in turn", function()
+      local f = function(x) return x + 1 end
+      local g = function(x) return x * 10 end
+      local fs = {}
+      for i = 1, 20 do fs[i] = ex:submit(i % 2 == 1 and f or g, i) end
+      for i = 1, 20 do assert.are.equal(i % 2 == 1 and i + 1 or i * 10, fs[i]:result(T)) end
+    end)
+
+    it("sends a large argument with it", function()
+      local echo = function(x) return x end
+      assert.are.equal(1, ex:submit(echo, 1):result(T))
+      local big = ("x"):rep(3 * 1024 * 1024)
+      assert.are.equal(big, ex:submit(echo, big):result(T))
+      assert.are.equal(2, ex:submit(echo, 2):result(T))
+    end)
+  end)
+
   describe("task errors", function()
     it("re-raises a string error unchanged, with a worker traceback", function()
       local f = ex:submit(function() error("boom", 0) end)

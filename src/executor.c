@@ -40,10 +40,14 @@ typedef struct pp_exec {
   int nhosts;
   pp_fncache fns; /* the encoded functions its jobs share */
   size_t untold;  /* bytes of jobs not yet told to the collector */
+  /* the encoding of the function last submitted (EXEC_UV_LASTFN), when
+   * that function's encoding cannot change (fn_is_fixed); else NULL */
+  pp_blob *last_fn;
 } pp_exec;
 
-/* user value of the Executor: the write buffer that submit reuses */
-enum { EXEC_UV_SCRATCH = 1, EXEC_UV_N = EXEC_UV_SCRATCH };
+/* user values of the Executor: the write buffer that submit reuses; the
+ * function last submitted (see last_fn) */
+enum { EXEC_UV_SCRATCH = 1, EXEC_UV_LASTFN, EXEC_UV_N = EXEC_UV_LASTFN };
 
 /* A registry-held object whose finalizer runs first when the state
  * closes: it tells executors that the state is closing, so they stop
@@ -440,6 +444,44 @@ static pp_job *task_job(lua_State *L, pp_exec *x, pp_wbuf *b, size_t fnend, doub
   return job_options(L, j, timeout, capture);
 }
 
+/* Whether the encoding of the function at idx is the same whenever it is
+ * sent: a Lua function with no upvalue but _ENV (its bytecode never
+ * changes, and an _ENV goes as the receiver's globals, whatever it holds).
+ * The function and the arguments are encoded apart, so no reference
+ * between them is lost by reusing the function's bytes. */
+static int fn_is_fixed(lua_State *L, int idx) {
+  if (lua_type(L, idx) != LUA_TFUNCTION || lua_iscfunction(L, idx)) return 0;
+  const char *name = lua_getupvalue(L, idx, 1);
+  if (!name) return 1;
+  lua_pop(L, 1);
+  if (strcmp(name, "_ENV") != 0) return 0;
+  if (!lua_getupvalue(L, idx, 2)) return 1;
+  lua_pop(L, 1);
+  return 0;
+}
+
+/* Remember the function at fi and its encoding `fn` for the next submit
+ * (or forget the last one). */
+static void remember_fn(lua_State *L, pp_exec *x, int fi, pp_blob *fn) {
+  pp_blob_unref(x->last_fn);
+  x->last_fn = fn ? pp_blob_ref(fn) : NULL;
+  if (fn)
+    lua_pushvalue(L, fi);
+  else
+    lua_pushnil(L);
+  lua_setiuservalue(L, 1, EXEC_UV_LASTFN);
+}
+
+/* The encoding of the function at fi if it is the one last submitted
+ * (and fixed), else NULL. */
+static pp_blob *remembered_fn(lua_State *L, pp_exec *x, int fi) {
+  if (!x->last_fn) return NULL;
+  lua_getiuservalue(L, 1, EXEC_UV_LASTFN);
+  int same = lua_rawequal(L, -1, fi);
+  lua_pop(L, 1);
+  return same ? x->last_fn : NULL;
+}
+
 /* Submit fn(...) (fn at index `fi`, its arguments after it; the
  * executor at 1). */
 static int submit_task(lua_State *L, pp_exec *x, double timeout, int capture, int fi) {
@@ -450,6 +492,32 @@ static int submit_task(lua_State *L, pp_exec *x, double timeout, int capture, in
   int *busy;
   pp_wbuf *b = pp_codec_scratch(L, 1, &scratch_kind, &busy);
   *busy = 1;
+  pp_blob *fn = remembered_fn(L, x, fi);
+  if (fn) {
+    /* the same function again: its bytes as sent before, then the
+     * arguments; a heap payload shares the function's blob */
+    b->n = 0;
+    if (pp_wbuf_reserve(b, fn->n) != 0) luaL_error(L, "procpool: not enough memory");
+    memcpy(b->p, fn->p, fn->n);
+    b->n = fn->n;
+    put_u32_placeholder(L, b);
+    pp_encode(L, fi + 1, nargs, b, 0, "args", 0);
+    patch_len(b, fn->n);
+    pp_job *j;
+    if (b->fd >= 0) {
+      j = new_job(L, 1, b, timeout, capture); /* (a memfd payload is kept whole) */
+    } else {
+      j = pp_job_new(1, b->n - fn->n);
+      if (!j) luaL_error(L, "procpool: not enough memory");
+      memcpy(pp_job_inline(j), b->p + fn->n, b->n - fn->n);
+      j->fn = pp_blob_ref(fn);
+      pp_wbuf_reset(b);
+      j = job_options(L, j, timeout, capture);
+    }
+    *busy = 0;
+    submit_job(L, x, j);
+    return 1;
+  }
   b->n = 0;
   put_u32_placeholder(L, b);
   pp_encode(L, fi, 1, b, 0, "=fn", 0);
@@ -460,6 +528,12 @@ static int submit_task(lua_State *L, pp_exec *x, double timeout, int capture, in
   patch_len(b, at);
   pp_job *j = task_job(L, x, b, at, timeout, capture);
   *busy = 0;
+  if (j->fn) {
+    if (fn_is_fixed(L, fi))
+      remember_fn(L, x, fi, j->fn);
+    else if (x->last_fn)
+      remember_fn(L, x, fi, NULL);
+  }
   submit_job(L, x, j);
   return 1;
 }
@@ -794,6 +868,8 @@ static int l_gc(lua_State *L) {
   x->e = NULL;
   if (!pp_engine_mine(e)) return 0; /* a worker's copy of its parent's */
   pp_fncache_clear(&x->fns);
+  pp_blob_unref(x->last_fn);
+  x->last_fn = NULL;
   if (state_closing(L)->closing) {
     /* the state is closing: stop the workers now and wait for them */
     if (pp_engine_state(e) != PP_E_DEAD) pp_engine_kill(e, SIGKILL);
