@@ -139,6 +139,15 @@ describe("ProcessPoolExecutor", function()
       assert.are.same({ "nil", "function" }, { ex:submit(f):result(T) })
     end)
 
+    it("runs it with the globals as _ENV again after a task replaced its _ENV", function()
+      local one = procpool.ProcessPoolExecutor { max_workers = 1 }
+      local f = load("return function(swap) if swap then _ENV = { type = type } end "
+        .. "return type(print) end")()
+      assert.are.equal("nil", one:submit(f, true):result(T))
+      assert.are.equal("function", one:submit(f, false):result(T))
+      one:shutdown()
+    end)
+
     it("sends a function's bytes again once another was sent between", function()
       local f = function() return "f" end
       local g = function() return "g" end

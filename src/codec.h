@@ -43,6 +43,13 @@ int pp_decode(lua_State *L, const char *s, size_t len, size_t *used, int header,
 size_t pp_encode_scalar(lua_State *L, int idx, int type, unsigned char *p);
 size_t pp_decode_first(lua_State *L, const char *s, size_t len);
 
+/* Whether s[0..len) encodes a list of one Lua function whose upvalues are
+ * all the receiver's globals (its _ENV), and nothing else: then how many
+ * upvalues it has, else -1. Decoding such bytes again gives the same
+ * function with those upvalues set to the globals, so a receiver may keep
+ * the function it decoded from them and reset its upvalues instead. */
+int pp_decode_fn_globals(const char *s, size_t len);
+
 /* Push package.loaded[name], requiring it if needed. On failure returns 0
  * with *err set (the message is on the stack). */
 int pp_push_module(lua_State *L, const char *name, size_t len, const char **err);

@@ -89,6 +89,23 @@ static size_t fast_get(lua_State *L, const unsigned char *p, const unsigned char
   return p < e ? get_scalar(L, p, e, &v) : 0;
 }
 
+int pp_decode_fn_globals(const char *s, size_t len) {
+  const unsigned char *p = (const unsigned char *)s, *e = p + len;
+  /* a list of one value (count 1), a function with no flag but pure */
+  if (len < 4 || p[0] != 1 || p[1] != PP_T_FUNC || p[2] != PP_FN_PURE) return -1;
+  uint64_t blen;
+  size_t k = pp_varint_get(p + 3, len - 3, &blen);
+  if (!k) return -1;
+  const unsigned char *q = p + 3 + k;
+  if ((size_t)(e - q) < 1 || blen > (uint64_t)(e - q) - 1) return -1;
+  q += blen;
+  size_t nups = *q++;
+  if ((size_t)(e - q) != nups) return -1;
+  for (size_t i = 0; i < nups; i++)
+    if (q[i] != PP_T_GLOBALS) return -1;
+  return (int)nups;
+}
+
 size_t pp_decode_first(lua_State *L, const char *s, size_t len) {
   const unsigned char *p = (const unsigned char *)s;
   if (len < 2 || p[0] == 0 || p[0] >= 0x80) return 0; /* need a count of 1..127 */

@@ -92,6 +92,12 @@ typedef struct wstate {
   uint32_t unclocked;    /* quick items since the clock was last read */
   uint32_t batch_n;
   int fncache; /* stack index of the function cache */
+  /* the task function last decoded, when its bytes say decoding them
+   * again gives the same (pp_decode_fn_globals): the bytes, its stack
+   * slot (lastfn_idx) and its upvalue count; lastfn NULL: none */
+  char *lastfn;
+  size_t lastfn_len;
+  int lastfn_idx, lastfn_nups;
   pp_limiter lim;
   int retiring; /* a memory error: exit after the results */
   /* the item claim (pp_page): `claimed` is what this worker last wrote
@@ -685,6 +691,39 @@ static void memory_error(wstate *ws) {
   lua_setfield(L, LUA_REGISTRYINDEX, "procpool.traceback");
 }
 
+/* Larger function encodings are decoded each time (not kept). */
+#define LASTFN_MAX 4096
+
+/* The task function of bytes fn[0..len) is the one last decoded: push it,
+ * its upvalues the globals again (as decoding would set them), and
+ * return 1; else push nothing and return 0. */
+static int same_fn(wstate *ws, const char *fn, size_t len) {
+  if (!ws->lastfn || len != ws->lastfn_len || memcmp(fn, ws->lastfn, len) != 0) return 0;
+  lua_State *L = ws->L;
+  lua_pushvalue(L, ws->lastfn_idx);
+  for (int i = 1; i <= ws->lastfn_nups; i++) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    lua_setupvalue(L, -2, i);
+  }
+  return 1;
+}
+
+/* Keep the function just decoded (on top) from bytes fn[0..len) for the
+ * next task, if decoding those bytes again would give the same. */
+static void keep_fn(wstate *ws, const char *fn, size_t len) {
+  int nups = len <= LASTFN_MAX ? pp_decode_fn_globals(fn, len) : -1;
+  if (nups < 0) return;
+  if (len > ws->lastfn_len || !ws->lastfn) {
+    char *p = realloc(ws->lastfn, len ? len : 1);
+    if (!p) return;
+    ws->lastfn = p;
+  }
+  memcpy(ws->lastfn, fn, len);
+  ws->lastfn_len = len;
+  ws->lastfn_nups = nups;
+  lua_copy(ws->L, -1, ws->lastfn_idx);
+}
+
 static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
   lua_State *L = ws->L;
   if (blen < PP_TASK_HDR) wexit(ws, 71);
@@ -734,13 +773,17 @@ static void run_task(wstate *ws, const unsigned char *fb, size_t blen, int fd) {
   lua_pushcfunction(L, msgh);
   int h = lua_gettop(L);
   /* the function, once per frame */
-  lua_pushcfunction(L, decode_fn);
-  lua_pushlightuserdata(L, (void *)fn);
-  lua_pushinteger(L, (lua_Integer)fnlen);
-  lua_pushvalue(L, ws->fncache);
-  int fnrc = lua_pcall(L, 3, 1, h);
-  if (fnrc == LUA_ERRMEM) memory_error(ws); /* its upvalues did not fit */
-  int fnok = fnrc == LUA_OK && resolve_fn(L);
+  int fnok = same_fn(ws, fn, fnlen);
+  if (!fnok) {
+    lua_pushcfunction(L, decode_fn);
+    lua_pushlightuserdata(L, (void *)fn);
+    lua_pushinteger(L, (lua_Integer)fnlen);
+    lua_pushvalue(L, ws->fncache);
+    int fnrc = lua_pcall(L, 3, 1, h);
+    if (fnrc == LUA_ERRMEM) memory_error(ws); /* its upvalues did not fit */
+    fnok = fnrc == LUA_OK && resolve_fn(L);
+    if (fnok) keep_fn(ws, fn, fnlen);
+  }
   int fnidx = lua_gettop(L);
   batch b = {ws, items, itemslen, 0, 0, count, seq0, (flags & PP_TASK_TIMED) != 0};
   ws->last_t = pp_now_ns();
@@ -847,6 +890,8 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
   }
   lua_newtable(L);
   ws.fncache = lua_gettop(L);
+  lua_pushnil(L);
+  ws.lastfn_idx = lua_gettop(L);
   if (w && w->init_idx) {
     lua_pushcfunction(L, msgh);
     int h = lua_gettop(L);
@@ -870,7 +915,7 @@ void pp_worker_main(lua_State *L, int fd, pp_page *page, int slot, const pp_wctx
       flush(&ws);
       wexit(&ws, 1);
     }
-    lua_settop(L, ws.fncache);
+    lua_settop(L, ws.lastfn_idx);
   }
   send_empty(&ws, PP_FR_READY);
   for (;;) {

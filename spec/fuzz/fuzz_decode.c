@@ -60,5 +60,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   size_t used = pp_decode_first(L, (const char *)data, size);
   if (used > size || (used == 0 && lua_gettop(L) != 0)) __builtin_trap();
   lua_settop(L, 0);
+  /* the worker's check for a function it may keep: in bounds, and never
+   * more upvalues than bytes */
+  int nups = pp_decode_fn_globals((const char *)data, size);
+  if (nups >= 0 && (size_t)nups + 4 > size) __builtin_trap();
   return 0;
 }
