@@ -143,6 +143,9 @@ struct pp_engine {
   uint64_t ewma_ns;
   int startup_deaths; /* workers in a row that died before being ready */
   uint64_t steal_at;  /* when to look again for work to take back (0: no need) */
+  /* a worker could not start for want of fds: no start before this
+   * (0: none pending), so a full fd table is not a fork per loop */
+  uint64_t respawn_at;
   rlim_t capture_fds; /* fds below this may be kept for captures (w_outbuf) */
   /* Submits in a burst do not take the lock (the I/O thread holds it
    * while it sends and reads, and a submit waiting for it sleeps): they
@@ -1356,6 +1359,9 @@ static void z_spawn(pp_engine *e, int slot) {
   if (send(e->zfd, &m, sizeof m, MSG_NOSIGNAL) == (ssize_t)sizeof m) w->state = W_SPAWNING;
 }
 
+/* How long no worker starts after one could not for want of fds. */
+#define RESPAWN_PAUSE_NS 50000000u
+
 /* Every slot's host is gone for good: the pool breaks, naming each host
  * and why (the slots of a host say the same). */
 static void all_hosts_lost(pp_engine *e) {
@@ -1418,10 +1424,24 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
     return;
   }
   for (int i = 0; i < nfds; i++) close(fds[i]);
+  pp_zmsg short_of_fds;
+  if (m->type == PP_Z_SPAWNED && m->slot < (uint32_t)e->cfg.nworkers &&
+      e->w[m->slot].gen == m->gen && e->w[m->slot].state == W_SPAWNING) {
+    /* its fds did not all arrive: this process's fd table was full, and
+     * the kernel drops what it cannot install. The worker finds its
+     * channel closed and exits; the slot is free again, as after any
+     * failed start (else it would wait for this worker forever) */
+    short_of_fds = *m;
+    short_of_fds.type = PP_Z_SPAWNFAIL;
+    short_of_fds.err = EMFILE;
+    short_of_fds.flags = 0;
+    m = &short_of_fds;
+  }
   if (m->type == PP_Z_SPAWNFAIL && m->slot < (uint32_t)e->cfg.nworkers &&
       e->w[m->slot].gen == m->gen) {
     e->w[m->slot].state = m->flags & PP_ZF_GONE ? W_GONE : W_EMPTY;
     if (m->flags & PP_ZF_GONE) keep_host_lost(&e->w[m->slot], m); /* its host and why */
+    if (m->err == EMFILE || m->err == ENFILE) e->respawn_at = pp_now_ns() + RESPAWN_PAUSE_NS;
     int alive = 0, gone = 0;
     for (int s = 0; s < e->cfg.nworkers; s++) {
       alive += e->w[s].state == W_READY || e->w[s].state == W_SPAWNING;
@@ -1429,7 +1449,7 @@ static void z_message(pp_engine *e, const pp_zmsg *m, int *fds, int nfds) {
     }
     if (gone == e->cfg.nworkers) {
       all_hosts_lost(e);
-    } else if (!alive && !(m->flags & PP_ZF_GONE)) {
+    } else if (!alive && !(m->flags & PP_ZF_GONE) && e->state != PP_E_CLOSING) {
       char msg[160];
       snprintf(msg, sizeof msg, "no worker process could be started: %s", strerror(m->err));
       engine_break(e, msg);
@@ -1516,7 +1536,8 @@ static void progress(pp_engine *e) {
   inbox_take(e);
   if (e->state == PP_E_DRAINING && all_idle(e)) e->state = PP_E_CLOSING;
   if (e->state == PP_E_RUNNING || (e->state == PP_E_DRAINING && e->qhead)) {
-    if (!e->zdead && !e->broken)
+    if (e->respawn_at && pp_now_ns() >= e->respawn_at) e->respawn_at = 0;
+    if (!e->zdead && !e->broken && !e->respawn_at)
       for (int s = 0; s < e->cfg.nworkers; s++)
         if (e->w[s].state == W_EMPTY) z_spawn(e, s);
   }
@@ -1641,9 +1662,11 @@ static void *io_main(void *arg) {
   progress(e);
   while (e->state != PP_E_DEAD) {
     int tmo = deadlines(e);
-    if (e->steal_at) { /* (in ms, rounded up, as deadlines) */
-      uint64_t now = pp_now_ns();
-      int ms = e->steal_at > now ? (int)((e->steal_at - now) / 1000000u) + 1 : 0;
+    uint64_t at[2] = {e->steal_at, e->respawn_at};
+    for (int k = 0; k < 2; k++) {
+      if (!at[k]) continue;
+      uint64_t now = pp_now_ns(); /* (in ms, rounded up, as deadlines) */
+      int ms = at[k] > now ? (int)((at[k] - now) / 1000000u) + 1 : 0;
       if (tmo < 0 || ms < tmo) tmo = ms;
     }
     pthread_mutex_unlock(&e->mu);

@@ -137,7 +137,7 @@ for _, context in ipairs({ "fork", "spawn" }) do
       -- fd is refused for want of room (its worker would be killed, and
       -- the pool stalled)
       if not os.execute("command -v prlimit >/dev/null") then return pending("no prlimit") end
-      local ok, out, err = H.run_lua([[
+      local ok, out, err, code = H.run_lua([[
         local procpool = require "procpool"
         local ex = procpool.ProcessPoolExecutor { max_workers = 30, context = "]] .. context .. [[",
           output = "capture" }
@@ -152,7 +152,7 @@ for _, context in ipairs({ "fork", "spawn" }) do
         ex:shutdown()
         print(good)
       ]], 60, "prlimit --nofile=128:128")
-      assert.is_true(ok, err)
+      assert.is_true(ok, "exit " .. tostring(code) .. "; stdout: " .. out .. "; stderr: " .. err)
       assert.are.equal("60\n", out)
     end)
 
