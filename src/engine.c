@@ -178,8 +178,8 @@ pp_job *pp_job_new(uint32_t n, size_t ilen) {
   size_t nitems = n ? n : 1;
   if (ilen > UINT32_MAX || nitems > (SIZE_MAX - sizeof(pp_job) - ilen) / sizeof(pp_item))
     return NULL;
-  size_t head = sizeof(pp_job) + nitems * sizeof(pp_item);
-  pp_job *j = head + ilen >= PP_WARM_MIN ? pp_warm_alloc(head + ilen) : malloc(head + ilen);
+  size_t head = pp_job_bytes(n, 0), all = head + ilen;
+  pp_job *j = all >= PP_WARM_MIN ? pp_warm_alloc(all) : malloc(all);
   if (!j) return NULL;
   /* written here, by the submitting thread: calloc's untouched zero pages
    * would be copied on first write by the I/O thread, a fault and a TLB
@@ -276,7 +276,7 @@ void pp_job_unref(pp_job *j) {
     free(x);
   }
   /* (pp_job_new's rule: a large job's memory is kept warm) */
-  if (sizeof(pp_job) + (j->n ? j->n : 1) * sizeof(pp_item) + j->ilen >= PP_WARM_MIN)
+  if (pp_job_bytes(j->n, j->ilen) >= PP_WARM_MIN)
     pp_warm_free(j);
   else
     free(j);

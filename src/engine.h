@@ -202,6 +202,11 @@ int pp_engine_mine(const pp_engine *e);
  * part, written at pp_job_inline; its function then goes in j->fn). NULL
  * when out of memory. */
 pp_job *pp_job_new(uint32_t n, size_t ilen);
+/* The bytes of such a job's one allocation (a job of no item has room for
+ * one: its state is kept like any other's). */
+static inline size_t pp_job_bytes(uint32_t n, size_t ilen) {
+  return sizeof(pp_job) + (size_t)(n ? n : 1) * sizeof(pp_item) + ilen;
+}
 static inline char *pp_job_inline(pp_job *j) { return (char *)(j->items + (j->n ? j->n : 1)); }
 /* Give the job its whole payload (takes the reference), or a deadline of
  * its own (ns): 0, or ENOMEM (nothing taken). Before it is submitted. */

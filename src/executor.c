@@ -372,7 +372,7 @@ static void check_fn(lua_State *L, int idx) {
  * RSS stays flat over many tasks. */
 #define GC_TELL_AT 8192
 static void tell_collector(lua_State *L, pp_exec *x, const pp_job *j) {
-  x->untold += sizeof *j + (j->n ? j->n : 1) * sizeof(pp_item) + j->ilen;
+  x->untold += pp_job_bytes(j->n, j->ilen);
   if (j->x) x->untold += sizeof *j->x + (j->x->payload ? j->x->payload->n : 0);
   if (x->untold < GC_TELL_AT) return;
   size_t kib = x->untold >> 10;
@@ -431,14 +431,15 @@ static pp_job *new_job(lua_State *L, uint32_t n, pp_wbuf *b, double timeout, int
 /* The job of one task whose payload is in b, its function part ending at
  * fnend: on the heap, one allocation holding the argument bytes at their
  * size, and the function bytes shared with earlier jobs that sent the
- * same; a memfd payload is kept whole. b is left empty for reuse. */
-static pp_job *task_job(lua_State *L, pp_exec *x, pp_wbuf *b, size_t fnend, double timeout,
-                        int capture) {
+ * same (`fn`, when the caller has their blob already); a memfd payload is
+ * kept whole. b is left empty for reuse. */
+static pp_job *task_job(lua_State *L, pp_exec *x, pp_wbuf *b, size_t fnend, pp_blob *fn,
+                        double timeout, int capture) {
   if (b->fd >= 0) return new_job(L, 1, b, timeout, capture);
   pp_job *j = pp_job_new(1, b->n - fnend);
   if (!j) luaL_error(L, "procpool: not enough memory");
   memcpy(pp_job_inline(j), b->p + fnend, b->n - fnend);
-  j->fn = pp_fncache_get(&x->fns, b->p, fnend);
+  j->fn = fn ? pp_blob_ref(fn) : pp_fncache_get(&x->fns, b->p, fnend);
   pp_wbuf_reset(b);
   if (!j->fn) job_fail(L, j);
   return job_options(L, j, timeout, capture);
@@ -492,43 +493,24 @@ static int submit_task(lua_State *L, pp_exec *x, double timeout, int capture, in
   int *busy;
   pp_wbuf *b = pp_codec_scratch(L, 1, &scratch_kind, &busy);
   *busy = 1;
+  b->n = 0;
   pp_blob *fn = remembered_fn(L, x, fi);
-  if (fn) {
-    /* the same function again: its bytes as sent before, then the
-     * arguments; a heap payload shares the function's blob */
-    b->n = 0;
+  if (fn) { /* the same function again: its bytes as sent before */
     if (pp_wbuf_reserve(b, fn->n) != 0) luaL_error(L, "procpool: not enough memory");
     memcpy(b->p, fn->p, fn->n);
     b->n = fn->n;
+  } else {
     put_u32_placeholder(L, b);
-    pp_encode(L, fi + 1, nargs, b, 0, "args", 0);
-    patch_len(b, fn->n);
-    pp_job *j;
-    if (b->fd >= 0) {
-      j = new_job(L, 1, b, timeout, capture); /* (a memfd payload is kept whole) */
-    } else {
-      j = pp_job_new(1, b->n - fn->n);
-      if (!j) luaL_error(L, "procpool: not enough memory");
-      memcpy(pp_job_inline(j), b->p + fn->n, b->n - fn->n);
-      j->fn = pp_blob_ref(fn);
-      pp_wbuf_reset(b);
-      j = job_options(L, j, timeout, capture);
-    }
-    *busy = 0;
-    submit_job(L, x, j);
-    return 1;
+    pp_encode(L, fi, 1, b, 0, "=fn", 0);
+    patch_len(b, 0);
   }
-  b->n = 0;
-  put_u32_placeholder(L, b);
-  pp_encode(L, fi, 1, b, 0, "=fn", 0);
-  patch_len(b, 0);
   size_t at = b->n;
   put_u32_placeholder(L, b);
   pp_encode(L, fi + 1, nargs, b, 0, "args", 0);
   patch_len(b, at);
-  pp_job *j = task_job(L, x, b, at, timeout, capture);
+  pp_job *j = task_job(L, x, b, at, fn, timeout, capture);
   *busy = 0;
-  if (j->fn) {
+  if (j->fn && j->fn != x->last_fn) {
     if (fn_is_fixed(L, fi))
       remember_fn(L, x, fi, j->fn);
     else if (x->last_fn)
@@ -617,6 +599,30 @@ static int l_fast_apply(lua_State *L) {
 /* Items pushed at once by a chunk's scalar run (stack slots it takes). */
 #define SCALAR_BATCH 64
 
+/* Encode items[from], items[from + 1], ... (the items at stack index 3),
+ * at most `left` of them, each a scalar behind its u32 length, while they
+ * are scalars: pushed a batch at a time and popped at once. Returns how
+ * many it encoded (0: the general encoder takes items[from], and raises
+ * whatever is wrong, out of memory too). */
+static uint32_t put_scalar_run(lua_State *L, pp_wbuf *b, lua_Integer from, uint32_t left) {
+  uint32_t m = left < SCALAR_BATCH ? left : SCALAR_BATCH, d = 0;
+  if (!lua_checkstack(L, (int)m) ||
+      pp_wbuf_reserve(b, (size_t)m * (PP_LEN_PREFIX + PP_ENCODE_SCALAR_MAX)) != 0)
+    return 0;
+  int top = lua_gettop(L);
+  unsigned char *q = (unsigned char *)b->p + b->n;
+  for (; d < m; d++) {
+    int t = lua_rawgeti(L, 3, from + (lua_Integer)d);
+    size_t len = pp_encode_scalar(L, -1, t, q + PP_LEN_PREFIX);
+    if (!len) break;
+    pp_wire_put_len(q, (uint32_t)len);
+    q += PP_LEN_PREFIX + len;
+  }
+  b->n = (size_t)(q - (unsigned char *)b->p);
+  lua_settop(L, top);
+  return d;
+}
+
 /* _submit_chunk(fn, items, i, j, star, timeout|nil, base|nil,
  * listener|nil, capture|nil) -> Future for fn(items[i]) .. fn(items[j]);
  * with `star`, each item is a table of arguments (unpacked 1..(t.n or
@@ -648,26 +654,11 @@ static int l_submit_chunk(lua_State *L) {
   int top = lua_gettop(L);
   for (uint32_t k = 0; k < n; k++) {
     if (!star) {
-      /* the common case, without the general encoder: a run of scalars,
-       * pushed a batch at a time and popped at once */
-      uint32_t m = n - k < SCALAR_BATCH ? n - k : SCALAR_BATCH, d = 0;
-      if (!lua_checkstack(L, (int)m) ||
-          pp_wbuf_reserve(b, (size_t)m * (PP_LEN_PREFIX + PP_ENCODE_SCALAR_MAX)) != 0)
-        m = 0; /* (the general path raises what is wrong) */
-      unsigned char *q = (unsigned char *)b->p + b->n;
-      for (; d < m; d++) {
-        int t = lua_rawgeti(L, 3, lo + (lua_Integer)(k + d));
-        size_t len = pp_encode_scalar(L, -1, t, q + PP_LEN_PREFIX);
-        if (!len) break;
-        pp_wire_put_len(q, (uint32_t)len);
-        q += PP_LEN_PREFIX + len;
-      }
-      if (m) b->n = (size_t)(q - (unsigned char *)b->p);
-      lua_settop(L, top);
-      k += d;
-      if (k >= n) break;
-      if (d == m && m) {
-        k--; /* (the loop's k++) */
+      /* the common case, without the general encoder (an item it does
+       * not take goes on below) */
+      uint32_t d = put_scalar_run(L, b, lo + (lua_Integer)k, n - k);
+      if (d) {
+        k += d - 1; /* (and the loop's k++) */
         continue;
       }
     }

@@ -713,11 +713,9 @@ static int same_fn(wstate *ws, const char *fn, size_t len) {
 static void keep_fn(wstate *ws, const char *fn, size_t len) {
   int nups = len <= LASTFN_MAX ? pp_decode_fn_globals(fn, len) : -1;
   if (nups < 0) return;
-  if (len > ws->lastfn_len || !ws->lastfn) {
-    char *p = realloc(ws->lastfn, len ? len : 1);
-    if (!p) return;
-    ws->lastfn = p;
-  }
+  char *p = realloc(ws->lastfn, len ? len : 1);
+  if (!p) return;
+  ws->lastfn = p;
   memcpy(ws->lastfn, fn, len);
   ws->lastfn_len = len;
   ws->lastfn_nups = nups;
