@@ -512,6 +512,32 @@ describe("procpool map", function()
       assert.is_true(all_gone(pids))
     end)
 
+    it("inside reduce or finish also stops the run: status 130, not a failed record", function()
+      -- lua.c's Ctrl-C raises "interrupted!" at the next call, wherever
+      -- that is: here, inside the script's reduce, and inside its finish
+      local script = file("intreduce.lua", [[
+        return {
+          map = function(line) return line end,
+          reduce = function(acc, v)
+            if v == "3" then error("interrupted!") end
+            return (acc or 0) + 1
+          end,
+        }
+      ]])
+      local code, out, err = procpool("map " .. script, "{ yes 7 | head -n 2; echo 3; yes 7; }")
+      assert.are.equal(130, code, err)
+      assert.are.equal("", out)
+      assert.matches("^procpool: interrupted\n$", err)
+      script = file("intfinish.lua", [[
+        return { map = function(l) return l end, reduce = function(a) return (a or 0) + 1 end,
+          finish = function() error("interrupted!") end }
+      ]])
+      code, out, err = procpool("map " .. script, "seq 1 3")
+      assert.are.equal(130, code, err)
+      assert.are.equal("", out)
+      assert.matches("^procpool: interrupted\n$", err)
+    end)
+
     it("while the script loads also exits with status 130, quietly", function()
       local slow = tmp .. "/slow-load.lua"
       write_file(slow, "local t = os.time() + 20\nwhile os.time() < t do end\n"

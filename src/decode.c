@@ -160,6 +160,14 @@ PP_NORETURN static void dec_fail(lua_State *L, pp_decoder *D, const char *fmt, .
                  (LUAI_UACINT)at);
 }
 
+/* After a failed call of this process's code (require, a constructor):
+ * Ctrl-C (on top) goes on as it is, not as a SerializationError. */
+static void dec_pass_interrupt(lua_State *L, pp_decoder *D) {
+  if (!pp_is_interrupt(L, -1)) return;
+  D->busy = 0;
+  lua_error(L);
+}
+
 #define NEED(L, D, k)                                                                              \
   do {                                                                                             \
     if ((size_t)((D)->e - (D)->p) < (size_t)(k)) dec_fail((L), (D), "truncated input");            \
@@ -351,8 +359,10 @@ static int dec_value(lua_State *L, pp_decoder *D) {
     size_t mlen, klen = 0;
     const char *mod = dec_name(L, D, &mlen), *key = NULL, *err;
     if (tag == PP_T_CFUNC) key = dec_name(L, D, &klen);
-    if (!pp_push_module(L, mod, mlen, &err))
+    if (!pp_push_module(L, mod, mlen, &err)) {
+      dec_pass_interrupt(L, D);
       dec_fail(L, D, "cannot load module '%s': %s", lua_pushlstring(L, mod, mlen), err);
+    }
     if (tag == PP_T_CFUNC) {
       if (!lua_istable(L, -1))
         dec_fail(L, D, "module '%s' is not a table", lua_pushlstring(L, mod, mlen));
@@ -371,8 +381,10 @@ static int dec_value(lua_State *L, pp_decoder *D) {
     uint64_t nargs = dec_varint(L, D);
     if (nargs > (uint64_t)(D->e - D->p) || nargs > 250) dec_fail(L, D, "bad argument count");
     if (!lua_checkstack(L, (int)nargs + 8)) dec_fail(L, D, "nesting too deep");
-    if (!pp_resolve_name(L, name, nlen, &err))
+    if (!pp_resolve_name(L, name, nlen, &err)) {
+      dec_pass_interrupt(L, D);
       dec_fail(L, D, "cannot find constructor '%s': %s", lua_pushlstring(L, name, nlen), err);
+    }
     dframe *f = push_dframe(L, D, EF_CUSTOM);
     f->idx = lua_gettop(L);
     f->a = nargs;
@@ -499,6 +511,7 @@ static void dec_run(lua_State *L, pp_decoder *D) {
       int refd = f->mt;
       D->nfr--;
       if (lua_pcall(L, nargs, 1, 0) != LUA_OK) {
+        dec_pass_interrupt(L, D);
         const char *m = lua_tostring(L, -1);
         dec_fail(L, D, "constructor failed: %s", m ? m : "(error object is not a string)");
       }

@@ -522,6 +522,10 @@ static int enc_custom(lua_State *L, pp_encoder *E) {
   int base = lua_gettop(L); /* the metamethod */
   lua_pushvalue(L, base - 1);
   if (lua_pcall(L, 1, LUA_MULTRET, 0) != LUA_OK) {
+    if (pp_is_interrupt(L, -1)) { /* Ctrl-C: as it is, not as a SerializationError */
+      E->busy = 0;
+      lua_error(L);
+    }
     const char *m = lua_tostring(L, -1);
     enc_fail(L, E, "__serialize failed: %s", m ? m : "(error object is not a string)");
   }

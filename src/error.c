@@ -1,6 +1,7 @@
 /* error.c: procpool's error objects: tables {name=, message=, ...} with
  * the shared "procpool.Error" metatable, raised by every part. */
 #include <stdarg.h>
+#include <string.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -28,6 +29,30 @@ void pp_error_raise(lua_State *L, const char *name, const char *fmt, ...) {
   lua_error(L);
   for (;;) {
   } /* not reached: lua_error does not return */
+}
+
+int pp_is_interrupt(lua_State *L, int idx) {
+  static const char word[] = "interrupted!";
+  const size_t wn = sizeof word - 1;
+  if (lua_type(L, idx) != LUA_TSTRING) return 0;
+  size_t n;
+  const char *s = lua_tolstring(L, idx, &n);
+  if (n < wn || memcmp(s + n - wn, word, wn) != 0) return 0;
+  /* the whole message, or after luaL_where's "source:line: " */
+  return n == wn || (n >= wn + 2 && s[n - wn - 1] == ' ' && s[n - wn - 2] == ':');
+}
+
+void pp_interrupt_raise(lua_State *L) {
+  lua_pushliteral(L, "interrupted!");
+  lua_error(L);
+  for (;;) {
+  } /* not reached: lua_error does not return */
+}
+
+/* is_interrupt(e) -> whether e is Ctrl-C's error (pp_is_interrupt) */
+static int l_is_interrupt(lua_State *L) {
+  lua_pushboolean(L, pp_is_interrupt(L, 1));
+  return 1;
 }
 
 /* error(name, message [, fields]) -> a new error object */
@@ -90,9 +115,10 @@ static int l_is_error(lua_State *L) {
   return 1;
 }
 
-/* Adds error and is_error to the module table on top of the stack. */
+/* Adds error, is_error and is_interrupt to the module table on top of the stack. */
 void pp_error_open(lua_State *L) {
-  static const luaL_Reg fns[] = {{"error", l_error}, {"is_error", l_is_error}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {
+      {"error", l_error}, {"is_error", l_is_error}, {"is_interrupt", l_is_interrupt}, {NULL, NULL}};
   if (luaL_newmetatable(L, ERROR_MT)) {
     lua_pushcfunction(L, err_tostring);
     lua_setfield(L, -2, "__tostring");

@@ -166,18 +166,22 @@ static void report_callback_error(lua_State *L, int futidx) {
 }
 
 static int tb_handler(lua_State *L) {
+  if (pp_is_interrupt(L, 1)) return 1; /* as it is: the caller knows Ctrl-C by it */
   const char *msg = luaL_tolstring(L, 1, NULL);
   luaL_traceback(L, L, msg, 1);
   return 1;
 }
 
-/* Call every callback of the future at `idx` once, then forget them. */
-static void run_callbacks(lua_State *L, int idx) {
+/* Call every callback of the future at `idx` once, then forget them.
+ * Returns 1 if Ctrl-C came in one (the others ran: the caller raises it
+ * once its own work is done, pp_interrupt_raise). */
+static int run_callbacks(lua_State *L, int idx) {
   idx = lua_absindex(L, idx);
   if (pp_future_getuv(L, idx, PP_FUV_CALLBACKS) != LUA_TTABLE) {
     lua_pop(L, 1);
-    return;
+    return 0;
   }
+  int interrupted = 0;
   int cbs = lua_gettop(L);
   lua_pushnil(L);
   pp_future_setuv(L, idx, PP_FUV_CALLBACKS);
@@ -186,12 +190,18 @@ static void run_callbacks(lua_State *L, int idx) {
     lua_pushcfunction(L, tb_handler);
     lua_rawgeti(L, cbs, i);
     lua_pushvalue(L, idx);
-    if (lua_pcall(L, 1, 0, -3) != LUA_OK)
-      report_callback_error(L, idx);
-    else
+    if (lua_pcall(L, 1, 0, -3) == LUA_OK) {
       lua_pop(L, 1);
+    } else if (pp_is_interrupt(L, -1)) {
+      interrupted = 1;
+      lua_pop(L, 2);
+    } else {
+      report_callback_error(L, idx);
+      lua_pop(L, 1); /* the handler */
+    }
   }
   lua_pop(L, 1);
+  return interrupted;
 }
 
 static void reg_table(lua_State *L, const void *key) {
@@ -229,28 +239,30 @@ static void unregister(lua_State *L, pp_engine *e, pp_job *job) {
   lua_remove(L, -2);
 }
 
-/* Run the callbacks of the watched jobs of `e` that have ended. */
-static void drain_engine(lua_State *L, pp_engine *e) {
+/* Run the callbacks of the watched jobs of `e` that have ended; 1 if
+ * Ctrl-C came in one (all ran). */
+static int drain_engine(lua_State *L, pp_engine *e) {
   reg_table(L, &reg_cbengines);
   int live = lua_rawgetp(L, -1, e) != LUA_TNIL;
   lua_pop(L, 2);
-  if (!live) return;                     /* a callback's drain got to it */
-  if (pp_progress_delivering(L)) return; /* inside a progress callback: after it */
+  if (!live) return 0;                     /* a callback's drain got to it */
+  if (pp_progress_delivering(L)) return 0; /* inside a progress callback: after it */
   /* futures with callbacks hold the engine, so it is alive here */
   pp_engine_ref(e);
   pp_job *j = pp_engine_take_ended(e);
   /* the reports of these jobs came before their ends: they go first */
-  pp_progress_deliver(L, e);
+  int interrupted = pp_progress_deliver(L, e);
   while (j) {
     pp_job *next = j->qnext; /* the callback list */
     if (pp_progress_forget(L, j)) pp_future_count_engine(L, e, -1);
     unregister(L, e, j);
-    if (!lua_isnil(L, -1)) run_callbacks(L, -1);
+    if (!lua_isnil(L, -1)) interrupted |= run_callbacks(L, -1);
     lua_pop(L, 1);
     pp_job_unref(j);
     j = next;
   }
   pp_engine_unref(e);
+  return interrupted;
 }
 
 void pp_drain(lua_State *L) {
@@ -270,9 +282,11 @@ void pp_drain(lua_State *L) {
     }
     engs[n++] = (pp_engine *)lua_touserdata(L, -1);
   }
+  int interrupted = 0; /* Ctrl-C in a callback: raised after the drain */
   if (!many) {
     lua_pop(L, 1);
-    for (int k = 0; k < n; k++) drain_engine(L, engs[k]);
+    for (int k = 0; k < n; k++) interrupted |= drain_engine(L, engs[k]);
+    if (interrupted) pp_interrupt_raise(L);
     return;
   }
   lua_newtable(L);
@@ -287,9 +301,10 @@ void pp_drain(lua_State *L) {
     lua_rawgeti(L, t + 1, k);
     pp_engine *e = (pp_engine *)lua_touserdata(L, -1);
     lua_pop(L, 1);
-    drain_engine(L, e);
+    interrupted |= drain_engine(L, e);
   }
   lua_pop(L, 2);
+  if (interrupted) pp_interrupt_raise(L);
 }
 
 static int l_drain(lua_State *L) {
@@ -319,7 +334,7 @@ static int fut_add_done_callback(lua_State *L) {
       pp_future_count_engine(L, f->e, 1);
       return 0;
     }
-    run_callbacks(L, 1); /* already done: now, in the caller */
+    if (run_callbacks(L, 1)) pp_interrupt_raise(L); /* already done: now, in the caller */
   }
   return 0;
 }
@@ -360,7 +375,7 @@ static int fut_cancel(lua_State *L) {
   if (ok && !was) { /* cancelled now: callbacks run here, once */
     unregister(L, f->e, f->job);
     lua_pop(L, 1);
-    run_callbacks(L, 1);
+    if (run_callbacks(L, 1)) pp_interrupt_raise(L);
   }
   lua_pushboolean(L, ok);
   return 1;
@@ -578,6 +593,7 @@ static int decode_protected(lua_State *L, dstate *d) {
   if (lua_pcall(L, 2, LUA_MULTRET, 0) != LUA_OK) {
     pp_blob_unref(d->held);
     d->held = NULL;
+    if (pp_is_interrupt(L, -1)) lua_error(L); /* Ctrl-C is not the item's failure */
     lua_pushnil(L);
     return -1;
   }

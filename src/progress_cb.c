@@ -9,6 +9,7 @@
 #include <lauxlib.h>
 
 #include "codec.h"
+#include "error.h"
 #include "pp.h"
 #include "wire.h"
 
@@ -43,13 +44,15 @@ static int call_body(lua_State *L) {
 }
 
 static int tb_handler(lua_State *L) {
+  if (pp_is_interrupt(L, 1)) return 1; /* as it is: the caller knows Ctrl-C by it */
   luaL_traceback(L, L, luaL_tolstring(L, 1, NULL), 1);
   return 1;
 }
 
 /* Call the callback at `cb` with the report `n` for the future at `fut`;
- * an error (of the callback, or decoding the values) is said on stderr. */
-static void call_one(lua_State *L, int cb, int fut, const pp_report_note *n, int indexed) {
+ * an error (of the callback, or decoding the values) is said on stderr.
+ * Returns 1 for Ctrl-C, which the caller raises when its loop is done. */
+static int call_one(lua_State *L, int cb, int fut, const pp_report_note *n, int indexed) {
   lua_pushcfunction(L, tb_handler);
   int h = lua_gettop(L);
   lua_pushcfunction(L, call_body);
@@ -57,14 +60,21 @@ static void call_one(lua_State *L, int cb, int fut, const pp_report_note *n, int
   lua_pushvalue(L, fut);
   lua_pushlightuserdata(L, (void *)n);
   lua_pushboolean(L, indexed);
+  int interrupted = 0;
   if (lua_pcall(L, 4, 0, h) != LUA_OK) {
-    const char *fs = luaL_tolstring(L, fut, NULL);
-    fprintf(stderr, "procpool: exception calling progress callback for %s: %s\n", fs,
-            lua_tostring(L, -2));
-    fflush(stderr);
-    lua_pop(L, 2);
+    if (pp_is_interrupt(L, -1)) {
+      interrupted = 1;
+    } else {
+      const char *fs = luaL_tolstring(L, fut, NULL);
+      fprintf(stderr, "procpool: exception calling progress callback for %s: %s\n", fs,
+              lua_tostring(L, -2));
+      fflush(stderr);
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
   }
   lua_pop(L, 1);
+  return interrupted;
 }
 
 /* ------------------------------------------------------------------ */
@@ -74,6 +84,7 @@ static void call_one(lua_State *L, int cb, int fut, const pp_report_note *n, int
  * if delivery is cut short. */
 typedef struct notes {
   pp_report_note *head;
+  int interrupted; /* Ctrl-C came in a callback (the others still ran) */
 } notes;
 
 static int notes_gc(lua_State *L) {
@@ -110,7 +121,7 @@ static int deliver_body(lua_State *L) {
         lua_rawgeti(L, l + 4, k);
         int indexed = lua_toboolean(L, -1);
         lua_pop(L, 1);
-        call_one(L, lua_gettop(L), l + 1, n, indexed);
+        b->interrupted |= call_one(L, lua_gettop(L), l + 1, n, indexed);
         lua_pop(L, 1);
       }
     }
@@ -127,14 +138,17 @@ int pp_progress_delivering(lua_State *L) {
   return busy;
 }
 
-void pp_progress_deliver(lua_State *L, pp_engine *e) {
+int pp_progress_deliver(lua_State *L, pp_engine *e) {
   pp_report_note *head = pp_engine_take_reports(e);
-  if (!head) return;
+  if (!head) return 0;
   int top = lua_gettop(L);
   lua_pushcfunction(L, deliver_body);
   notes *b = lua_newuserdatauv(L, sizeof *b, 0);
   b->head = head;
+  b->interrupted = 0;
   luaL_setmetatable(L, NOTES_MT);
+  lua_pushvalue(L, -1);
+  lua_insert(L, -3); /* the box stays, to read `interrupted` after the call */
   lua_pushboolean(L, 1);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &delivering_key);
   if (lua_pcall(L, 1, 0, 0) != LUA_OK) { /* out of memory: the rest is lost */
@@ -143,7 +157,9 @@ void pp_progress_deliver(lua_State *L, pp_engine *e) {
   }
   lua_pushnil(L);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &delivering_key);
+  int interrupted = b->interrupted;
   lua_settop(L, top);
+  return interrupted;
 }
 
 int pp_progress_forget(lua_State *L, pp_job *j) {
@@ -207,9 +223,10 @@ int pp_progress_listen(lua_State *L, int fut, pp_engine *e, pp_job *j, int cb, i
 
 void pp_progress_catch_up(lua_State *L, int fut, int cb, pp_report_note *latest) {
   if (!latest->num) return;
-  call_one(L, lua_absindex(L, cb), lua_absindex(L, fut), latest, 0);
+  int interrupted = call_one(L, lua_absindex(L, cb), lua_absindex(L, fut), latest, 0);
   pp_blob_unref(latest->blob);
   latest->blob = NULL;
+  if (interrupted) pp_interrupt_raise(L);
 }
 
 /* [blob] -> the report's values */

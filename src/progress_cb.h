@@ -7,8 +7,9 @@
 
 #include "engine.h"
 
-/* Run the progress callbacks of the reports of `e` that came. */
-void pp_progress_deliver(lua_State *L, pp_engine *e);
+/* Run the progress callbacks of the reports of `e` that came; 1 if
+ * Ctrl-C came in one (the others ran; the caller raises it). */
+int pp_progress_deliver(lua_State *L, pp_engine *e);
 /* 1 while progress callbacks run: a drain then waits for them to end
  * (callbacks that wait would otherwise run others out of order). */
 int pp_progress_delivering(lua_State *L);

@@ -129,7 +129,8 @@ A record whose map raises (or whose JSON is malformed, or which runs past
 --timeout) is reported on stderr with its line number (and file name when
 there are several inputs); the run goes on. Exit status: 0 when every
 record succeeded, 1 when any failed (the count is reported), 2 for bad
-usage or a bad script (nothing is run then).
+usage or a bad script (nothing is run then), 130 after Ctrl-C (the
+workers are stopped).
 
 Example:
   procpool map examples/wordfreq.lua book.txt -j 4
@@ -151,10 +152,13 @@ local function say(msg)
   stderr:write("procpool: ", msg, "\n")
 end
 
---- Whether an error is lua5.4's Ctrl-C ("interrupted!", raised in the
--- main thread by its SIGINT hook).
+--- Whether an error is lua5.4's Ctrl-C: "interrupted!", perhaps after a
+-- position, raised by its SIGINT hook at the next call or line, wherever
+-- that is. The rule of the library's core.is_interrupt (src/error.c),
+-- here too because Ctrl-C may come before the library is loaded. A
+-- protected call here raises it again, or Ctrl-C would be lost.
 local function is_interrupt(err)
-  return type(err) == "string" and err:find("interrupted!", 1, true) ~= nil
+  return type(err) == "string" and (err == "interrupted!" or err:sub(-14) == ": interrupted!")
 end
 
 -- Bad usage or a bad script (before any work): main reports the message,
@@ -542,6 +546,7 @@ end
 --- The library (a usage error if it cannot be loaded).
 local function load_library()
   local ok, lib = pcall(require, "procpool")
+  if not ok and is_interrupt(lib) then error(lib, 0) end
   if not ok then usage_error("cannot load the procpool library: " .. tostring(lib), false) end
   return lib
 end
@@ -555,6 +560,7 @@ local function run_map(o)
   local cjson
   if o.json then
     local ok, mod = pcall(require, "cjson")
+    if not ok and is_interrupt(mod) then error(mod, 0) end
     if not ok then usage_error("--json needs lua-cjson (require \"cjson\" failed)", false) end
     cjson = mod
   end
@@ -605,6 +611,7 @@ local function run_map(o)
       host_timeout = o.host_timeout, initializer = make_init(o.script, src, S.init ~= nil),
       limits = limits, output = o.group and "capture" or nil,
     })
+    if not ok and is_interrupt(r) then error(r, 0) end
     if not ok then usage_error(tostring(r), false) end
     ex = r
   else
@@ -662,7 +669,13 @@ local function run_map(o)
     elseif S.reduce then
       if value ~= nil then
         local ok, r = pcall(S.reduce, acc, value)
-        if ok then acc = r else report(src, line, "reduce: " .. tostring(r)) end
+        if ok then
+          acc = r
+        elseif is_interrupt(r) then
+          error(r, 0)
+        else
+          report(src, line, "reduce: " .. tostring(r))
+        end
       end
     elseif value ~= nil then
       if clear_progress and progress_shown then
@@ -755,6 +768,7 @@ local function run_map(o)
       local v = acc
       if S.finish then
         local ok, r = pcall(S.finish, acc)
+        if not ok and is_interrupt(r) then error(r, 0) end
         if not ok then
           say("finish: " .. tostring(r))
           errors = errors + 1
@@ -770,6 +784,7 @@ local function run_map(o)
           local str
           if cjson then
             local ok, r = pcall(cjson.encode, x)
+            if not ok and is_interrupt(r) then error(r, 0) end
             if ok then str = r else say("cannot encode the final value as JSON: " .. tostring(r)) end
           elseif type(x) == "string" or type(x) == "number" or type(x) == "boolean" then
             str = tostring(x)

@@ -153,6 +153,8 @@ local function new(ex, fn, o, it)
       listen and function(_, k, ...) listen(base + k, ...) end, capture)
     if ok then
       push({ fut = fut, n = hi - lo + 1, pos = 0, base = base, tag = tag })
+    elseif core.is_interrupt(fut) then
+      error(fut, 0) -- Ctrl-C: now, not as the end of the input
     elseif not is_error(fut, "SerializationError") then
       return fut
     elseif lo == hi then
@@ -285,6 +287,7 @@ local function new(ex, fn, o, it)
     src = function()
       local okn, has, v = pcall(nexti)
       if okn then return has, v end
+      if core.is_interrupt(has) then error(has, 0) end -- Ctrl-C: now
       input_failed, input_error = true, has -- raised where iteration reaches it
     end
   end
