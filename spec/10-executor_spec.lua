@@ -121,6 +121,26 @@ describe("ProcessPoolExecutor", function()
     assert.is_nil(arg.seen)
   end)
 
+  it("leaves a collector the program stopped stopped, however much it submits", function()
+    -- submit tells the collector of the memory a job holds (steps, which
+    -- run even a stopped collector); a stopped one is not told
+    local watch = setmetatable({}, { __mode = "k" })
+    collectgarbage()
+    collectgarbage("stop")
+    local ok, err = pcall(function()
+      watch[{}] = true -- garbage from now on: only a collection takes it
+      local fs, arg = {}, ("x"):rep(4096) -- 20 MiB told: cycles over this heap
+      for i = 1, 5000 do fs[i] = ex:submit(function(x) return #x end, arg) end
+      for i = 1, 5000 do assert(fs[i]:result(T) == 4096) end
+      assert(next(watch) ~= nil, "the stopped collector ran")
+      assert(not collectgarbage("isrunning"))
+    end)
+    collectgarbage("restart")
+    assert.is_true(ok, err)
+    collectgarbage()
+    assert.is_nil(next(watch)) -- and it does its work once restarted
+  end)
+
   describe("the same function submitted again", function()
     -- (its encoding is reused when it cannot have changed: these fail if
     -- it were reused when it can)

@@ -369,7 +369,9 @@ static void check_fn(lua_State *L, int idx) {
 /* The C memory a job holds while its Future lives is unseen by Lua's
  * collector (the Future is 64 bytes): it is told as allocation debt, so
  * that garbage futures are collected at the pace of what they hold and
- * RSS stays flat over many tasks. */
+ * RSS stays flat over many tasks. A collector the program stopped
+ * (collectgarbage "stop") stays stopped: an explicit step would run it
+ * anyway. */
 #define GC_TELL_AT 8192
 static void tell_collector(lua_State *L, pp_exec *x, const pp_job *j) {
   x->untold += pp_job_bytes(j->n, j->ilen);
@@ -377,7 +379,7 @@ static void tell_collector(lua_State *L, pp_exec *x, const pp_job *j) {
   if (x->untold < GC_TELL_AT) return;
   size_t kib = x->untold >> 10;
   x->untold &= 1023;
-  lua_gc(L, LUA_GCSTEP, kib > INT_MAX ? INT_MAX : (int)kib);
+  if (lua_gc(L, LUA_GCISRUNNING)) lua_gc(L, LUA_GCSTEP, kib > INT_MAX ? INT_MAX : (int)kib);
 }
 
 /* Queue the job and push its Future (the job's reference moves into it);
