@@ -41,6 +41,8 @@ int pp_decode(lua_State *L, const char *s, size_t len, size_t *used, int header,
  * bytes read are all of it. */
 #define PP_ENCODE_SCALAR_MAX 80
 size_t pp_encode_scalar(lua_State *L, int idx, int type, unsigned char *p);
+/* Whether pp_encode_scalar takes the value at idx (of that type). */
+int pp_encode_scalar_takes(lua_State *L, int idx, int type);
 size_t pp_decode_first(lua_State *L, const char *s, size_t len);
 
 /* Whether s[0..len) encodes a list of one Lua function whose upvalues are

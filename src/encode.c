@@ -702,11 +702,15 @@ static size_t fast_put(lua_State *L, int idx, int type, unsigned char *p) {
   return pp_scalar_put(p, &v);
 }
 
+int pp_encode_scalar_takes(lua_State *L, int idx, int type) {
+  /* (a string under 64 bytes keeps within the 80 promised) */
+  return type == LUA_TNIL || type == LUA_TBOOLEAN || type == LUA_TNUMBER ||
+         (type == LUA_TSTRING && lua_rawlen(L, idx) < 64);
+}
+
 size_t pp_encode_scalar(lua_State *L, int idx, int type, unsigned char *p) {
-  if (type != LUA_TNIL && type != LUA_TBOOLEAN && type != LUA_TNUMBER &&
-      (type != LUA_TSTRING || lua_rawlen(L, idx) >= 64))
-    return 0; /* (a string under 64 bytes keeps within the 80 promised) */
-  p[0] = 1;   /* a list of one value */
+  if (!pp_encode_scalar_takes(L, idx, type)) return 0;
+  p[0] = 1; /* a list of one value */
   return 1 + fast_put(L, idx, type, p + 1);
 }
 

@@ -385,6 +385,33 @@ static void reserve(wstate *ws, size_t n) {
   if (pp_wbuf_reserve(&ws->out.buf, n) != 0) wexit(ws, 70);
 }
 
+/* With `out` claimed: open a batch of results if none is (item `seq`,
+ * ready at `now`); its header is written when it closes (batch_close). */
+static void batch_begin(wstate *ws, uint64_t seq, uint64_t now) {
+  if (ws->batch != SIZE_MAX) return;
+  reserve(ws, PP_FRAME_HDR + PP_RESULT_HDR);
+  ws->batch = pp_frame_begin(&ws->out.buf, PP_FR_RESULT, 0);
+  memset(ws->out.buf.p + ws->out.buf.n, 0, PP_RESULT_HDR);
+  ws->out.buf.n += PP_RESULT_HDR;
+  ws->batch_seq0 = seq;
+  ws->batch_n = 0;
+  ws->batch_t0 = ws->last_t; /* when this batch's first item started */
+  ws->batch_ready0 = now;
+  __atomic_store_n(&ws->batch_gen, ws->batch_gen + 1, __ATOMIC_RELEASE);
+  __atomic_store_n(&ws->bstate, BATCH_OPEN, __ATOMIC_RELEASE);
+}
+
+/* With `out` claimed: an item's result is in the batch; send the batch
+ * when it is full, the item ran long or the batch waited long. */
+static void batch_added(wstate *ws, uint64_t now, uint64_t took) {
+  ws->batch_n++;
+  ws->last_t = now;
+  ws->batch_end = now;
+  if (ws->out.buf.n - ws->batch > BATCH_BYTES || took >= LONG_ITEM_NS ||
+      now - ws->batch_ready0 >= BATCH_WAIT_NS)
+    flush_locked(ws, pp_now_ns()); /* `now` is not read after every quick item */
+}
+
 /* Append one item's result (status + the encoded list in ws->res);
  * `now` is the time the item ended, `took` about how long it ran. */
 static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now, uint64_t took) {
@@ -412,31 +439,33 @@ static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now, uint6
     unclaim(ws);
     return;
   }
-  if (ws->batch == SIZE_MAX) {
-    reserve(ws, PP_FRAME_HDR + PP_RESULT_HDR);
-    ws->batch = pp_frame_begin(&ws->out.buf, PP_FR_RESULT, 0);
-    /* the header is written when the batch closes (batch_close) */
-    memset(ws->out.buf.p + ws->out.buf.n, 0, PP_RESULT_HDR);
-    ws->out.buf.n += PP_RESULT_HDR;
-    ws->batch_seq0 = seq;
-    ws->batch_n = 0;
-    ws->batch_t0 = ws->last_t; /* when this batch's first item started */
-    ws->batch_ready0 = now;
-    __atomic_store_n(&ws->batch_gen, ws->batch_gen + 1, __ATOMIC_RELEASE);
-    __atomic_store_n(&ws->bstate, BATCH_OPEN, __ATOMIC_RELEASE);
-  }
+  batch_begin(ws, seq, now);
   reserve(ws, PP_RESULT_ITEM + ws->res.n);
   unsigned char *q = (unsigned char *)ws->out.buf.p + ws->out.buf.n;
   pp_result_item_put(q, status, (uint32_t)ws->res.n);
   memcpy(q + PP_RESULT_ITEM, ws->res.p, ws->res.n);
   ws->out.buf.n += PP_RESULT_ITEM + ws->res.n;
-  ws->batch_n++;
   ws->res.n = 0;
-  ws->last_t = now;
-  ws->batch_end = now;
-  if (ws->out.buf.n - ws->batch > BATCH_BYTES || took >= LONG_ITEM_NS ||
-      now - ws->batch_ready0 >= BATCH_WAIT_NS)
-    flush_locked(ws, pp_now_ns()); /* `now` is not read after every quick item */
+  batch_added(ws, now, took);
+  unclaim(ws);
+}
+
+/* put_result for a task's one result, a value pp_encode_scalar takes, at
+ * stack index 3 (of type t): encoded straight into the batch, neither in
+ * ws->res nor copied (a map of numbers spends a fair part of a worker's
+ * time per item here). */
+static void put_scalar_result(wstate *ws, lua_State *L, int t, uint64_t seq, uint64_t now,
+                              uint64_t took) {
+  ws->rep.seq = 0;
+  claim(ws);
+  if (__atomic_load_n(&ws->rstate, __ATOMIC_RELAXED) == REPORT_HELD) release_report(ws);
+  batch_begin(ws, seq, now);
+  reserve(ws, PP_RESULT_ITEM + PP_ENCODE_SCALAR_MAX);
+  unsigned char *q = (unsigned char *)ws->out.buf.p + ws->out.buf.n;
+  size_t m = pp_encode_scalar(L, 3, t, q + PP_RESULT_ITEM);
+  pp_result_item_put(q, PP_RES_OK, (uint32_t)m);
+  ws->out.buf.n += PP_RESULT_ITEM + m;
+  batch_added(ws, now, took);
   unclaim(ws);
 }
 
@@ -538,6 +567,23 @@ typedef struct batch {
 } batch;
 
 /* [batch, fn] */
+/* When the item that just ended ended (`now`) and about how long it ran
+ * (`took`): the clock is read after every item, unless items are quick:
+ * then every 16th (a long one is still noticed within 16 items). */
+static void item_clock(wstate *ws, const batch *b, uint64_t *now, uint64_t *took) {
+  *now = ws->last_t;
+  *took = 0;
+  if (ws->quick < 16 || (b->k & 15) == 15 || b->timed || ws->res.fd >= 0) {
+    *now = pp_now_ns();
+    uint64_t span = *now - ws->last_t; /* this item and the unclocked ones */
+    ws->quick = span < 20000 ? ws->quick + 1 : 0;
+    *took = span / (ws->unclocked + 1);
+    ws->unclocked = 0;
+  } else {
+    ws->unclocked++;
+  }
+}
+
 static int item_loop(lua_State *L) {
   batch *b = lua_touserdata(L, 1);
   wstate *ws = b->ws;
@@ -567,26 +613,22 @@ static int item_loop(lua_State *L) {
       n = pp_decode(L, item, ilen, NULL, 0, 0);
     }
     lua_call(L, n, LUA_MULTRET);
+    uint64_t now, took;
+    int t = lua_gettop(L) == 3 ? lua_type(L, 3) : LUA_TNONE;
+    if (t != LUA_TNONE && !ws->capturing && pp_encode_scalar_takes(L, 3, t)) {
+      item_clock(ws, b, &now, &took);
+      put_scalar_result(ws, L, t, seq, now, took);
+      continue;
+    }
     ws->res.n = 0;
     size_t m = 0;
-    if (lua_gettop(L) == 3 && pp_wbuf_reserve(&ws->res, 80) == 0)
-      m = pp_encode_scalar(L, 3, lua_type(L, 3), (unsigned char *)ws->res.p);
+    if (t != LUA_TNONE && pp_wbuf_reserve(&ws->res, PP_ENCODE_SCALAR_MAX) == 0)
+      m = pp_encode_scalar(L, 3, t, (unsigned char *)ws->res.p);
     if (m)
       ws->res.n = m;
     else
       pp_encode(L, 3, lua_gettop(L) - 2, &ws->res, 0, "result", 0);
-    /* read the clock after every item, unless items are quick: then
-     * every 16th (a long one is still noticed within 16 items) */
-    uint64_t now = ws->last_t, took = 0;
-    if (ws->quick < 16 || (b->k & 15) == 15 || b->timed || ws->res.fd >= 0) {
-      now = pp_now_ns();
-      uint64_t span = now - ws->last_t; /* this item and the unclocked ones */
-      ws->quick = span < 20000 ? ws->quick + 1 : 0;
-      took = span / (ws->unclocked + 1);
-      ws->unclocked = 0;
-    } else {
-      ws->unclocked++;
-    }
+    item_clock(ws, b, &now, &took);
     put_result(ws, seq, with_output(ws, PP_RES_OK), now, took);
   }
   return 0;
