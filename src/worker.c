@@ -412,12 +412,18 @@ static void batch_added(wstate *ws, uint64_t now, uint64_t took) {
     flush_locked(ws, pp_now_ns()); /* `now` is not read after every quick item */
 }
 
+/* An item is over: no more reports for it; `out` claimed, with the
+ * item's held report (if any) in it before its result. */
+static void result_claim(wstate *ws) {
+  ws->rep.seq = 0;
+  claim(ws);
+  if (__atomic_load_n(&ws->rstate, __ATOMIC_RELAXED) == REPORT_HELD) release_report(ws);
+}
+
 /* Append one item's result (status + the encoded list in ws->res);
  * `now` is the time the item ended, `took` about how long it ran. */
 static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now, uint64_t took) {
-  ws->rep.seq = 0; /* the item is over: no more reports for it */
-  claim(ws);
-  if (__atomic_load_n(&ws->rstate, __ATOMIC_RELAXED) == REPORT_HELD) release_report(ws);
+  result_claim(ws);
   if (ws->res.fd >= 0) { /* large: its own frame, the bytes in the memfd */
     flush_locked(ws, ws->last_t);
     reserve(ws, PP_FRAME_HDR + PP_RESULT_HDR + PP_RESULT_FD_ITEM);
@@ -456,9 +462,7 @@ static void put_result(wstate *ws, uint64_t seq, int status, uint64_t now, uint6
  * time per item here). */
 static void put_scalar_result(wstate *ws, lua_State *L, int t, uint64_t seq, uint64_t now,
                               uint64_t took) {
-  ws->rep.seq = 0;
-  claim(ws);
-  if (__atomic_load_n(&ws->rstate, __ATOMIC_RELAXED) == REPORT_HELD) release_report(ws);
+  result_claim(ws);
   batch_begin(ws, seq, now);
   reserve(ws, PP_RESULT_ITEM + PP_ENCODE_SCALAR_MAX);
   unsigned char *q = (unsigned char *)ws->out.buf.p + ws->out.buf.n;
@@ -566,7 +570,6 @@ typedef struct batch {
   int timed;
 } batch;
 
-/* [batch, fn] */
 /* When the item that just ended ended (`now`) and about how long it ran
  * (`took`): the clock is read after every item, unless items are quick:
  * then every 16th (a long one is still noticed within 16 items). */
@@ -584,6 +587,7 @@ static void item_clock(wstate *ws, const batch *b, uint64_t *now, uint64_t *took
   }
 }
 
+/* [batch, fn] */
 static int item_loop(lua_State *L) {
   batch *b = lua_touserdata(L, 1);
   wstate *ws = b->ws;
@@ -621,8 +625,8 @@ static int item_loop(lua_State *L) {
       continue;
     }
     ws->res.n = 0;
-    size_t m = 0;
-    if (t != LUA_TNONE && pp_wbuf_reserve(&ws->res, PP_ENCODE_SCALAR_MAX) == 0)
+    size_t m = 0; /* a captured item's scalar goes through ws->res, its output after it */
+    if (t != LUA_TNONE && ws->capturing && pp_wbuf_reserve(&ws->res, PP_ENCODE_SCALAR_MAX) == 0)
       m = pp_encode_scalar(L, 3, t, (unsigned char *)ws->res.p);
     if (m)
       ws->res.n = m;
