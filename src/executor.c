@@ -26,6 +26,7 @@
 #include "proc.h"
 #include "udata.h"
 #include "wait.h"
+#include "warm.h"
 #include "wire.h"
 
 #define PP_EXECUTOR_MT "procpool.Executor"
@@ -880,6 +881,13 @@ static int l_gc(lua_State *L) {
   return 0;
 }
 
+/* _warm_kept() -> the bytes of large buffers kept for reuse (warm.h): a
+ * spec's view of whether a map's memory went back while warm */
+static int l_warm_kept(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)pp_warm_kept());
+  return 1;
+}
+
 static int l_cpu_count(lua_State *L) {
   cpu_set_t set;
   int n = 0;
@@ -933,6 +941,7 @@ void pp_engine_open(lua_State *L) {
                                  {"fast_apply", l_fast_apply},
                                  {"_zygote", l_zygote},
                                  {"_agent", l_agent},
+                                 {"_warm_kept", l_warm_kept},
                                  {NULL, NULL}};
   luaL_newmetatable(L, CLOSING_MT);
   lua_pushcfunction(L, sentinel_gc);

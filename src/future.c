@@ -97,6 +97,18 @@ static int fut_gc(lua_State *L) {
   return 0;
 }
 
+/* _release(): an ended future's job let go of now, not at collection: the
+ * pipelines call it on a chunk whose results they have taken, so that its
+ * result frames and item records go back to the allocator (and warm.c's
+ * cache) while they are still warm, instead of lingering until the
+ * collector runs. The future is then released (its methods raise). */
+static int fut_release(lua_State *L) {
+  pp_fut *f = pp_future_check(L, 1);
+  if (!pp_job_ended(pp_engine_job_state(f->e, f->job)))
+    pp_error_raise(L, "InvalidStateError", "the future is not done");
+  return fut_gc(L);
+}
+
 static int fut_done(lua_State *L) {
   pp_fut *f = pp_future_check(L, 1);
   lua_pushboolean(L, pp_job_ended(pp_engine_job_state(f->e, f->job)));
@@ -973,6 +985,7 @@ void pp_future_open(lua_State *L) {
                                      {"_state", fut_state},
                                      {"_nitems", fut_nitems},
                                      {"_failed", fut_failed},
+                                     {"_release", fut_release},
                                      {NULL, NULL}};
   static const luaL_Reg fns[] = {{"drain", l_drain},
                                  {"fast_result", l_fast_result},

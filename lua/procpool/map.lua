@@ -213,6 +213,17 @@ local function new(ex, fn, o, it)
     return f:done() or f:_item_ready(c.pos + 1)
   end
 
+  -- a chunk whose results are all taken lets go of its future's memory
+  -- now, while it is warm (Future:_release); with a listener, whose
+  -- reports are delivered by future, it is left to the collector
+  local function release(c)
+    local f = c.fut
+    if f and not listen then
+      c.fut = nil
+      f:_release()
+    end
+  end
+
   -- the first chunk whose next item is in
   local function find_ready()
     for i = head, tail do
@@ -264,6 +275,7 @@ local function new(ex, fn, o, it)
         outputs = {}
         for k = 1, c.n do outputs[k] = { c.fut:_output(k) } end
       end
+      release(c)
       ahead = ahead - c.n
       if step then step(c.n, c.base + 1) end
       return c.base, c.n, values, failures, c.tag, outputs
@@ -346,6 +358,7 @@ local function new(ex, fn, o, it)
     c.values[pos] = nil -- what was yielded is the caller's to keep or drop
     if step then step(1, c.base + pos) end
     if emit and c.fut then emit(c.base + pos, c.fut:_output(pos)) end
+    if pos == c.n then release(c) end
     if failed then
       if mode == "stop" then cancel_rest() end
       error(failed[1], 0)

@@ -444,8 +444,20 @@ local function map_async(self, fn, iterable, opts, star, fname)
   end
   local r = new_result(futs, n, opts.callback, opts.error_callback,
     capture and output.emitter(opts.on_output) or nil)
-  r._pstep, r._pfinish = pstep, pfinish
+  r._pstep, r._pfinish, r._listen = pstep, pfinish, listen
   return r
+end
+
+-- map and starmap: the list, and the chunks' futures let go of at once
+-- (their results were taken; no one else has them): see Future:_release.
+-- Not with a listener, whose reports are delivered by future.
+local function got(r)
+  local list = r:get()
+  if not r._listen then
+    for _, f in ipairs(r._futs) do f:_release() end
+    r._futs = {}
+  end
+  return list
 end
 
 -- the chunksize argument of map/starmap: a number, or a table of
@@ -459,7 +471,7 @@ end
 -- argument is a chunksize or a table { chunksize, progress, output,
 -- on_output, on_report }.
 function Pool:map(fn, list, chunksize)
-  return map_async(self, fn, list, map_opts(chunksize, "map"), false, "map"):get()
+  return got(map_async(self, fn, list, map_opts(chunksize, "map"), false, "map"))
 end
 
 --- As map, without blocking: an AsyncResult whose get() is the list.
@@ -471,7 +483,7 @@ end
 
 --- As map, each item a table of arguments.
 function Pool:starmap(fn, list, chunksize)
-  return map_async(self, fn, list, map_opts(chunksize, "starmap"), true, "starmap"):get()
+  return got(map_async(self, fn, list, map_opts(chunksize, "starmap"), true, "starmap"))
 end
 
 function Pool:starmap_async(fn, list, opts)
